@@ -1,0 +1,33 @@
+# `make demo` and `make test` set up the environment themselves (a venv in .venv) on first use.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: this version has a local CPU wheel; a looser spec could pull CUDA wheels.
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/chatloop demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check chatloop tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/sampling_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,66 @@
+"""`chatloop <verb>`: parse the verb's config (YAML + overrides, see chatloop.config) and run the stage.
+
+Each verb is a (module, config dataclass, function) triple, imported only when used so that
+`chatloop --help` stays fast and a verb's heavy imports never slow down another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from chatloop.config import help_text, parse_args
+from chatloop.errors import UserError
+
+# verb: (module, config class, function, one-line description)
+VERBS: dict[str, tuple[str, str, str, str]] = {
+    "tokenizer": ("chatloop.tokenizer", "TokenizerConfig", "train_tokenizer", "train a byte-level BPE tokenizer"),
+    "pretrain": ("chatloop.train.pretrain", "PretrainConfig", "pretrain", "next-token prediction on text"),
+    "generate": ("chatloop.generate", "GenerateConfig", "generate", "sample from a checkpoint"),
+    "world": ("chatloop.data.world", "WorldConfig", "write_world", "write the synthetic instruction world"),
+    "demo": ("chatloop.demo", "DemoConfig", "demo", "the built-in demo (what `make demo` runs)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: chatloop VERB [--config FILE.yaml] [--FIELD=VALUE ...]", "", "verbs:"]
+    lines += [f"  {verb:<11} {desc}" for verb, (*_, desc) in VERBS.items()]
+    lines += ["", "`chatloop VERB --help` lists every field of the verb's config with its default."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb in ("-V", "--version"):
+        from chatloop import __version__
+
+        print(__version__)
+        return 0
+    if verb not in VERBS:
+        print(f"chatloop: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, config_name, function_name, desc = VERBS[verb]
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, config_name)
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"usage: chatloop {verb} [--config FILE.yaml] [--FIELD=VALUE ...]\n\n{desc}\n\nfields:")
+        print(help_text(config_cls))
+        return 0
+    try:
+        cfg = parse_args(config_cls, rest)
+        getattr(module, function_name)(cfg)
+    except UserError as e:
+        print(f"chatloop {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chatloop {verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Byte-level BPE tokenizer: training, special tokens, and chat rendering with loss masks.
+
+The chat format is one special token per role, the content, and an end-of-turn token:
+
+    <|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
+
+The model learns to end its turn with <|end|>, which is therefore a stop token of the engine next to
+<|endoftext|> (the end-of-document token of pretraining). The pad token <|pad|> is neither: a model that
+saw pad == EOS in training never learns to stop (Huang et al.). tokenizer.json is Hugging Face's own
+format and tokenizer_config.json carries the special tokens and a Jinja chat template, so
+`PreTrainedTokenizerFast.from_pretrained(dir)` loads it and `apply_chat_template` renders the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from chatloop.errors import UserError
+from chatloop.io import atomic_write_json, atomic_write_text, check_input_file, iter_texts, sha256_file
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+END_OF_TURN = "<|end|>"
+ROLES = ("system", "user", "assistant")
+SPECIAL_TOKENS = [EOS, PAD, END_OF_TURN] + [f"<|{role}|>" for role in ROLES]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@dataclass
+class TokenizerConfig:
+    inputs: list[str] = field(default_factory=list)
+    """Text files to learn from: .txt (one document), .jsonl with a text field (one document per line), .gz of either."""
+    out: str = "runs/tokenizer"
+    """Directory to write tokenizer.json and tokenizer_config.json into."""
+    vocab_size: int = 4096
+    """Vocabulary size including the 256 byte tokens and the special tokens."""
+    min_frequency: int = 2
+    """A pair must occur this often to be merged."""
+    text_field: str = "text"
+    """Field holding the document in .jsonl inputs."""
+    max_chars: int = 50_000_000
+    """Stop reading inputs after this many characters (BPE statistics saturate long before)."""
+
+
+class Tokenizer:
+    """A Hugging Face `tokenizers` BPE plus chatloop's special tokens and chat rendering."""
+
+    def __init__(self, hf: HFTokenizer, eos_token: str = EOS, pad_token: str = PAD,
+                 chat_template: str | None = CHAT_TEMPLATE) -> None:
+        self.hf = hf
+        self.eos_token, self.pad_token = eos_token, pad_token
+        self.chat_template = chat_template
+        self.eos_id = self._id(eos_token)
+        self.pad_id = self._id(pad_token)
+        self.end_of_turn_id = hf.token_to_id(END_OF_TURN)
+        self.role_ids = {role: hf.token_to_id(f"<|{role}|>") for role in ROLES}
+
+    def _id(self, token: str) -> int:
+        token_id = self.hf.token_to_id(token)
+        if token_id is None:
+            raise UserError(f"tokenizer has no token {token!r}")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a response: end of turn (chat) and end of text."""
+        return [i for i in (self.end_of_turn_id, self.eos_id) if i is not None]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+                    ) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation and a mask that is True on what the model must learn to write:
+        the content of assistant turns and their end-of-turn token (never the role tokens or user text)."""
+        if self.end_of_turn_id is None:
+            raise UserError("this tokenizer has no chat tokens; render with its own chat template")
+        ids: list[int] = []
+        mask: list[bool] = []
+        for message in messages:
+            role = message["role"]
+            if role not in self.role_ids:
+                raise UserError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
+            content = self.encode(message["content"]) + [self.end_of_turn_id]
+            ids += [self.role_ids[role]] + content
+            mask += [False] + [role == "assistant"] * len(content)
+        if add_generation_prompt:
+            ids.append(self.role_ids["assistant"])
+            mask.append(False)
+        return ids, mask
+
+    def save(self, out_dir: str | Path) -> None:
+        out_dir = Path(out_dir)
+        atomic_write_text(out_dir / "tokenizer.json", self.hf.to_str())
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "bos_token": None,
+            "unk_token": None,
+            "model_max_length": 1_000_000,
+            "clean_up_tokenization_spaces": False,
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (self.eos_token, self.pad_token)
+                                          and self.hf.token_to_id(t) is not None],
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        atomic_write_json(out_dir / "tokenizer_config.json", config)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{directory}: no tokenizer.json (expected a tokenizer or checkpoint directory)")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises plain Exceptions
+            raise UserError(f"{path}: not a valid tokenizer file ({e})") from None
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+
+        def token(name: str, default: str | None) -> str | None:
+            value = cfg.get(name, default)
+            return value.get("content") if isinstance(value, dict) else value
+
+        eos = token("eos_token", EOS)
+        pad = token("pad_token", None) or eos  # imported tokenizers often have no pad; masks make it harmless
+        return cls(hf, eos_token=eos, pad_token=pad, chat_template=cfg.get("chat_template"))
+
+
+def _texts(cfg: TokenizerConfig) -> Iterator[str]:
+    budget = cfg.max_chars
+    for path in cfg.inputs:
+        for text in iter_texts(path, cfg.text_field):
+            yield text[:budget]
+            budget -= len(text)
+            if budget <= 0:
+                return
+
+
+def train_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """Learn a byte-level BPE from `cfg.inputs` and save it to `cfg.out`."""
+    if not cfg.inputs:
+        raise UserError("--inputs: give at least one text file (.txt, .jsonl, .gz)")
+    for path in cfg.inputs:
+        check_input_file(path)
+    if cfg.vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab_size: expected at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+    start = time.perf_counter()
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(_texts(cfg), trainer)
+    tok = Tokenizer(hf)
+    out = Path(cfg.out)
+    tok.save(out)
+    atomic_write_json(out / "tokenizer_lineage.json", {
+        "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in cfg.inputs],
+        "config": cfg.__dict__,
+    })
+    print(f"tokenizer: {tok.vocab_size} tokens from {len(cfg.inputs)} file(s) in "
+          f"{time.perf_counter() - start:.1f}s -> {out}/tokenizer.json")
+    return tok

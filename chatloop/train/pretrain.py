@@ -1,0 +1,216 @@
+"""`chatloop pretrain`: next-token prediction on text.
+
+Steps:
+  1. Skip if OUT already holds a finished checkpoint.
+  2. Tokenize the inputs once into token shards (reused while the inputs and tokenizer are unchanged).
+  3. Build the model from a preset (or load a checkpoint to continue from) and the AdamW optimizer.
+  4. Resume from the newest training state in OUT/train_state, if any.
+  5. Train: per step, grad_accum micro-batches of packed windows, clip, step, schedule.
+  6. Every eval_every steps, validation loss and perplexity; every save_every steps, the training state.
+  7. Save the Hugging Face-format checkpoint with its lineage and final metrics.
+
+Logged metrics (metrics.jsonl and TensorBoard):
+  train/loss        mean cross-entropy (nats/token) of the step's micro-batches
+  train/lr          learning rate of the step
+  train/grad_norm   global gradient norm before clipping
+  perf/tokens_per_s training tokens per second over the last log interval
+  perf/mfu          model FLOPs utilisation: (6N + 12LTC) * tokens/s over the measured peak FLOP/s
+  data/sample_index index of the step's first sample in the seeded order (consecutive steps differ by
+                    the global batch: no batch repeated or skipped, also across resumes)
+  val/loss          validation cross-entropy (nats/token); val/ppl = exp(val/loss)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from chatloop.checkpoint import data_record, is_complete, load_model, save_model
+from chatloop.data.corpus import TokenWindows, build_shards
+from chatloop.errors import UserError
+from chatloop.model import GPT, ModelOverrides, preset
+from chatloop.tokenizer import Tokenizer
+from chatloop.train.trainer import (
+    MetricsLog,
+    TrainConfig,
+    autocast,
+    config_record,
+    load_state,
+    lr_at,
+    make_optimizer,
+    measure_peak_flops,
+    resolve_device,
+    resolve_precision,
+    save_state,
+    seed_everything,
+)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    out: str = "runs/pretrain"
+    """Output directory: the checkpoint, train_state/, tokens/, metrics.jsonl and tb/."""
+    tokenizer: str = ""
+    """Directory with tokenizer.json (from `chatloop tokenizer`); ignored when init_from has its own."""
+    inputs: list[str] = field(default_factory=list)
+    """Training text: .txt (one document), .jsonl with a text field (one document per line), .gz of either."""
+    val_inputs: list[str] = field(default_factory=list)
+    """Validation text; when empty, the last val_fraction of the training tokens."""
+    val_fraction: float = 0.05
+    """Share of the training token stream held out for validation when val_inputs is empty."""
+    text_field: str = "text"
+    """Field holding the document in .jsonl inputs."""
+    preset: str = "tiny"
+    """Model shape: tiny, small (~30M), gpt1, gpt2-small/medium/large/xl, 1.3b, 6b."""
+    model: ModelOverrides = field(default_factory=ModelOverrides)  # type: ignore[valid-type]
+    """Fields changed from the preset (e.g. --model.n_layer=2); vocab_size defaults to the tokenizer's."""
+    init_from: str = ""
+    """Continue from this checkpoint directory (ours or a transformers Llama/Mistral/Qwen2/GPT-2) instead of a preset."""
+    seq_len: int = 256
+    """Tokens per training window (at most the model's max_seq_len)."""
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> GPT:
+    if cfg.init_from:
+        return load_model(cfg.init_from, device=device)
+    try:
+        overrides = {k: v for k, v in cfg.model.__dict__.items() if v is not None}
+        overrides.setdefault("vocab_size", 64 * math.ceil(vocab_size / 64))  # multiple of 64: faster matmuls
+        overrides.setdefault("max_seq_len", max(cfg.seq_len, 1))
+        model_cfg = preset(cfg.preset, overrides)
+    except ValueError as e:
+        raise UserError(f"--preset/--model: {e}") from None
+    if model_cfg.vocab_size < vocab_size:
+        raise UserError(f"--model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return GPT(model_cfg).to(device)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: TokenWindows, cfg: PretrainConfig, device, precision) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in val.sequential(cfg.batch_size, cfg.eval_batches, device):
+        with autocast(device, precision):
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    out = Path(cfg.out)
+    # step 1
+    if is_complete(out):
+        print(f"pretrain: {out} is already finished; skipping (remove it to train again)")
+        return out
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+
+    # step 2
+    tok_dir = Path(cfg.init_from) if cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file() \
+        else Path(cfg.tokenizer)
+    if not str(tok_dir) or str(tok_dir) == ".":
+        raise UserError("--tokenizer: give the directory written by `chatloop tokenizer`")
+    tokenizer = Tokenizer.load(tok_dir)
+    meta = build_shards(tokenizer, cfg.inputs, cfg.val_inputs, cfg.val_fraction, cfg.text_field,
+                        out / "tokens", tok_dir / "tokenizer.json")
+    train = TokenWindows(out / "tokens" / "train.bin", meta["dtype"], cfg.seq_len, cfg.seed)
+    val = TokenWindows(out / "tokens" / "val.bin", meta["dtype"], cfg.seq_len, cfg.seed)
+
+    # step 3
+    model = build_model(cfg, tokenizer.vocab_size, device)
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise UserError(f"--seq_len={cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    optimizer = make_optimizer(model, cfg, device)
+    step_fn = torch.compile(model) if cfg.compile else model
+
+    # step 4
+    start_step = 0
+    state = load_state(out, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        print(f"pretrain: resuming from step {start_step} of {cfg.max_steps}")
+    log = MetricsLog(out, resume_step=start_step if state is not None else None)
+
+    global_batch = cfg.batch_size * cfg.grad_accum
+    tokens_per_step = global_batch * cfg.seq_len
+    peak = cfg.peak_flops or measure_peak_flops(device, precision)
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    n_params = model.num_params()
+    print(f"pretrain: {n_params / 1e6:.2f}M parameters, {meta['train_tokens']:,} train tokens, "
+          f"{tokens_per_step:,} tokens/step, {device} {precision}, unigram entropy "
+          f"{meta['unigram_entropy_nats']:.3f} nats")
+
+    # step 5
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    last_time, last_step = time.perf_counter(), start_step
+    val_loss = None
+    for step in range(start_step, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            ids = step * global_batch + micro * cfg.batch_size + np.arange(cfg.batch_size)
+            x, y = train.batch(ids, device)
+            with autocast(device, precision):
+                logits = step_fn(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        # step 6
+        metrics: dict[str, float] = {}
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            now = time.perf_counter()
+            tps = (done - last_step) * tokens_per_step / (now - last_time)
+            last_time, last_step = now, done
+            metrics.update({"train/loss": loss_sum / cfg.grad_accum, "train/lr": lr, "train/grad_norm": grad_norm,
+                            "perf/tokens_per_s": tps, "perf/mfu": tps * flops_per_token / peak,
+                            "data/sample_index": int(step * global_batch)})
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tps:,.0f}",
+                            mfu=f"{100 * metrics['perf/mfu']:.0f}%")
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            val_loss = evaluate(model, val, cfg, device, precision)
+            metrics.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+            last_time = time.perf_counter()  # evaluation time is not training throughput
+        if metrics:
+            log.log(done, metrics)
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            save_state(out, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                       cfg.keep_states)
+            last_time = time.perf_counter()
+        bar.update(1)
+    bar.close()
+    log.close()
+
+    # step 7
+    if val_loss is None:
+        val_loss = evaluate(model, val, cfg, device, precision)
+    final = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)),
+             "unigram_entropy_nats": meta["unigram_entropy_nats"], "train_tokens": meta["train_tokens"],
+             "steps": cfg.max_steps, "parameters": n_params}
+    parent = str(cfg.init_from) if cfg.init_from else None
+    save_model(model, out, tokenizer, lineage={
+        "stage": "pretrain", "parent": parent, "tokenizer": str(tok_dir),
+        "data": data_record(cfg.inputs + cfg.val_inputs), "config": config_record(cfg), "metrics": final,
+    })
+    print(f"pretrain: done. val loss {val_loss:.3f} nats (ppl {final['val/ppl']:.2f}; unigram entropy "
+          f"{meta['unigram_entropy_nats']:.3f}) -> {out}")
+    return out

@@ -1,0 +1,265 @@
+"""What every training stage shares: device and precision, optimizer and schedule, resumable state,
+logging (metrics.jsonl, TensorBoard, a progress bar with tokens/s, MFU and ETA).
+
+Resumable state lives in `OUT/train_state/step-NNNNNNNN/` (written to a temporary directory, then renamed)
+and `OUT/train_state/latest` names the newest one. A stage killed at any moment (even `kill -9`) restarts
+from the newest complete state with the same data order, because batches are a pure function of
+(seed, step) and the RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from chatloop.errors import UserError
+from chatloop.io import atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    """Fields every training stage has."""
+
+    out: str = "runs/stage"
+    """Output directory: the checkpoint, train_state/, metrics.jsonl and tb/ (TensorBoard events)."""
+    seed: int = 1337
+    """Seed of the model init, the data order and dropout."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Matmul precision. bf16 runs under autocast (weights and optimizer stay fp32). "auto" picks bf16 on
+    GPUs that support it and on CPUs with AMX or AVX512-BF16 units, fp32 otherwise (on CPUs without them
+    bf16 matmuls are emulated and far slower than fp32)."""
+    compile: bool = False
+    """torch.compile the model (faster steps after a compile of tens of seconds)."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = batch_size * grad_accum)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio (InstructGPT: 10%)."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr over this many steps."""
+    beta1: float = 0.9
+    """Adam beta1 (InstructGPT: 0.9)."""
+    beta2: float = 0.95
+    """Adam beta2 (InstructGPT: 0.95)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms, biases or embeddings... gains)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_every: int = 100
+    """Run validation every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Micro-batches of validation data per evaluation."""
+    save_every: int = 100
+    """Save the resumable training state every this many steps (and at the end)."""
+    log_every: int = 10
+    """Write a metrics row every this many steps."""
+    keep_states: int = 2
+    """How many resumable states to keep on disk."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of the device in the chosen precision, for MFU; 0 measures a matmul at start."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: CUDA is not available on this machine")
+    return device
+
+
+@cache
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: without them PyTorch emulates bf16 matmuls, far slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measure_peak_flops(device: torch.device, precision: str) -> float:
+    """FLOP/s of a large square matmul in the training precision: the MFU denominator."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 20 if device.type == "cuda" else 8
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # Matrices decay; norms' gains, biases and the embedding table do not (as in GPT-2 / nanoGPT).
+        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------- resumable state
+
+
+def _state_dir(out: Path) -> Path:
+    return out / "train_state"
+
+
+def save_state(out: Path, step: int, state: dict[str, Any], keep: int) -> None:
+    """Write state atomically: a temporary directory, renamed, then the `latest` pointer replaced."""
+    root = _state_dir(out)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save({"step": step, "rng": rng, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", name + "\n")
+    states = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in states[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
+    """The newest complete state, with RNGs restored; None if the stage never saved one."""
+    pointer = _state_dir(out) / "latest"
+    if not pointer.is_file():
+        return None
+    path = _state_dir(out) / pointer.read_text().strip() / "state.pt"
+    if not path.is_file():
+        raise UserError(f"{pointer} names {path.parent.name}, which is missing: remove {pointer} to start over")
+    state = torch.load(path, map_location=device, weights_only=False)
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    return state
+
+
+# ---------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per row, flushed) and TensorBoard scalars under `tb/`.
+
+    On resume, rows past the resumed step are dropped first, so every step appears once in the file even
+    after a crash replayed part of the run.
+    """
+
+    def __init__(self, out: Path, resume_step: int | None) -> None:
+        self.path = out / "metrics.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            if resume_step is None:
+                self.path.unlink()
+            else:
+                rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+                kept = []
+                for ln in rows:
+                    try:
+                        if json.loads(ln).get("step", 0) <= resume_step:
+                            kept.append(ln)
+                    except json.JSONDecodeError:
+                        break  # a torn last line from a kill
+                atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self.file = open(self.path, "a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter  # slow import, only where logging happens
+
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def config_record(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
