@@ -35,7 +35,7 @@ from tqdm import tqdm
 from chatloop.checkpoint import data_record, is_complete, load_model, save_model
 from chatloop.data.corpus import TokenWindows, build_shards
 from chatloop.errors import UserError
-from chatloop.model import GPT, ModelOverrides, preset
+from chatloop.model import GPT, PRESETS, ModelOverrides, preset
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
     MetricsLog,
@@ -111,6 +111,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if is_complete(out):
         print(f"pretrain: {out} is already finished; skipping (remove it to train again)")
         return out
+    if not cfg.init_from and cfg.preset not in PRESETS:
+        raise UserError(f"--preset: unknown model preset {cfg.preset!r}; expected one of: {', '.join(PRESETS)}")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny tokenizers and models built on the spot, the shared data sets, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the checkout, or $CHATLOOP_DATA."""
+    return Path(os.environ.get("CHATLOOP_DATA", REPO.parent / "shared" / "data"))
+
+
+def need(path: Path) -> Path:
+    """A dependency of a test: skipped when missing on a developer machine, a failure under CI."""
+    if not path.exists():
+        message = f"missing test dependency: {path}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return need(shared_data_dir())
+
+
+SAMPLE_TEXT = "\n".join(
+    f"The {color} fox number {i} jumps over the {size} dog and runs to the {place}."
+    for i, (color, size, place) in enumerate(
+        [(c, s, p) for c in ("red", "blue", "green", "brown") for s in ("lazy", "small", "big")
+         for p in ("river", "hill", "town", "forest")] * 8
+    )
+)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(SAMPLE_TEXT + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
+    from chatloop.tokenizer import TokenizerConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(TokenizerConfig(inputs=[str(corpus_file)], out=str(out), vocab_size=320))
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`chatloop ARGS` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "chatloop.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
