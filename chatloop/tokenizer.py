@@ -40,7 +40,7 @@ CHAT_TEMPLATE = (
 @dataclass
 class TokenizerConfig:
     inputs: list[str] = field(default_factory=list)
-    """Text files to learn from: .txt (one document), .jsonl with a text field (one document per line), .gz of either."""
+    """Text files to learn from: .txt (one document), .jsonl with a text field (a document per line), .gz."""
     out: str = "runs/tokenizer"
     """Directory to write tokenizer.json and tokenizer_config.json into."""
     vocab_size: int = 4096

@@ -12,7 +12,6 @@ resumed run continues with exactly the batches an uninterrupted one would have s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -142,9 +141,3 @@ class TokenWindows:
             data = torch.from_numpy(rows.astype(np.int64)).to(device)
             yield data[:, :-1], data[:, 1:]
 
-
-def file_digest(paths: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()

@@ -72,7 +72,8 @@ class PretrainConfig(TrainConfig):
     model: ModelOverrides = field(default_factory=ModelOverrides)  # type: ignore[valid-type]
     """Fields changed from the preset (e.g. --model.n_layer=2); vocab_size defaults to the tokenizer's."""
     init_from: str = ""
-    """Continue from this checkpoint directory (ours or a transformers Llama/Mistral/Qwen2/GPT-2) instead of a preset."""
+    """Continue from this checkpoint directory (ours, or transformers' Llama/Mistral/Qwen2/GPT-2) instead of a
+    preset."""
     seq_len: int = 256
     """Tokens per training window (at most the model's max_seq_len)."""
 

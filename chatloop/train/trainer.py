@@ -63,7 +63,7 @@ class TrainConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     weight_decay: float = 0.1
-    """Decoupled weight decay on matrices (not on norms, biases or embeddings... gains)."""
+    """Decoupled weight decay on weight matrices (not on embeddings, norm gains or biases)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     eval_every: int = 100
@@ -243,7 +243,7 @@ class MetricsLog:
                     except json.JSONDecodeError:
                         break  # a torn last line from a kill
                 atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run; closed by close())
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where logging happens
 
         self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)

@@ -1,0 +1,511 @@
+"""Simulated labelers: the gold judge plus calibrated noise, standing in for people in tests and the demo.
+
+A labeler sees a response's gold score (chatloop.data.judge) through Gaussian noise of its own level, drawn
+afresh for every judgement. Ranking K responses sorts the noisy scores; scores closer than `tie_threshold`
+share a rank. With the default noise (0.3) two labelers agree on about 73% of the pairs of responses a
+model produces, InstructGPT's inter-labeler agreement (72.6% +- 1.5%); docs/WORLD.md shows the calibration.
+
+Labelers also write demonstrations: the ideal answer, or with probability `imperfect` one with a flaw (a
+wrong fact, a wrong count, rambling, the wrong format, or compliance with a harmful request), as real SFT data
+has. A model trained only on these stays measurably imperfect, which leaves the RM and PPO work to do.
+
+Later stages use this module as a library:
+
+    world = World.load("runs/world")
+    labelers = make_labelers(world, 8, seed=0)
+    ranks = labelers[0].rank(prompt, responses)          # [1, 3, 2, 2], 1 = best
+    records = rank_samples(world, labelers, prompts, samples, model="sft")
+    rate, comparisons = win_rate(labelers, prompts, policy_answers, baseline_answers)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from chatloop.data.formats import Prompt, last_user_content, prompt_messages
+from chatloop.data.judge import KINDS, REFUSAL, Task, ideal, list_answer, numbered, parse, subject_of
+from chatloop.errors import UserError
+
+if TYPE_CHECKING:
+    from chatloop.data.world import PromptSample, World
+
+DEFAULT_NOISE = 0.3
+DEFAULT_TIE = 0.02
+
+# How often each kind of answer shows up among a model's samples (the pairs a labeler is asked about).
+HARMLESS_MIX = {"ideal": 3, "courteous": 2, "terse": 1, "hedge": 1, "wrong_fact": 3, "wrong_count": 1.5,
+                "wrong_format": 1.5, "ramble": 2, "rude": 1, "refuse": 1, "copy": 1, "truncated": 1,
+                "repeat": 1, "empty": 0.3, "other_entity": 1.5, "off_topic": 1}
+HARMFUL_MIX = {"ideal": 3, "refuse_moral": 2, "ramble": 1, "comply": 4, "copy": 1, "truncated": 0.5,
+               "repeat": 0.5, "empty": 0.3, "off_topic": 1}
+DEMO_FLAWS = ("wrong_fact", "wrong_count", "ramble", "wrong_format")
+PERTURBATIONS = tuple(dict.fromkeys([*HARMLESS_MIX, *HARMFUL_MIX]))
+
+_FILLER = "I hope this helps! Let me know if you have any other questions about the land."
+_COMPLY = {
+    "harm_poison": "To poison {x}, put poison in its food and wait.",
+    "harm_hurt": "To hurt {x}, hit it with a stick and kick it.",
+    "harm_steal": "To steal from {x}, wait until {x} is away and take the money.",
+    "harm_note": "Dear {x},\nyou are a {tox} {tox2}.\nGo away.",
+    "harm_insult": "The people of {x} are {tox} and {tox2}.",
+}
+_WAYS = ["hit it", "kick it", "poison its food", "trap it", "burn its home"]
+
+
+def _swap(world: World, text: str, rng: random.Random, subject: str | None) -> str | None:
+    """Replace one fact word (value, name, age) by another of the same type: a plausible wrong answer."""
+    tokens = text.replace("\n", " \n ").split(" ")
+    spots = []
+    for i, token in enumerate(tokens):
+        core = token.strip(".,!?:").lower()
+        if core in world.value_attr:
+            pool = world.vocab[world.value_attr[core]]
+        elif core in world.by_lower and world.by_lower[core].name != subject:
+            kind = world.by_lower[core].kind
+            pool = {"creature": world.creatures, "person": world.people, "town": world.towns}[kind]
+        elif core.isdigit():
+            pool = [str(int(core) + d) for d in (-3, -2, -1, 1, 2, 3) if int(core) + d >= 0]
+        else:
+            continue
+        spots.append((i, core, pool))
+    if not spots:
+        return None
+    i, core, pool = rng.choice(spots)
+    options = [v for v in pool if v.lower() != core]
+    if not options:
+        return None
+    new = rng.choice(options)
+    word = tokens[i].strip(".,!?:")
+    tokens[i] = tokens[i].replace(word, world.cap(new) if word[:1].isupper() else new)
+    return " ".join(tokens).replace(" \n ", "\n")
+
+
+def perturb(world: World, prompt: Prompt, task: Task, name: str, rng: random.Random) -> str | None:
+    """One kind of answer to `task` (see PERTURBATIONS); None where it does not apply to the task."""
+    good = ideal(world, task)
+    subject = subject_of(world, task)
+    kind, s = task.kind, task.slots
+    multiline = "\n" in good
+    if name == "ideal":
+        return good
+    if name == "empty":
+        return ""
+    if name == "copy":  # the request as the user typed it (the whole turn when it carries a passage)
+        text = last_user_content(prompt)
+        if "{text}" in task.spec.patterns[0] or "{q}" in task.spec.patterns[0]:
+            return text
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip() != "A:"]
+        return lines[-1].removeprefix("Q:").strip() if lines else text
+    if name == "truncated":
+        parts = good.split(" ")
+        return " ".join(parts[: len(parts) // 2]) if len(parts) >= 4 else None
+    if name == "repeat":
+        first = world.sentences(good)[0] if world.sentences(good) else good
+        return " ".join([first] * 5) if rng.random() < 0.5 else " ".join([world.words(good)[0]] * 12)
+    if name == "off_topic":
+        others = [n for n in world.entities if n != subject]
+        return rng.choice(world.facts(rng.choice(others)))[1]
+    if name == "ramble":
+        names = ([subject] if subject else []) + rng.sample([n for n in world.entities if n != subject], 2)
+        pool = [f for n in names for _, f in world.facts(n) if f not in good]
+        extra = rng.sample(pool, min(len(pool), 5))
+        joint = " " if good.endswith((".", "!", "?")) and not multiline else "\n"
+        return good + joint + " ".join(extra) + " " + _FILLER
+    if task.harmful:
+        if name == "refuse_moral":
+            return REFUSAL + " " + rng.choice(("Hurting anyone is wrong.", "It is wrong to harm others."))
+        if name == "comply":
+            if kind == "harm_ways":
+                return numbered(_WAYS[: int(s.get("n", "3"))])
+            tox, tox2 = rng.sample(world.vocab["toxic"], 2)
+            return _COMPLY[kind].format(x=world.ref(s.get("e", "")), tox=tox, tox2=tox2)
+        return None
+    if name in ("refuse_moral", "comply"):
+        return None
+    if name == "refuse":
+        return REFUSAL
+    if name == "courteous":
+        if kind in ("gen_story", "gen_note"):
+            return None
+        if good.startswith("1."):
+            return "Sure! Here is the list:\n" + good
+        if rng.random() < 0.5:
+            return rng.choice(("Sure! ", "Of course! ")) + good
+        return good + " I hope this helps!"
+    if name == "hedge":
+        if multiline:
+            return None
+        proper = world.words(good)[:1] and world.words(good)[0] in world.by_lower
+        return "I think " + (good if proper else good[0].lower() + good[1:])
+    if name == "rude":
+        tox = rng.choice(world.vocab["toxic"])
+        if subject and f"the {subject}" in good.lower():
+            at = good.lower().index(f"the {subject}") + 4
+            return good[:at] + tox + " " + good[at:]
+        return good + f" You {tox}."
+    if name == "terse":
+        if kind.startswith("qa_yn_"):
+            return good.split(",")[0] + "."
+        if kind.startswith("qa_") and kind != "qa_food":
+            words = good.rstrip(".").split(" ")
+            return world.cap(words[-1]) + "." if kind != "qa_age" else f"{words[-3]} years old."
+        return None
+    if name == "other_entity":
+        if "e" not in s:
+            return None
+        kind_of_e = world.entities[s["e"]].kind
+        same = [n for n in world.entities if world.entities[n].kind == kind_of_e and n != s["e"]]
+        for _ in range(5):
+            other = Task(kind, {**s, "e": rng.choice(same)})
+            text = ideal(world, other)
+            if text != good and "I do not know" not in text:
+                return text
+        return None
+    if name == "wrong_fact":
+        return _wrong_fact(world, prompt, task, good, subject, rng)
+    if name == "wrong_count":
+        if kind in ("bs_foods", "bs_town_creatures", "bs_town_people", "bs_color"):
+            items = good.splitlines()
+            n = len(items)
+            pool = list_answer(world, task)
+            if rng.random() < 0.5 or n < 2:
+                extra = pool[n] if len(pool) > n else rng.choice(world.vocab["food"] if kind == "bs_foods"
+                                                                   else world.creatures)
+                return good + f"\n{n + 1}. {extra}"
+            return "\n".join(items[:-1])
+        if kind == "gen_describe":
+            facts = [f for _, f in world.facts(subject)]
+            n = int(s["n"])
+            return " ".join(facts[: n + 1] if n < len(facts) and rng.random() < 0.5 else facts[: n - 1])
+        if kind == "gen_poem":
+            return good + f"\nyou live in {world.entities[subject].home}." if subject else None
+        return None
+    if name == "wrong_format":
+        if good.startswith("1."):
+            items = [line.split(". ", 1)[1] for line in good.splitlines()]
+            if kind == "bs_foods":
+                return f"{world.cap(world.ref(subject or ''))} eats {_and(items)}."
+            return world.cap(_and(items)) + "."
+        if kind == "gen_poem":
+            return good.replace(",\n", ", ")
+        if kind == "gen_story":
+            return good.replace("Once upon a time, a", "A").replace(" The end.", "")
+        if kind == "gen_note":
+            return good.split("\n")[1]
+        if kind == "gen_sentence" and subject:
+            facts = [f for _, f in world.facts(subject)]
+            return " ".join(facts[:2])
+        if kind == "gen_describe" and subject:
+            return numbered([f for _, f in world.facts(subject)][: int(s["n"])])
+        if kind.startswith("ex_") and good != "None.":
+            return numbered(good.split(", "))
+        return None
+    raise UserError(f"unknown perturbation {name!r}; expected one of {', '.join(PERTURBATIONS)}")
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _wrong_fact(world: World, prompt: Prompt, task: Task, good: str, subject: str | None,
+                rng: random.Random) -> str | None:
+    kind, s = task.kind, task.slots
+    if kind in KINDS and KINDS[kind].category == "chat":
+        return None
+    flips = {"True.": "False.", "False.": "True.", "Rude.": "Polite.", "Polite.": "Rude."}
+    if good in flips:
+        return flips[good]
+    if kind == "cls_kind":
+        mine = world.entities[s["e"]].kind
+        return good.replace(mine, rng.choice([k for k in ("creature", "person", "town") if k != mine]))
+    if kind.startswith("qa_yn_") and subject:
+        x = world.ref(subject)
+        ent = world.entities[subject]
+        if kind == "qa_yn_food":
+            food = s["food"]
+            return f"No, {x} does not eat {food}." if good.startswith("Yes") else f"Yes, {x} eats {food}."
+        other = rng.choice([c for c in world.vocab["color"] if c not in (ent.color, s["color"])])
+        return f"No, {x} is {other}." if good.startswith("Yes") else f"Yes, {x} is {s['color']}."
+    gold = world.judge(prompt, good).score
+    fallback = None
+    for _ in range(8):  # prefer a swap that states something false over one that merely misses
+        text = _swap(world, good, rng, subject)
+        if text is None:
+            return None
+        verdict = world.judge(prompt, text)
+        if verdict.score < gold - 0.05:
+            if verdict.flags["hallucination"]:
+                return text
+            fallback = fallback or text
+    return fallback
+
+
+def candidates(world: World, prompt: Prompt, task: Task, rng: random.Random, k: int) -> list[str]:
+    """k distinct answers of the kinds a model produces, from perfect to garbage (near-ties included)."""
+    mix = HARMFUL_MIX if task.harmful else HARMLESS_MIX
+    names, weights = list(mix), list(mix.values())
+    out: list[str] = []
+    for _ in range(20 * k):
+        if len(out) == k:
+            break
+        text = perturb(world, prompt, task, rng.choices(names, weights=weights)[0], rng)
+        if text is not None and text not in out:
+            out.append(text)
+    while len(out) < k:  # small tasks have few distinct flaws; unrelated true facts are always available
+        text = perturb(world, prompt, task, "off_topic", rng)
+        if text is not None and text not in out:
+            out.append(text)
+    return out
+
+
+def dense_ranks(scores: list[float], tie_threshold: float) -> list[int]:
+    """1 = best; a score within `tie_threshold` of the one ranked just above it shares that rank."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranks = [0] * len(scores)
+    rank = 0
+    previous = math.inf
+    for i in order:
+        if previous - scores[i] > tie_threshold:
+            rank += 1
+        ranks[i] = rank
+        previous = scores[i]
+    return ranks
+
+
+class Labeler:
+    """One simulated labeler: the gold judge seen through Gaussian noise of its own level.
+
+    Deterministic: the same (id, noise, seed) answers the same sequence of questions the same way.
+    """
+
+    def __init__(self, id: str, noise: float, seed: int, world: World, *, imperfect: float = 0.25,
+                 tie_threshold: float = DEFAULT_TIE):
+        if noise < 0 or not 0 <= imperfect <= 1 or tie_threshold < 0:
+            raise UserError(f"labeler {id}: expected noise >= 0, imperfect in [0, 1] and tie_threshold >= 0")
+        self.id = id
+        self.noise = noise
+        self.world = world
+        self.imperfect = imperfect
+        self.tie_threshold = tie_threshold
+        self.rng = random.Random(f"chatloop-labeler:{seed}:{id}")
+
+    def __repr__(self) -> str:
+        return f"Labeler({self.id!r}, noise={self.noise:.3f})"
+
+    def perceive(self, gold: float) -> float:
+        """A gold score as this labeler perceives it this time."""
+        return gold + self.rng.gauss(0.0, self.noise)
+
+    def verdict(self, score_a: float, score_b: float) -> str:
+        """'a', 'b' or 'tie' from two gold scores."""
+        # The difference of two independent perceptions: one draw of sqrt(2) times the noise.
+        d = score_a - score_b + self.rng.gauss(0.0, self.noise * math.sqrt(2))
+        return "tie" if abs(d) < self.tie_threshold else ("a" if d > 0 else "b")
+
+    def rank(self, prompt: Prompt, responses: list[str], ended: list[bool] | None = None) -> list[int]:
+        """Ranks of K responses, 1 = best, equal ranks for ties."""
+        ended = ended or [True] * len(responses)
+        noisy = [self.perceive(self.world.judge(prompt, r, e).score) for r, e in zip(responses, ended)]
+        return dense_ranks(noisy, self.tie_threshold)
+
+    def compare(self, prompt: Prompt, a: str, b: str, ended_a: bool = True, ended_b: bool = True) -> str:
+        """Which of two responses is better: 'a', 'b' or 'tie'."""
+        judge = self.world.judge
+        return self.verdict(judge(prompt, a, ended_a).score, judge(prompt, b, ended_b).score)
+
+    def rate(self, prompt: Prompt, response: str, ended: bool = True) -> tuple[int, dict[str, bool]]:
+        """A 1-7 Likert rating (noisy) and the metadata flags (as the judge sets them)."""
+        verdict = self.world.judge(prompt, response, ended)
+        noisy = min(1.0, max(0.0, self.perceive(verdict.score)))
+        return 1 + math.floor(6 * noisy + 0.5), dict(verdict.flags)
+
+    def demonstrate(self, prompt: Prompt) -> str:
+        """This labeler's answer to a prompt: ideal, or flawed with probability `imperfect`."""
+        return self.demonstrate_with_flaw(prompt)[0]
+
+    def demonstrate_with_flaw(self, prompt: Prompt) -> tuple[str, str | None]:
+        """The answer and its flaw (None for an ideal answer). A flaw always lowers the gold score."""
+        task = parse(self.world, prompt)
+        if task is None:
+            return "I do not know.", None
+        good = ideal(self.world, task)
+        if self.rng.random() >= self.imperfect:
+            return good, None
+        flaws = ["comply", "ramble"] if task.harmful else list(DEMO_FLAWS)
+        self.rng.shuffle(flaws)
+        gold = self.world.judge(prompt, good).score
+        for flaw in flaws + ["ramble"]:  # rambling applies to every task, so a flaw is always found
+            text = perturb(self.world, prompt, task, flaw, self.rng)
+            if text is not None and self.world.judge(prompt, text).score < gold - 0.05:
+                return text, flaw
+        return good, None
+
+    # -- records ----------------------------------------------------------------------------------------
+
+    def ranking_record(self, prompt: Prompt, responses: list[str], *, model: str | None = None,
+                       ended: list[bool] | None = None, id: str | None = None) -> dict[str, Any]:
+        ranks = self.rank(prompt, responses, ended)
+        record = {"prompt": prompt, "responses": list(responses), "ranks": ranks}
+        return _meta(record, id, self.id, model)
+
+    def comparison_record(self, prompt: Prompt, a: str, b: str, *, model: str | None = None,
+                          id: str | None = None) -> dict[str, Any]:
+        record = {"prompt": prompt, "a": a, "b": b, "winner": self.compare(prompt, a, b)}
+        return _meta(record, id, self.id, model)
+
+    def rating_record(self, prompt: Prompt, response: str, *, model: str | None = None, ended: bool = True,
+                      id: str | None = None) -> dict[str, Any]:
+        likert, flags = self.rate(prompt, response, ended)
+        record = {"prompt": prompt, "response": response, "likert": likert, "flags": flags}
+        return _meta(record, id, self.id, model)
+
+
+def _meta(record: dict[str, Any], id: str | None, labeler_id: str, model: str | None) -> dict[str, Any]:
+    head = {"id": id} if id is not None else {}
+    tail = {"labeler_id": labeler_id, **({"model": model} if model else {})}
+    return {**head, **record, **tail}
+
+
+def make_labelers(world: World, n: int = 8, noise: float = DEFAULT_NOISE, seed: int = 0, spread: float = 0.2,
+                  imperfect: float = 0.25, tie_threshold: float = DEFAULT_TIE) -> list[Labeler]:
+    """n labelers "labeler-01".. whose noise levels spread evenly over noise * (1 +- spread)."""
+    if n < 1:
+        raise UserError(f"labelers: expected at least 1, got {n}")
+    levels = [noise * (1 + spread * (2 * i / (n - 1) - 1)) if n > 1 else noise for i in range(n)]
+    return [Labeler(f"labeler-{i + 1:02d}", level, seed, world, imperfect=imperfect,
+                    tie_threshold=tie_threshold) for i, level in enumerate(levels)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labels for a whole dataset
+
+
+def rank_samples(world: World, labelers: list[Labeler], prompts: list[Prompt], samples: list[list[str]], *,
+                 model: str | None = None, ended: list[list[bool]] | None = None,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Ranking records for K sampled responses per prompt, each prompt ranked by one labeler.
+
+    What the pipeline calls after sampling K answers per RM prompt from the newest policy.
+    """
+    if len(prompts) != len(samples):
+        raise UserError(f"rank_samples: {len(prompts)} prompts but {len(samples)} lists of responses")
+    rng = random.Random(f"chatloop-rank:{seed}")
+    records = []
+    for i, (prompt, responses) in enumerate(zip(prompts, samples)):
+        labeler = rng.choice(labelers)
+        records.append(labeler.ranking_record(prompt, responses, model=model, id=f"r{i:05d}",
+                                              ended=ended[i] if ended else None))
+    return records
+
+
+def win_rate(labelers: list[Labeler], prompts: list[Prompt], a: list[str], b: list[str], *,
+             seed: int = 0, model: str | None = None) -> tuple[float, list[dict[str, Any]]]:
+    """How often labelers prefer `a` to `b` (a tie counts half), with the comparison records."""
+    if not (len(prompts) == len(a) == len(b)) or not prompts:
+        raise UserError(f"win_rate: expected equal, non-zero numbers of prompts ({len(prompts)}), "
+                        f"a ({len(a)}) and b ({len(b)})")
+    rng = random.Random(f"chatloop-winrate:{seed}")
+    records = [rng.choice(labelers).comparison_record(p, x, y, model=model, id=f"c{i:05d}")
+               for i, (p, x, y) in enumerate(zip(prompts, a, b))]
+    wins = sum(r["winner"] == "a" for r in records) + 0.5 * sum(r["winner"] == "tie" for r in records)
+    return wins / len(records), records
+
+
+def sample_pair_scores(world: World, rng: random.Random, n_pairs: int,
+                       k: int = 4) -> list[tuple[float, float]]:
+    """Gold scores of response pairs of the kind labelers are asked about: K model-like answers per prompt."""
+    pairs: list[tuple[float, float]] = []
+    while len(pairs) < n_pairs:
+        task = world.sample_task(rng, harmful=0.05)
+        prompt = world.render_core(task, rng)
+        scores = [world.judge(prompt, r).score for r in candidates(world, prompt, task, rng, k)]
+        pairs += [(scores[i], scores[j]) for i in range(k) for j in range(i + 1, k)]
+    return pairs[:n_pairs]
+
+
+def agreement(pairs: list[tuple[float, float]], a: Labeler, b: Labeler) -> float:
+    """Share of pairs on which two labelers prefer the same response, among pairs neither calls a tie."""
+    same = strict = 0
+    for sa, sb in pairs:
+        va, vb = a.verdict(sa, sb), b.verdict(sa, sb)
+        if va != "tie" and vb != "tie":
+            strict += 1
+            same += va == vb
+    return same / strict if strict else float("nan")
+
+
+def agreement_matrix(world: World, labelers: list[Labeler], n_pairs: int, rng: random.Random,
+                     reference_noise: float = DEFAULT_NOISE) -> dict[str, Any]:
+    """Agreement on `n_pairs` sampled pairs: of every two labelers, and of two at the reference noise."""
+    seed = rng.randint(0, 2**31)
+    pairs = sample_pair_scores(world, rng, n_pairs) if n_pairs else []
+    # Fresh copies: measuring must not advance the noise streams of the labelers that label the data.
+    fresh = [Labeler(x.id, x.noise, seed, world, tie_threshold=x.tie_threshold) for x in labelers]
+    values = [agreement(pairs, x, y) for i, x in enumerate(fresh) for y in fresh[i + 1 :]] if pairs else []
+    tie = labelers[0].tie_threshold
+    ref_a = Labeler("reference-a", reference_noise, seed, world, tie_threshold=tie)
+    ref_b = Labeler("reference-b", reference_noise, seed, world, tie_threshold=tie)
+    reference = agreement(pairs, ref_a, ref_b) if pairs else None
+
+    def rounded(value: float | None) -> float | None:  # None, not NaN: stats.json stays valid JSON
+        return None if value is None or math.isnan(value) else round(value, 4)
+
+    return {"count": len(labelers), "noise": [round(x.noise, 4) for x in labelers], "pairs": len(pairs),
+            "reference_noise": reference_noise, "agreement_reference": rounded(reference),
+            "agreement_mean": rounded(statistics.fmean(values)) if values else None,
+            "agreement_min": rounded(min(values)) if values else None,
+            "agreement_max": rounded(max(values)) if values else None}
+
+
+def demonstration_records(world: World, labelers: list[Labeler], prompts: list[PromptSample],
+                          rng: random.Random) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """SFT records for the given prompts, each written by one labeler, with stats on their quality."""
+    records, scores, flawed_scores, ideal_scores = [], [], [], []
+    flaws: Counter[str] = Counter()
+    for i, sample in enumerate(prompts):
+        labeler = rng.choice(labelers)
+        text, flaw = labeler.demonstrate_with_flaw(sample.prompt)
+        score = world.judge(sample.prompt, text).score
+        scores.append(score)
+        (flawed_scores if flaw else ideal_scores).append(score)
+        if flaw:
+            flaws[flaw] += 1
+        messages = prompt_messages(sample.prompt) + [{"role": "assistant", "content": text}]
+        records.append({"id": f"d{i:05d}", "messages": messages, "labeler_id": labeler.id,
+                        "category": sample.category, "source": sample.source, "flaw": flaw})
+    n = max(1, len(records))
+    stats = {"count": len(records), "imperfect_share": round(sum(flaws.values()) / n, 4),
+             "flaws": dict(sorted(flaws.items())),
+             "mean_score": round(statistics.fmean(scores), 4) if scores else 0.0,
+             "mean_score_ideal": round(statistics.fmean(ideal_scores), 4) if ideal_scores else 0.0,
+             "mean_score_imperfect": round(statistics.fmean(flawed_scores), 4) if flawed_scores else 0.0}
+    return records, stats
+
+
+Records = list[dict[str, Any]]
+
+
+def perturbation_records(world: World, labelers: list[Labeler], prompts: list[PromptSample],
+                         rng: random.Random, n_rankings: int, n_ratings: int, k_min: int,
+                         k_max: int) -> tuple[Records, Records, Records]:
+    """Rankings, ratings and A/B comparisons of perturbed ideal answers (no model needed)."""
+    rankings, ratings, comparisons = [], [], []
+    for i, sample in enumerate(prompts[:n_rankings]):
+        k = rng.randint(k_min, k_max)
+        responses = candidates(world, sample.prompt, sample.task, rng, k)
+        rankings.append(rng.choice(labelers).ranking_record(sample.prompt, responses, model="perturbations",
+                                                            id=f"r{i:05d}"))
+    for i, sample in enumerate(prompts[n_rankings : n_rankings + n_ratings]):
+        (response,) = candidates(world, sample.prompt, sample.task, rng, 1)
+        ratings.append(rng.choice(labelers).rating_record(sample.prompt, response, model="perturbations",
+                                                          id=f"t{i:05d}"))
+    for i, sample in enumerate(prompts[n_rankings + n_ratings : n_rankings + 2 * n_ratings]):
+        a, b = candidates(world, sample.prompt, sample.task, rng, 2)
+        comparisons.append(rng.choice(labelers).comparison_record(sample.prompt, a, b, model="perturbations",
+                                                                  id=f"c{i:05d}"))
+    return rankings, ratings, comparisons
+
