@@ -24,7 +24,7 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
 
 def usage() -> str:
     lines = ["usage: chatloop VERB [--config FILE.yaml] [--FIELD=VALUE ...]", "", "verbs:"]
-    lines += [f"  {verb:<11} {desc}" for verb, (*_, desc) in VERBS.items()]
+    lines += [f"  {verb:<16} {desc}" for verb, (*_, desc) in VERBS.items()]
     lines += ["", "`chatloop VERB --help` lists every field of the verb's config with its default."]
     return "\n".join(lines)
 
@@ -35,13 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     verb, rest = argv[0], argv[1:]
+    if rest and f"{verb} {rest[0]}" in VERBS:  # two-word verbs: `chatloop prompts ingest ...`
+        verb, rest = f"{verb} {rest[0]}", rest[1:]
     if verb in ("-V", "--version"):
         from chatloop import __version__
 
         print(__version__)
         return 0
     if verb not in VERBS:
-        print(f"chatloop: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        group = [v for v in VERBS if v.startswith(verb + " ")]
+        hint = f"; `{verb}` takes one of: {', '.join(v.split()[1] for v in group)}" if group else ""
+        print(f"chatloop: unknown verb {' '.join(argv[:2]) if group else verb!r}{hint}\n\n{usage()}",
+              file=sys.stderr)
         return 2
     module_name, config_name, function_name, desc = VERBS[verb]
     module = importlib.import_module(module_name)

@@ -309,7 +309,8 @@ class GPT(nn.Module):
         """(B, T) token ids -> (B, T, C) final-norm hidden states.
 
         attention_mask: (B, S) with 1 for real tokens, covering the cache and the new tokens; none means
-        every token is real (training on packed text takes the fast causal path).
+        every token is real (training on packed text takes the fast causal path). A (B, 1, T, S) boolean
+        mask is used as it is (True = may attend), with explicit position_ids.
         position_ids: (B, T); by default derived from the mask, or counted on from the cache.
         """
         cfg = self.cfg
@@ -321,7 +322,11 @@ class GPT(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()  # a ready (B, 1, T, S) mask, e.g. block-diagonal for packed examples
+            if position_ids is None:
+                raise ValueError("a 4-D attention mask needs explicit position_ids")
+        elif attention_mask is not None:
             mask = attention_bias(attention_mask, T)
         elif cache is not None and past > 0:
             # Decoding with an unpadded cache: every cached key is visible.
