@@ -16,8 +16,16 @@ from chatloop.errors import UserError
 VERBS: dict[str, tuple[str, str, str, str]] = {
     "tokenizer": ("chatloop.tokenizer", "TokenizerConfig", "train_tokenizer", "train a byte-level BPE tokenizer"),
     "pretrain": ("chatloop.train.pretrain", "PretrainConfig", "pretrain", "next-token prediction on text"),
+    "sft": ("chatloop.train.sft", "SFTConfig", "sft", "supervised fine-tuning on demonstrations"),
     "generate": ("chatloop.generate", "GenerateConfig", "generate", "sample from a checkpoint"),
     "world": ("chatloop.data.world", "WorldConfig", "write_world", "write the synthetic instruction world"),
+    "prompts ingest": ("chatloop.data.prompts", "IngestConfig", "ingest",
+                       "add prompt records / request logs to the prompt store (idempotent)"),
+    "prompts curate": ("chatloop.data.curate", "CurateConfig", "curate",
+                       "dedup, cap per user, remove PII, tag categories, split by user"),
+    "prompts export": ("chatloop.data.prompts", "ExportConfig", "export",
+                       "write the SFT/RM/PPO/val/test prompt sets of a curation"),
+    "prompts stats": ("chatloop.data.prompts", "StatsConfig", "stats", "counts of the prompt store"),
     "demo": ("chatloop.demo", "DemoConfig", "demo", "the built-in demo (what `make demo` runs)"),
 }
 

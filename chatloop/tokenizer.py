@@ -94,8 +94,10 @@ class Tokenizer:
                     ) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and a mask that is True on what the model must learn to write:
         the content of assistant turns and their end-of-turn token (never the role tokens or user text)."""
+        if self.chat_template and self.chat_template != CHAT_TEMPLATE:
+            return self._render_with_template(messages, add_generation_prompt)
         if self.end_of_turn_id is None:
-            raise UserError("this tokenizer has no chat tokens; render with its own chat template")
+            raise UserError("this tokenizer has neither chatloop's chat tokens nor a chat template")
         ids: list[int] = []
         mask: list[bool] = []
         for message in messages:
@@ -109,6 +111,39 @@ class Tokenizer:
             ids.append(self.role_ids["assistant"])
             mask.append(False)
         return ids, mask
+
+    def _render_with_template(self, messages: list[dict[str, str]], add_generation_prompt: bool
+                              ) -> tuple[list[int], list[bool]]:
+        """Render with an imported checkpoint's own Jinja template (tokenizer_config.json).
+
+        The loss mask comes from character spans: an assistant turn is what rendering messages[:i+1] adds
+        to rendering messages[:i] with the generation prompt, so the template's own end-of-turn text is
+        learned too. Templates for which rendering is not prefix-stable are refused.
+        """
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise UserError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        template = env.from_string(self.chat_template or "")
+
+        def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+            return template.render(messages=msgs, add_generation_prompt=generation_prompt,
+                                   eos_token=self.eos_token, bos_token="")
+
+        text = render(messages, add_generation_prompt)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                before, through = render(messages[:i], True), render(messages[: i + 1], False)
+                if not text.startswith(through) or not through.startswith(before):
+                    raise UserError("the checkpoint's chat template does not render conversations prefix-stably")
+                spans.append((len(before), len(through)))
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        mask = [any(start <= a < end for start, end in spans) for a, _ in encoding.offsets]
+        return encoding.ids, mask
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)

@@ -169,6 +169,21 @@ def validate_messages(value: Any, where: str, field: str = "messages", *,
                      f"expected the last message to be from the {last_role}", value[-1]["role"])
 
 
+def check_turn_order(messages: list[Message], where: str, field: str = "messages") -> None:
+    """An optional system message first, then user and assistant turns alternating, starting with the user."""
+    expected = "user"
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system":
+            if i != 0:
+                raise _error(where, f"{field}[{i}].role", "expected a system message only as the first message", role)
+            continue
+        if role != expected:
+            raise _error(where, f"{field}[{i}].role",
+                         f"expected {expected!r} (turns alternate user, assistant, starting with the user)", role)
+        expected = "assistant" if role == "user" else "user"
+
+
 def validate_prompt_value(value: Any, where: str, field: str = "prompt") -> None:
     """Text, or messages ending with the user's turn (the model answers next)."""
     if isinstance(value, str):
@@ -186,6 +201,7 @@ def validate_demonstration(obj: dict[str, Any], where: str) -> Demonstration:
     validate_messages(messages, where, "messages", last_role="assistant")
     if not any(m["role"] == "user" for m in messages):
         raise _error(where, "messages", "expected at least one user message before the assistant's answer")
+    check_turn_order(messages, where)
     _check_meta(obj, where)
     return obj  # type: ignore[return-value]
 
