@@ -295,6 +295,9 @@ def load_model(
     model.load_state_dict(state, assign=False)
     if cfg.tie_embeddings and model.lm_head is not None:
         model.lm_head.weight = model.tok_emb.weight
+    if cfg.head == "scalar":
+        # A reward model's normalisation (chatloop rm, step 6): rewards are raw scores + reward_bias.
+        model.reward_bias = float(hf.get("reward_bias", 0.0)) if head in (None, "scalar") and fresh == {} else 0.0
     return model.to(dtype=dtype)
 
 
@@ -304,6 +307,7 @@ def save_model(
     tokenizer: Tokenizer | None,
     lineage: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> None:
     """Write a Hugging Face-format checkpoint; each file lands atomically and chatloop.json comes last."""
     out_dir = Path(out_dir)
@@ -314,7 +318,8 @@ def save_model(
     tmp = out_dir / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "model.safetensors")
-    atomic_write_json(out_dir / "config.json", hf_config(model.cfg, tokenizer, dtype))
+    # extra_config: chatloop's additions that transformers carries along untouched (e.g. reward_bias).
+    atomic_write_json(out_dir / "config.json", {**hf_config(model.cfg, tokenizer, dtype), **(extra_config or {})})
     if tokenizer is not None:
         tokenizer.save(out_dir)
         atomic_write_json(out_dir / "generation_config.json", {

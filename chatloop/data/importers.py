@@ -89,6 +89,13 @@ def hh_ranking(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return {"prompt": chosen[:-1], "responses": [chosen[-1]["content"], rejected[-1]["content"]], "ranks": [1, 2]}
 
 
+def _count(skipped: Counter | None, error: UserError) -> None:
+    """Tally a skipped record by its reason (the message without file, line and offending value)."""
+    if skipped is not None:
+        reason = str(error).split(": ", 1)[1] if ": " in str(error) else str(error)
+        skipped[reason.split(", got")[0]] += 1
+
+
 def read_demonstrations(path: str | Path, skip_invalid: bool = False,
                         skipped: Counter | None = None) -> list[list[dict[str, str]]]:
     """Conversations of a demonstrations file in any supported format (detected per line).
@@ -114,9 +121,7 @@ def read_demonstrations(path: str | Path, skip_invalid: bool = False,
         except UserError as e:
             if not skip_invalid:
                 raise
-            if skipped is not None:
-                reason = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
-                skipped[reason.split(", got")[0]] += 1
+            _count(skipped, e)
             continue
         conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     if not conversations:
@@ -124,21 +129,31 @@ def read_demonstrations(path: str | Path, skip_invalid: bool = False,
     return conversations
 
 
-def read_rankings(path: str | Path) -> list[dict[str, Any]]:
-    """Rankings of a file: chatloop rankings / pairwise records, OpenAssistant trees or HH transcripts."""
+def read_rankings(path: str | Path, skip_invalid: bool = False, skipped: Counter | None = None
+                  ) -> list[dict[str, Any]]:
+    """Rankings of a file: chatloop rankings / pairwise records, OpenAssistant trees or HH transcripts.
+
+    An invalid record is an error naming file, line and field; with skip_invalid it is counted instead.
+    """
     rankings = []
     for lineno, obj in read_jsonl(path):
         where = f"{path}:{lineno}"
-        if (root := _oa_root(obj)) is not None:
-            found = list(oasst_rankings(root))
-        elif "chosen" in obj and isinstance(obj.get("chosen"), str) and "prompt" not in obj:
-            found = [hh_ranking(obj, where)]
-        elif "chosen" in obj:
-            found = [{"prompt": obj["prompt"], "responses": [obj["chosen"], obj["rejected"]], "ranks": [1, 2]}]
-        else:
-            found = [obj]
-        for ranking in found:
-            rankings.append(validate_ranking(ranking, where))
+        try:
+            if (root := _oa_root(obj)) is not None:
+                found = list(oasst_rankings(root))
+            elif "chosen" in obj and isinstance(obj.get("chosen"), str) and "prompt" not in obj:
+                found = [hh_ranking(obj, where)]
+            elif "chosen" in obj:
+                found = [{"prompt": obj["prompt"], "responses": [obj["chosen"], obj.get("rejected")], "ranks": [1, 2]}]
+            else:
+                found = [obj]
+            found = [validate_ranking(ranking, where) for ranking in found]
+        except UserError as e:
+            if not skip_invalid:
+                raise
+            _count(skipped, e)
+            continue
+        rankings.extend(found)
     if not rankings:
         raise UserError(f"{path}: no rankings found")
     return rankings

@@ -1,0 +1,128 @@
+"""`chatloop sample`: K answers per prompt from a checkpoint, the input that gets ranked;
+`chatloop rank`: the synthetic world's simulated labelers rank them (people do it in the labeling app).
+
+A samples record is `{"prompt", "responses": [K strings], "ended": [K bools], "model", "sampling", "seed"}`;
+`rank` turns each into a ranking record (`"ranks"` added, 1 = best, ties allowed) of one labeler.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from chatloop.checkpoint import load_model
+from chatloop.data.formats import prompt_messages, read_records
+from chatloop.data.world import World
+from chatloop.engine import generate
+from chatloop.errors import UserError
+from chatloop.io import atomic_write_jsonl, read_jsonl
+from chatloop.labelers import make_labelers
+from chatloop.tokenizer import Tokenizer
+from chatloop.train.trainer import resolve_device
+
+
+@dataclass
+class SampleConfig:
+    model: str = ""
+    """Checkpoint to sample from (the SFT model, or the newest policy in later rounds)."""
+    prompts: str = ""
+    """Prompt records (JSONL: {"prompt": text or messages, ...})."""
+    out: str = "runs/samples.jsonl"
+    """Samples file to write (atomically)."""
+    k: int = 0
+    """Answers per prompt; 0 draws K uniformly from k_min..k_max per prompt."""
+    k_min: int = 4
+    """Smallest K when drawing (InstructGPT: 4)."""
+    k_max: int = 9
+    """Largest K when drawing (InstructGPT: 9)."""
+    limit: int = 0
+    """Use only the first N prompts (0: all)."""
+    max_new_tokens: int = 64
+    """Answer length budget in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 keeps everything)."""
+    seed: int = 0
+    """Seed of the K draw and of the sampler."""
+    batch_size: int = 64
+    """Sequences per engine call."""
+    device: str = "auto"
+    """"auto", "cpu" or "cuda"."""
+
+
+@dataclass
+class RankConfig:
+    samples: str = ""
+    """Samples file written by `chatloop sample`."""
+    world: str = ""
+    """The world directory (world.json) whose gold judge the simulated labelers perceive through noise."""
+    out: str = "runs/rankings.jsonl"
+    """Ranking records to write (atomically)."""
+    labelers: int = 8
+    """Simulated labelers; each prompt is ranked by one of them."""
+    noise: float = 0.3
+    """Labelers' mean noise level (0.3 makes two labelers agree on ~73% of pairs, as in InstructGPT)."""
+    seed: int = 0
+    """Seed of the labelers' noise and of the assignment."""
+
+
+def sample(cfg: SampleConfig) -> list[dict]:
+    if not cfg.model or not cfg.prompts:
+        raise UserError("--model and --prompts are required")
+    if not 1 <= cfg.k_min <= cfg.k_max:
+        raise UserError("--k_min/--k_max: expected 1 <= k_min <= k_max")
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device=device).eval()
+    tokenizer = Tokenizer.load(cfg.model)
+    prompts = [r["prompt"] for r in read_records(cfg.prompts, "prompt")]
+    prompts = prompts[: cfg.limit] if cfg.limit else prompts
+    rng = random.Random(cfg.seed)
+    ks = [cfg.k or rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]
+    flat = [(i, p) for i, (p, k) in enumerate(zip(prompts, ks)) for _ in range(k)]
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    budget = model.cfg.max_seq_len - cfg.max_new_tokens
+    texts, ended = [], []
+    for start in range(0, len(flat), cfg.batch_size):
+        chunk = flat[start : start + cfg.batch_size]
+        ids = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-budget:] for _, p in chunk]
+        rollout = generate(model, ids, cfg.max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
+                           temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+        texts += [tokenizer.decode(r) for r in rollout.response_ids()]
+        ended += rollout.ended.tolist()
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+    records = []
+    at = 0
+    for i, (prompt, k) in enumerate(zip(prompts, ks)):
+        records.append({"id": f"s{i:06d}", "prompt": prompt, "responses": texts[at : at + k],
+                        "ended": ended[at : at + k], "model": str(cfg.model), "sampling": sampling,
+                        "seed": cfg.seed})
+        at += k
+    atomic_write_jsonl(cfg.out, records)
+    print(f"sample: {len(records)} prompts, {len(texts)} answers (K {min(ks)}-{max(ks)}) -> {cfg.out}")
+    return records
+
+
+def rank(cfg: RankConfig) -> list[dict]:
+    if not cfg.samples or not cfg.world:
+        raise UserError("--samples and --world are required")
+    world = World.load(cfg.world)
+    labelers = make_labelers(world, n=cfg.labelers, noise=cfg.noise, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    records = []
+    for lineno, s in read_jsonl(cfg.samples):
+        if not isinstance(s.get("responses"), list) or len(s["responses"]) < 2:
+            raise UserError(f"{cfg.samples}:{lineno}: field 'responses': expected a list of at least 2 answers")
+        labeler = labelers[rng.randrange(len(labelers))]
+        ended = s.get("ended") or [True] * len(s["responses"])
+        ranks = labeler.rank(s["prompt"], s["responses"], ended)
+        records.append({"id": s.get("id", f"r{lineno}"), "prompt": s["prompt"], "responses": s["responses"],
+                        "ranks": ranks, "labeler_id": labeler.id, **({"model": s["model"]} if "model" in s else {})})
+    atomic_write_jsonl(cfg.out, records)
+    print(f"rank: {len(records)} rankings by {len(labelers)} simulated labelers -> {cfg.out}")
+    return records
+
+
+

@@ -1,0 +1,338 @@
+"""`chatloop rm`: a reward model from K-wise rankings (InstructGPT §3 of RECIPE.md).
+
+Steps:
+  1. Skip if OUT already holds a finished checkpoint (unless --eval only evaluates one).
+  2. Read rankings (chatloop K-wise rankings, pairwise chosen/rejected, OpenAssistant trees, Anthropic HH)
+     and hold out a validation split (by prompt).
+  3. Start from the SFT checkpoint with a scalar head ~ N(0, 1/sqrt(d+1)) in place of the unembedding.
+  4. Resume from the newest training state, if any.
+  5. Train (1 epoch by default, cosine to 10%): a batch is a set of prompts; all K responses of all its
+     prompts go through ONE forward pass (K passes per prompt, not 2*C(K,2)); the reward is read at each
+     response's last real token; each prompt contributes the mean over its C(K,2) pairs (ties give none) of
+     -log sigmoid(r_w - r_l), so every prompt weighs the same whatever its K.
+  6. Normalise: a bias so that the reference answers (demonstrations) score a mean of 0, and optionally a
+     gain so that their scores have std 1; the gain is folded into the head's weights, the bias is stored
+     in config.json ("reward_bias") and applied by `reward_scores`.
+  7. Evaluate on the held-out rankings and save the sequence-classification checkpoint.
+
+Logged metrics:
+  train/loss      the grouped ranking loss of the step (nats)
+  train/accuracy  share of the step's pairs ordered right by the model
+  train/lr, train/grad_norm, perf/responses_per_s, perf/comparisons_per_s
+  val/accuracy, val/log_loss  on held-out pairs (at the end)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from chatloop.checkpoint import data_record, is_complete, load_model, save_model
+from chatloop.data.formats import prompt_messages, ranking_pairs
+from chatloop.data.importers import read_demonstrations, read_rankings
+from chatloop.errors import UserError
+from chatloop.io import atomic_write_json
+from chatloop.model import GPT, last_token_values
+from chatloop.tokenizer import Tokenizer
+from chatloop.train.trainer import (
+    MetricsLog,
+    TrainConfig,
+    autocast,
+    config_record,
+    load_state,
+    lr_at,
+    make_optimizer,
+    resolve_device,
+    resolve_precision,
+    save_state,
+    seed_everything,
+)
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    out: str = "runs/rm"
+    """Output directory: the reward-model checkpoint (sequence classification), train_state/, metrics, eval."""
+    model: str = ""
+    """The SFT checkpoint to start from (its unembedding is replaced by a scalar head)."""
+    data: list[str] = field(default_factory=list)
+    """Ranking files: chatloop rankings or pairwise records, OpenAssistant trees, Anthropic HH transcripts."""
+    val_data: list[str] = field(default_factory=list)
+    """Held-out rankings; when empty, val_fraction of the prompts of `data`."""
+    val_fraction: float = 0.1
+    """Share of the ranked prompts held out when val_data is empty."""
+    skip_invalid: bool = False
+    """Skip invalid records (reporting how many and why) instead of stopping at the first one."""
+    reference: list[str] = field(default_factory=list)
+    """Demonstrations whose answers define reward 0 (the bias); empty means the best-ranked training answers."""
+    normalize_gain: bool = False
+    """Also scale rewards to std 1 on the reference answers (Ziegler et al.), folded into the head."""
+    epochs: int = 1
+    """Passes over the rankings (InstructGPT: 1; the RM overfits quickly)."""
+    max_steps: int = 0
+    """Optimizer steps; 0 means epochs x steps per epoch."""
+    batch_size: int = 16
+    """Prompts per micro-batch (each with all its K responses; InstructGPT: 64)."""
+    lr: float = 5e-5
+    """Peak learning rate (InstructGPT: 9e-6 for 6B; small models take more)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on weight matrices."""
+    seq_len: int = 512
+    """Longest prompt + response in tokens; longer ones keep the end of the prompt (the answer is kept)."""
+    eval: bool = False
+    """Only evaluate the checkpoint at --model (or OUT) on --val_data and print the report."""
+    save_every: int = 200
+    """Save the resumable training state every this many steps."""
+    eval_every: int = 0
+    """Unused: the held-out evaluation runs at the end."""
+
+
+@dataclass
+class Group:
+    """One ranked prompt: K tokenized responses (prompt + answer) and their pairs."""
+
+    sequences: list[list[int]]
+    ranks: list[int]
+    pairs: list[tuple[int, int]]
+
+
+def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) -> list[Group]:
+    """Tokenize each (prompt, response); rankings whose responses all tie (no pair) are dropped."""
+    groups = []
+    for r in rankings:
+        pairs = ranking_pairs(r["ranks"])
+        if not pairs:
+            continue
+        prompt_ids = tokenizer.render_chat(prompt_messages(r["prompt"]), add_generation_prompt=True)[0]
+        sequences = []
+        for response in r["responses"]:
+            answer = tokenizer.encode(response) + [tokenizer.end_of_turn_id or tokenizer.eos_id]
+            answer = answer[: seq_len - 1]
+            sequences.append(prompt_ids[-(seq_len - len(answer)):] + answer)
+        groups.append(Group(sequences, r["ranks"], pairs))
+    return groups
+
+
+def reward_scores(model: GPT, sequences: list[list[int]], pad_id: int, device, precision: str = "fp32"
+                  ) -> torch.Tensor:
+    """(N,) rewards: one forward pass over all sequences (right-padded), read at each last real token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    with autocast(device, precision):
+        # Right padding under a causal mask leaves real tokens untouched: no mask needed (fast path).
+        values = model(ids.to(device))
+    return last_token_values(values.float(), mask.to(device)) + getattr(model, "reward_bias", 0.0)
+
+
+def grouped_loss(rewards: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, int, int]:
+    """Mean over prompts of the mean over its pairs of -log sigmoid(r_w - r_l); (loss, correct, pairs)."""
+    losses, correct, total, at = [], 0, 0, 0
+    for g in groups:
+        r = rewards[at : at + len(g.sequences)]
+        at += len(g.sequences)
+        w = torch.tensor([p[0] for p in g.pairs], device=r.device)
+        l_ = torch.tensor([p[1] for p in g.pairs], device=r.device)
+        margin = r[w] - r[l_]
+        losses.append(-F.logsigmoid(margin).mean())  # the 1/C(K,2) of InstructGPT's loss
+        correct += int((margin > 0).sum())
+        total += len(g.pairs)
+    return torch.stack(losses).mean(), correct, total
+
+
+@torch.no_grad()
+def evaluate_rm(model: GPT, groups: list[Group], pad_id: int, device, precision: str, batch_size: int) -> dict:
+    """Pairwise accuracy and log loss, split by K and by rank distance, and a calibration table."""
+    model.eval()
+    by_k, by_distance = defaultdict(list), defaultdict(list)
+    margins, log_losses = [], []
+    for b in range(0, len(groups), batch_size):
+        batch = groups[b : b + batch_size]
+        rewards = reward_scores(model, [s for g in batch for s in g.sequences], pad_id, device, precision)
+        at = 0
+        for g in batch:
+            r = rewards[at : at + len(g.sequences)].cpu()
+            at += len(g.sequences)
+            for w, l_ in g.pairs:
+                margin = float(r[w] - r[l_])
+                margins.append(margin)
+                log_losses.append(-float(F.logsigmoid(torch.tensor(margin))))
+                by_k[len(g.sequences)].append(margin > 0)
+                by_distance[g.ranks[l_] - g.ranks[w]].append(margin > 0)
+    model.train()
+    margins_arr = np.array(margins)
+    probs = 1 / (1 + np.exp(-np.abs(margins_arr)))  # confidence in the predicted order
+    right = margins_arr > 0
+    bins = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
+    calibration = []
+    for lo, hi in zip(bins, bins[1:]):
+        sel = (probs >= lo) & (probs < hi)
+        if sel.any():
+            calibration.append({"confidence": f"{lo:.1f}-{min(hi, 1):.1f}", "pairs": int(sel.sum()),
+                                "mean_confidence": float(probs[sel].mean()), "accuracy": float(right[sel].mean())})
+    return {
+        "accuracy": float(right.mean()) if len(right) else float("nan"),
+        "log_loss": float(np.mean(log_losses)) if log_losses else float("nan"),
+        "pairs": len(margins), "prompts": len(groups),
+        "accuracy_by_k": {int(k): float(np.mean(v)) for k, v in sorted(by_k.items())},
+        "accuracy_by_rank_distance": {int(d): float(np.mean(v)) for d, v in sorted(by_distance.items())},
+        "calibration": calibration,
+    }
+
+
+def print_eval(report: dict) -> None:
+    print(f"rm eval: accuracy {report['accuracy']:.3f}, log loss {report['log_loss']:.3f} on {report['pairs']} pairs "
+          f"of {report['prompts']} prompts")
+    print("  by K:             " + ", ".join(f"K={k}: {v:.3f}" for k, v in report["accuracy_by_k"].items()))
+    print("  by rank distance: " + ", ".join(f"{d}: {v:.3f}" for d, v in report["accuracy_by_rank_distance"].items()))
+    print("  calibration (confidence -> accuracy): " + ", ".join(
+        f"{c['confidence']}: {c['accuracy']:.2f} (n={c['pairs']})" for c in report["calibration"]))
+
+
+def split_by_prompt(rankings: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    order = np.random.default_rng(seed).permutation(len(rankings))
+    n_val = max(1, int(len(rankings) * fraction))
+    return [rankings[i] for i in order[n_val:]], [rankings[i] for i in order[:n_val]]
+
+
+def reward_model(cfg: RMConfig) -> Path:
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.eval:
+        target = cfg.model or cfg.out
+        if not cfg.val_data:
+            raise UserError("--eval needs --val_data (held-out rankings)")
+        model = load_model(target, device=device)
+        tokenizer = Tokenizer.load(target)
+        rankings = [r for p in cfg.val_data for r in read_rankings(p, cfg.skip_invalid)]
+        groups = encode_rankings(rankings, tokenizer, cfg.seq_len)
+        report = evaluate_rm(model, groups, tokenizer.pad_id, device, precision, cfg.batch_size)
+        print_eval(report)
+        return Path(target)
+    # step 1
+    if is_complete(out):
+        print(f"rm: {out} is already finished; skipping (remove it to train again)")
+        return out
+    if not cfg.model or not cfg.data:
+        raise UserError("--model (an SFT checkpoint) and --data (ranking files) are required")
+
+    # step 2
+    tokenizer = Tokenizer.load(cfg.model)
+    skipped: Counter = Counter()
+    rankings = [r for p in cfg.data for r in read_rankings(p, cfg.skip_invalid, skipped)]
+    if cfg.val_data:
+        train_r, val_r = rankings, [r for p in cfg.val_data for r in read_rankings(p, cfg.skip_invalid, skipped)]
+    if skipped:
+        print(f"rm: skipped {sum(skipped.values())} invalid record(s): "
+              + "; ".join(f"{n} x {why}" for why, n in skipped.most_common()))
+    else:
+        train_r, val_r = split_by_prompt(rankings, cfg.val_fraction, cfg.seed)
+    train, val = encode_rankings(train_r, tokenizer, cfg.seq_len), encode_rankings(val_r, tokenizer, cfg.seq_len)
+    if not train:
+        raise UserError("no ranked prompt with at least one untied pair in --data")
+
+    # step 3
+    model = load_model(cfg.model, device=device, head="scalar", dropout=0.0)
+    optimizer = make_optimizer(model, cfg, device)
+    per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum)))
+    total_steps = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
+    schedule = TrainConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
+                           max_steps=total_steps)
+
+    # step 4
+    start_step = 0
+    state = load_state(out, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        print(f"rm: resuming from step {start_step} of {total_steps}")
+    log = MetricsLog(out, resume_step=start_step if state is not None else None)
+    print(f"rm: {len(train)} train / {len(val)} val ranked prompts "
+          f"({sum(len(g.pairs) for g in train)} comparisons), {total_steps} steps, {device} {precision}")
+
+    # step 5
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
+    prompts_per_step = cfg.batch_size * cfg.grad_accum
+    for step in range(start_step, total_steps):
+        epoch, within = divmod(step, per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+        chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
+        lr = lr_at(step, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, correct, total = 0.0, 0, 0
+        micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
+        for micro in micro_batches:
+            groups = [train[i] for i in micro]
+            rewards = reward_scores(model, [s for g in groups for s in g.sequences], tokenizer.pad_id, device,
+                                    precision)
+            loss, c, t = grouped_loss(rewards, groups)
+            (loss * len(groups) / len(chosen)).backward()
+            loss_sum += loss.item() * len(groups) / len(chosen)
+            correct, total = correct + c, total + t
+            responses_seen += sum(len(g.sequences) for g in groups)
+            pairs_seen += t
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            elapsed = time.perf_counter() - last_time
+            log.log(done, {"train/loss": loss_sum, "train/accuracy": correct / max(1, total), "train/lr": lr,
+                           "train/grad_norm": grad_norm, "perf/responses_per_s": responses_seen / elapsed,
+                           "perf/comparisons_per_s": pairs_seen / elapsed})
+            last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
+            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / max(1, total):.2f}")
+        if done % cfg.save_every == 0 or done == total_steps:
+            save_state(out, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, cfg.keep_states)
+            last_time = time.perf_counter()
+        bar.update(1)
+    bar.close()
+    log.close()
+
+    # step 6
+    model.eval()
+    if cfg.reference:
+        reference = [c for p in cfg.reference for c in read_demonstrations(p)]
+        ref_sequences = [tokenizer.render_chat(c)[0][-cfg.seq_len:] for c in reference]
+    else:
+        ref_sequences = [g.sequences[g.ranks.index(min(g.ranks))] for g in train]
+    with torch.no_grad():
+        ref_scores = torch.cat([reward_scores(model, ref_sequences[i : i + 64], tokenizer.pad_id, device, precision)
+                                for i in range(0, len(ref_sequences), 64)])
+        gain = 1.0 / max(ref_scores.std().item(), 1e-6) if cfg.normalize_gain else 1.0
+        model.score.weight.mul_(gain)
+        model.reward_bias = -ref_scores.mean().item() * gain
+
+    # step 7
+    report = evaluate_rm(model, val, tokenizer.pad_id, device, precision, cfg.batch_size) if val else {}
+    if report:
+        print_eval(report)
+        atomic_write_json(out / "eval.json", report)
+    save_model(model, out, tokenizer, lineage={
+        "stage": "rm", "parent": cfg.model, "data": data_record(cfg.data + cfg.val_data + cfg.reference),
+        "config": config_record(cfg),
+        "metrics": {"val/accuracy": report.get("accuracy"), "val/log_loss": report.get("log_loss"),
+                    "reward_bias": model.reward_bias, "reward_gain": gain, "train_prompts": len(train),
+                    "train_comparisons": sum(len(g.pairs) for g in train)},
+    }, extra_config={"reward_bias": model.reward_bias, "reward_gain": gain})
+    print(f"rm: done -> {out}")
+    return out

@@ -1,0 +1,133 @@
+"""Reward model: the grouped K-wise loss, one forward pass per response, ties, normalisation, parity."""
+
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from chatloop.checkpoint import load_model, save_model
+from chatloop.data.formats import ranking_pairs
+from chatloop.data.importers import hh_ranking, oasst_rankings, read_rankings
+from chatloop.errors import UserError
+from chatloop.model import GPT, GPTConfig
+from chatloop.tokenizer import Tokenizer
+from chatloop.train.reward import Group, encode_rankings, grouped_loss, reward_scores
+from tests.conftest import need, run_cli
+
+
+def test_grouped_loss_equals_the_mean_of_pairwise_losses_on_a_hand_computed_case():
+    rewards = torch.tensor([2.0, 0.0, 1.0, 5.0, 4.0])  # prompt A: 3 responses; prompt B: 2
+    a = Group([[1]] * 3, [1, 3, 2], ranking_pairs([1, 3, 2]))
+    b = Group([[1]] * 2, [2, 1], ranking_pairs([2, 1]))
+
+    def nll(margin):
+        return math.log(1 + math.exp(-margin))
+
+    # A: pairs (0 > 1): 2, (0 > 2): 1, (2 > 1): 1; B: (0 > 1) since rank 1 is best: 5 - 4 = 1... reversed: 4 - 5
+    expected_a = (nll(2.0) + nll(1.0) + nll(1.0)) / 3
+    expected_b = nll(4.0 - 5.0)
+    loss, correct, total = grouped_loss(rewards, [a, b])
+    assert loss.item() == pytest.approx((expected_a + expected_b) / 2, abs=1e-6)
+    assert (correct, total) == (3, 4)
+
+
+def test_k2_reduces_to_the_pairwise_bradley_terry_loss():
+    rewards = torch.tensor([0.3, -1.2])
+    loss, _, _ = grouped_loss(rewards, [Group([[1], [2]], [1, 2], ranking_pairs([1, 2]))])
+    assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.5)).item(), abs=1e-6)
+
+
+def test_ties_produce_no_pair_and_all_tied_prompts_are_dropped(tokenizer_dir):
+    assert ranking_pairs([1, 2, 2, 3]) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
+    tok = Tokenizer.load(tokenizer_dir)
+    groups = encode_rankings([{"prompt": "q", "responses": ["a", "b"], "ranks": [1, 1]},
+                              {"prompt": "q", "responses": ["a", "b", "c"], "ranks": [2, 1, 2]}], tok, 64)
+    assert len(groups) == 1 and groups[0].pairs == [(1, 0), (1, 2)]
+
+
+def test_exactly_one_forward_pass_per_response(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    model = GPT(GPTConfig("llama", tok.vocab_size, 1, 2, 2, 32, max_seq_len=64, head="scalar"))
+    rankings = [{"prompt": f"q{i}", "responses": [f"answer {j}" for j in range(k)], "ranks": list(range(1, k + 1))}
+                for i, k in enumerate([4, 9, 6])]
+    groups = encode_rankings(rankings, tok, 64)
+    rows = []
+    handle = model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    rewards = reward_scores(model, [s for g in groups for s in g.sequences], tok.pad_id, torch.device("cpu"))
+    grouped_loss(rewards, groups)[0].backward()
+    handle.remove()
+    assert rows == [4 + 9 + 6]  # one pass, one row per response: K passes, not 2 * C(K, 2) = 2 * (6 + 36 + 15)
+
+
+def test_reward_is_read_at_the_last_real_token_not_a_pad(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig("llama", tok.vocab_size, 1, 2, 2, 32, max_seq_len=64, head="scalar")).eval()
+    seqs = [[5, 6, 7], [5, 6, 7, 8, 9]]
+    with torch.no_grad():
+        batched = reward_scores(model, seqs, tok.pad_id, torch.device("cpu"))
+        alone = [model(torch.tensor([s]))[0, -1].item() for s in seqs]
+    assert batched.tolist() == pytest.approx(alone, abs=1e-5)
+
+
+def test_importers_of_openassistant_and_hh():
+    tree = {"role": "prompter", "text": "Q", "replies": [
+        {"role": "assistant", "text": "b", "rank": 1, "replies": [
+            {"role": "prompter", "text": "Q2", "replies": [
+                {"role": "assistant", "text": "x", "rank": 0, "replies": []},
+                {"role": "assistant", "text": "y", "rank": 1, "replies": []}]}]},
+        {"role": "assistant", "text": "a", "rank": 0, "replies": []}]}
+    found = list(oasst_rankings(tree))
+    assert [(r["responses"], r["ranks"]) for r in found] == [(["b", "a"], [2, 1]), (["x", "y"], [1, 2])]
+    assert [m["content"] for m in found[1]["prompt"]] == ["Q", "b", "Q2"]  # context at depth
+    pair = hh_ranking({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"},
+                      "x:1")
+    assert pair == {"prompt": [{"role": "user", "content": "hi"}], "responses": ["hello", "go"], "ranks": [1, 2]}
+
+
+def test_shared_preference_data_imports(shared_data):
+    oa = read_rankings(need(shared_data / "preference" / "oasst-en-100-trees" / "en_100_tree.jsonl.gz"))
+    assert len(oa) >= 150 and max(len(r["responses"]) for r in oa) >= 5
+    path = need(shared_data / "preference" / "hh-rlhf-test" / "helpful-base" / "test.jsonl.gz")
+    with pytest.raises(UserError, match=r"test.jsonl.gz:\d+: field 'prompt\[\d+\].content'"):
+        read_rankings(path)  # real data has empty turns: named by line and field
+    skipped = Counter()
+    hh = read_rankings(path, skip_invalid=True, skipped=skipped)
+    assert len(hh) > 2000 and all(len(r["responses"]) == 2 for r in hh) and 0 < sum(skipped.values()) < 100
+
+
+def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokenizer_dir):
+    """A tiny model learns a rule (answers about the red fox beat the others), then the bias centres the
+    reference answers at 0 and transformers reproduces the raw scores."""
+    tok = Tokenizer.load(tokenizer_dir)
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=64)), base, tok)
+    colors = ["red", "blue", "green", "brown"]
+    rankings, demos = [], []
+    for i in range(160):
+        answers = [f"The {c} fox runs to the river." for c in colors]
+        rankings.append({"prompt": f"Which fox is best {i % 7}?", "responses": answers[i % 4:] + answers[: i % 4],
+                         "ranks": [1 if a.startswith("The red") else 2 for a in answers[i % 4:] + answers[: i % 4]]})
+        demos.append({"messages": [{"role": "user", "content": "Which fox?"},
+                                   {"role": "assistant", "content": answers[i % 4]}]})
+    data, ref = tmp_path / "rankings.jsonl", tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rankings))
+    ref.write_text("".join(json.dumps(d) + "\n" for d in demos))
+    out = tmp_path / "rm"
+    result = run_cli("rm", f"--model={base}", f"--data={data}", f"--out={out}", f"--reference={ref}", "--epochs=3",
+                     "--lr=3e-3", "--batch_size=8", "--seq_len=64", "--progress=false")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert report["accuracy"] > 0.9 and report["accuracy_by_k"] == {"4": report["accuracy"]}
+    rm = load_model(out)
+    sequences = [tok.render_chat(d["messages"])[0] for d in demos]
+    scores = reward_scores(rm, sequences, tok.pad_id, torch.device("cpu"))
+    assert abs(scores.mean().item()) < 1e-3  # the bias centres the reference answers
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        raw = hf(input_ids=torch.tensor([sequences[0]])).logits[0, 0].item()
+    assert raw + rm.reward_bias == pytest.approx(scores[0].item(), abs=1e-4)
