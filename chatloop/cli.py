@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "sample": ("chatloop.sample", "SampleConfig", "sample", "sample K answers per prompt (to be ranked)"),
     "rank": ("chatloop.sample", "RankConfig", "rank", "rank samples with the world's simulated labelers"),
     "rm": ("chatloop.train.reward", "RMConfig", "reward_model", "train a reward model from K-wise rankings"),
+    "ppo": ("chatloop.train.ppo", "PPOConfig", "ppo", "PPO / PPO-ptx against the reward model"),
     "generate": ("chatloop.generate", "GenerateConfig", "generate", "sample from a checkpoint"),
     "world": ("chatloop.data.world", "WorldConfig", "write_world", "write the synthetic instruction world"),
     "prompts ingest": ("chatloop.data.prompts", "IngestConfig", "ingest",

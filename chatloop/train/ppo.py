@@ -1,0 +1,496 @@
+"""`chatloop ppo`: PPO (and PPO-ptx) against the reward model (RECIPE.md §4, §5, §7).
+
+Models: the policy starts from the SFT model; the frozen reference is the same SFT model; the value model is
+separate and starts from the reward model; the reward model is frozen. Dropout is off in all four.
+
+Steps of one iteration:
+  1. Take the next `batch_size` prompts of the seeded prompt order (the iteration number is the position).
+  2. Roll out: sample one response per prompt with the engine (temperature 1, no top-k/top-p by default),
+     truncated at the stop token.
+  3. Score: the reward model at the last real token (normalised); a response without a stop token gets
+     `no_eos_score` instead (Huang et al.).
+  4. Recompute, with full forward passes, the policy's and the reference's per-token log-probs of the
+     temperature-scaled distribution, and the value model's values.
+  5. Per-token rewards: -kl_coef * (logp - ref_logp) on every response token, plus the score on the last.
+     Optionally whiten the rewards without shifting their mean.
+  6. Generalised advantage estimation (gamma, lam) backwards over the response; returns = advantages +
+     values; advantages whitened over the batch's real tokens.
+  7. PPO: `ppo_epochs` passes over `minibatches` shuffled minibatches: the clipped policy loss, the clipped
+     value loss, and for PPO-ptx ptx_coef times the language-model loss on pretraining windows, accumulated
+     into the same optimizer step. (At the first minibatch of an iteration the ratio is exactly 1.)
+  8. Update the adaptive KL controller with the batch's KL, and the EMA of the policy weights.
+  9. Log every metric of RECIPE.md §7; print samples every `sample_every` iterations; save the state.
+Finally the policy (its EMA if enabled) is saved as the stage's checkpoint.
+
+Logged metrics (docs/METRICS.md says what healthy runs look like):
+  objective/kl            mean over episodes of sum over tokens of (logp - ref_logp)
+  objective/kl_coef       current beta
+  objective/entropy       mean per-token entropy of the policy on its samples
+  objective/scores        mean reward-model score (after the no-EOS penalty)
+  objective/rlhf_reward   scores - kl_coef * kl
+  policy/approxkl         0.5 * mean((logp_new - logp_old)^2) over the PPO updates
+  policy/clipfrac         share of tokens whose ratio was clipped
+  policy/ratio_mean, policy/ratio_var
+  loss/policy, loss/value, loss/ptx
+  value/clipfrac          share of tokens whose value was clipped
+  value/explained_variance  1 - Var(returns - values) / Var(returns)
+  returns/mean, returns/var
+  response/length         mean response tokens; response/eos_fraction: share ending with a stop token
+  reward/mean, reward/std of the per-token rewards' sum per episode
+  perf/episodes_per_s, perf/rollout_s, perf/update_s
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from chatloop.checkpoint import data_record, is_complete, load_model, save_model
+from chatloop.data.corpus import TokenWindows, build_shards
+from chatloop.data.formats import prompt_messages, read_records
+from chatloop.engine import Rollout, generate
+from chatloop.errors import UserError
+from chatloop.model import GPT, last_token_values
+from chatloop.tokenizer import Tokenizer
+from chatloop.train.trainer import (
+    MetricsLog,
+    TrainConfig,
+    autocast,
+    config_record,
+    load_state,
+    resolve_device,
+    resolve_precision,
+    save_state,
+    seed_everything,
+)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    out: str = "runs/ppo"
+    """Output directory: the policy checkpoint, train_state/, metrics.jsonl, tb/, samples.jsonl."""
+    policy: str = ""
+    """The SFT checkpoint: the policy's start and the frozen KL reference."""
+    reward_model: str = ""
+    """The reward-model checkpoint (frozen); the value model starts from it unless value_model is given."""
+    value_model: str = ""
+    """Checkpoint for the value model; empty means the reward model (Stiennon et al.)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt records (JSONL) to roll out on; cycled in a seeded order."""
+    iterations: int = 100
+    """PPO iterations (each: batch_size episodes, then the updates)."""
+    batch_size: int = 64
+    """Episodes (prompts, one response each) per iteration (InstructGPT: 512)."""
+    minibatches: int = 4
+    """Minibatches per PPO epoch (InstructGPT: 8 of 64)."""
+    ppo_epochs: int = 4
+    """Passes over each batch (InstructGPT: 1; Ziegler/Stiennon: 4)."""
+    max_new_tokens: int = 48
+    """Response length budget in tokens."""
+    max_prompt_tokens: int = 192
+    """Prompts are cut to their last this many tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs for the loss use the same temperature (Huang et al.)."""
+    top_k: int = 0
+    """Top-k truncation of rollouts (0: none; truncation biases the KL estimate negative)."""
+    top_p: float = 1.0
+    """Nucleus truncation of rollouts (1: none)."""
+    kl_coef: float = 0.02
+    """beta of the per-token KL penalty (InstructGPT: 0.02); the start value when adaptive."""
+    adaptive_kl: bool = False
+    """Adapt beta toward kl_target (Ziegler et al.)."""
+    kl_target: float = 6.0
+    """Target KL (nats per episode) of the adaptive controller."""
+    kl_horizon: float = 10000.0
+    """Horizon (episodes) of the adaptive controller."""
+    no_eos_score: float = -1.0
+    """Score given to responses that do not end with a stop token within max_new_tokens."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance over the batch, without shifting their mean."""
+    gamma: float = 1.0
+    """Discount of GAE (InstructGPT: 1)."""
+    lam: float = 0.95
+    """Lambda of GAE (InstructGPT: 0.95)."""
+    cliprange: float = 0.2
+    """PPO ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient (Ziegler et al.: 0.1)."""
+    lr: float = 1e-5
+    """Policy learning rate (constant after warmup)."""
+    value_lr: float = 0.0
+    """Value-model learning rate; 0 means the policy's."""
+    eps: float = 1e-5
+    """Adam epsilon (Huang et al.: 1e-5; PyTorch's 1e-8 makes early updates too aggressive)."""
+    warmup_steps: int = 10
+    """Iterations of linear warmup from lr/10 (InstructGPT: 10)."""
+    lr_decay: bool = False
+    """Decay the learning rate linearly to 0 over the iterations (Ziegler et al.) instead of keeping it."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    ema_decay: float = 0.0
+    """EMA of the policy weights used for evaluation and saving (InstructGPT: 0.992); 0 disables."""
+    ptx_data: list[str] = field(default_factory=list)
+    """Pretraining text for PPO-ptx (files as for `chatloop pretrain`); empty disables it."""
+    ptx_coef: float = 27.8
+    """gamma of PPO-ptx: weight of the pretraining log-likelihood (InstructGPT: 27.8); used with ptx_data."""
+    ptx_ratio: float = 8.0
+    """Pretraining sequences per RL episode in each minibatch (InstructGPT: 8)."""
+    ptx_seq_len: int = 64
+    """Tokens per pretraining sequence."""
+    grad_checkpoint: bool = False
+    """Recompute activations in the backward pass of the policy and value model (less memory)."""
+    sample_every: int = 10
+    """Print and record samples every this many iterations."""
+    save_every: int = 10
+    """Save the resumable state every this many iterations."""
+    log_every: int = 1
+    """Log metrics every this many iterations."""
+    eval_every: int = 0
+    """Unused by PPO (evaluation is `chatloop eval`)."""
+    max_steps: int = 0
+    """Unused by PPO: see iterations."""
+
+
+class AdaptiveKLController:
+    """Ziegler et al.: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_episodes / horizon."""
+
+    def __init__(self, value: float, target: float, horizon: float) -> None:
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + error * n_episodes / self.horizon
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked elements (Huang et al.: the unbiased estimate matters here)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) advantages and returns; the value after the last real token is 0 (the episode ends)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    values = values * mask
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def response_logprobs(model: GPT, rollout_tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      temperature: float, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) log-probs of the response tokens under the temperature-scaled distribution, and entropies."""
+    with autocast(device, precision):
+        logits = model(rollout_tokens, attention_mask=attention_mask)
+    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # position t predicts token t + 1
+    logp_all = F.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, rollout_tokens[:, prompt_len:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def response_values(value_model: GPT, tokens, attention_mask, prompt_len: int, device, precision) -> torch.Tensor:
+    """(B, N) values of the states before each response token (aligned with the log-probs)."""
+    with autocast(device, precision):
+        values = value_model(tokens, attention_mask=attention_mask)
+    return values[:, prompt_len - 1 : -1].float()
+
+
+@dataclass
+class Batch:
+    """One iteration's rollouts and everything PPO needs from them (all (B, N) unless noted)."""
+
+    rollout: Rollout
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # (B,)
+    kl: torch.Tensor  # (B,) summed over tokens
+    entropy: torch.Tensor  # scalar
+
+
+def ppo(cfg: PPOConfig) -> Path:
+    out = Path(cfg.out)
+    if is_complete(out):
+        print(f"ppo: {out} is already finished; skipping (remove it to train again)")
+        return out
+    if not cfg.policy or not cfg.reward_model or not cfg.prompts:
+        raise UserError("--policy (SFT checkpoint), --reward_model and --prompts are required")
+    if cfg.batch_size % cfg.minibatches:
+        raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    tokenizer = Tokenizer.load(cfg.policy)
+
+    # Models: dropout off in all four (Huang et al.: otherwise the ratio is not 1 at the first minibatch).
+    policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
+    reference = load_model(cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
+    reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
+    if reward_model.score is None:
+        raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
+    value_model = load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar", dropout=0.0,
+                             grad_checkpoint=cfg.grad_checkpoint)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps, weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+
+    prompts = [r["prompt"] for path in cfg.prompts for r in read_records(path, "prompt")]
+    encoded = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-cfg.max_prompt_tokens:]
+               for p in prompts]
+    if max(len(e) for e in encoded) + cfg.max_new_tokens > policy.cfg.max_seq_len:
+        raise UserError(f"--max_prompt_tokens + --max_new_tokens exceed the policy's context {policy.cfg.max_seq_len}")
+    ptx = None
+    if cfg.ptx_data and cfg.ptx_coef > 0:
+        tok_file = Path(cfg.policy) / "tokenizer.json"
+        meta = build_shards(tokenizer, cfg.ptx_data, [], 0.05, "text", out / "ptx_tokens", tok_file)
+        ptx = TokenWindows(out / "ptx_tokens" / "train.bin", meta["dtype"], cfg.ptx_seq_len, cfg.seed)
+    ptx_per_minibatch = int(round(cfg.ptx_ratio * cfg.batch_size / cfg.minibatches)) if ptx else 0
+
+    start = 0
+    state = load_state(out, device)
+    if state is not None:
+        policy.load_state_dict(state["policy"])
+        value_model.load_state_dict(state["value"])
+        policy_opt.load_state_dict(state["policy_opt"])
+        value_opt.load_state_dict(state["value_opt"])
+        kl_ctl.value = state["kl_coef"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start = state["step"]
+        print(f"ppo: resuming from iteration {start} of {cfg.iterations}")
+    log = MetricsLog(out, resume_step=start if state is not None else None)
+    generator = torch.Generator(device=device)
+    mode = f"PPO-ptx (coef {cfg.ptx_coef:g}, {ptx_per_minibatch} pretraining sequences per minibatch)" if ptx else "PPO"
+    print(f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.batch_size} episodes, {mode}, "
+          f"{device} {precision}")
+
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress, unit="it", dynamic_ncols=True)
+    for iteration in range(start, cfg.iterations):
+        t0 = time.perf_counter()
+        lr = lr_for(iteration, cfg)
+        for group in policy_opt.param_groups:
+            group["lr"] = lr
+        for group in value_opt.param_groups:
+            group["lr"] = (cfg.value_lr or cfg.lr) * lr / cfg.lr
+
+        # step 1
+        epoch, within = divmod(iteration * cfg.batch_size, len(prompts))
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(prompts))
+        idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(len(prompts))])
+        batch_prompts = [encoded[i] for i in idx[within : within + cfg.batch_size]]
+
+        # step 2-6
+        generator.manual_seed(cfg.seed * 1_000_003 + iteration)
+        batch = make_batch(policy, reference, reward_model, value_model, batch_prompts, tokenizer, cfg,
+                           kl_ctl.value, generator, device, precision)
+        t1 = time.perf_counter()
+
+        # step 7
+        stats = ppo_update(policy, value_model, policy_opt, value_opt, batch, cfg, ptx, ptx_per_minibatch,
+                           iteration, device, precision)
+        t2 = time.perf_counter()
+
+        # step 8
+        mean_kl = batch.kl.mean().item()
+        if cfg.adaptive_kl:
+            kl_ctl.update(mean_kl, cfg.batch_size)
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), policy.parameters()):
+                    e.lerp_(p, 1 - cfg.ema_decay)
+
+        # step 9
+        done = iteration + 1
+        mask = batch.rollout.mask.float()
+        returns = batch.returns
+        episode_rewards = (batch.rewards * mask).sum(1)
+        metrics = {
+            "objective/kl": mean_kl, "objective/kl_coef": kl_ctl.value if cfg.adaptive_kl else cfg.kl_coef,
+            "objective/entropy": batch.entropy.item(), "objective/scores": batch.scores.mean().item(),
+            "objective/rlhf_reward": (batch.scores - (kl_ctl.value if cfg.adaptive_kl else cfg.kl_coef)
+                                      * batch.kl).mean().item(),
+            **stats,
+            "value/explained_variance": explained_variance(batch.values, returns, mask),
+            "returns/mean": masked_mean(returns, mask).item(), "returns/var": masked_var(returns, mask).item(),
+            "response/length": mask.sum(1).mean().item(),
+            "response/eos_fraction": batch.rollout.ended.float().mean().item(),
+            "reward/mean": episode_rewards.mean().item(), "reward/std": episode_rewards.std().item(),
+            "train/lr": lr, "perf/episodes_per_s": cfg.batch_size / (t2 - t0), "perf/rollout_s": t1 - t0,
+            "perf/update_s": t2 - t1,
+        }
+        if done % cfg.log_every == 0 or done == cfg.iterations:
+            log.log(done, metrics)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
+        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations):
+            record_samples(out, done, batch, tokenizer, batch_prompts)
+        if done % cfg.save_every == 0 or done == cfg.iterations:
+            extra = {"ema": ema.state_dict()} if ema is not None else {}
+            save_state(out, done, {"policy": policy.state_dict(), "value": value_model.state_dict(),
+                                   "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
+                                   "kl_coef": kl_ctl.value, **extra}, cfg.keep_states)
+        bar.update(1)
+    bar.close()
+    log.close()
+    final = ema if ema is not None else policy
+    save_model(final, out, tokenizer, lineage={
+        "stage": "ppo-ptx" if ptx else "ppo", "parent": cfg.policy, "reward_model": cfg.reward_model,
+        "data": data_record(cfg.prompts + cfg.ptx_data), "config": config_record(cfg),
+        "metrics": {"kl_coef": kl_ctl.value, "ema": ema is not None},
+    })
+    print(f"ppo: done -> {out}")
+    return out
+
+
+def lr_for(iteration: int, cfg: PPOConfig) -> float:
+    """Linear warmup from lr/10 over warmup_steps iterations, then constant (or linear decay to 0)."""
+    if iteration < cfg.warmup_steps:
+        return cfg.lr * (0.1 + 0.9 * iteration / cfg.warmup_steps)
+    if cfg.lr_decay:
+        return cfg.lr * max(0.0, 1 - (iteration - cfg.warmup_steps) / max(1, cfg.iterations - cfg.warmup_steps))
+    return cfg.lr
+
+
+@torch.no_grad()
+def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer, cfg: PPOConfig, kl_coef: float,
+               generator, device, precision) -> Batch:
+    # step 2
+    policy.eval()
+    rollout = generate(policy, prompts, cfg.max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    policy.train()
+    tokens, attention, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len
+    mask = rollout.mask.float()
+    # step 3
+    with autocast(device, precision):
+        raw = reward_model(tokens, attention_mask=attention).float()
+    scores = last_token_values(raw, attention) + reward_model.reward_bias
+    scores = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.no_eos_score))
+    # step 4
+    old_logprobs, entropy = response_logprobs(policy, tokens, attention, P, cfg.temperature, device, precision)
+    ref_logprobs, _ = response_logprobs(reference, tokens, attention, P, cfg.temperature, device, precision)
+    values = response_values(value_model, tokens, attention, P, device, precision)
+    old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
+    # step 5
+    kl_per_token = (old_logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl_per_token
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(last)), last] += scores
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    # step 6
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    advantages = whiten(advantages, mask)
+    return Batch(rollout, old_logprobs, ref_logprobs, values, rewards, advantages, returns, scores,
+                 kl_per_token.sum(1), masked_mean(entropy, mask))
+
+
+def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PPOConfig, ptx, ptx_per_minibatch,
+               iteration, device, precision) -> dict[str, float]:
+    r = batch.rollout
+    B = r.tokens.shape[0]
+    size = B // cfg.minibatches
+    mask_all = r.mask.float()
+    sums: dict[str, list[float]] = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "policy/ratio_mean",
+                                                     "policy/ratio_var", "loss/policy", "loss/value", "value/clipfrac",
+                                                     "loss/ptx")}
+    rng = np.random.default_rng([cfg.seed, iteration, 7])
+    ptx_index = iteration * cfg.ppo_epochs * cfg.minibatches * ptx_per_minibatch
+    for _ in range(cfg.ppo_epochs):
+        order = rng.permutation(B)
+        for m in range(cfg.minibatches):
+            sel = torch.as_tensor(order[m * size : (m + 1) * size], device=r.tokens.device)
+            tokens, attention, mask = r.tokens[sel], r.attention_mask[sel], mask_all[sel]
+            logp, _ = response_logprobs(policy, tokens, attention, r.prompt_len, cfg.temperature, device, precision)
+            ratio = torch.exp((logp - batch.old_logprobs[sel]) * mask)
+            adv = batch.advantages[sel]
+            pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+            pg_loss = masked_mean(pg_losses, mask)
+            loss = pg_loss
+            if ptx is not None:
+                ids = ptx_index + np.arange(ptx_per_minibatch)
+                ptx_index += ptx_per_minibatch
+                x, y = ptx.batch(ids, device)
+                with autocast(device, precision):
+                    ptx_logits = policy(x)
+                ptx_loss = F.cross_entropy(ptx_logits.float().flatten(0, 1), y.flatten())
+                loss = loss + cfg.ptx_coef * ptx_loss
+                sums["loss/ptx"].append(ptx_loss.item())
+            policy_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
+            policy_opt.step()
+
+            values = response_values(value_model, tokens, attention, r.prompt_len, device, precision)
+            old_values, returns = batch.values[sel], batch.returns[sel]
+            clipped = old_values + (values - old_values).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+            vf_losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+            vf_loss = 0.5 * masked_mean(vf_losses, mask)
+            value_opt.zero_grad(set_to_none=True)
+            (cfg.vf_coef * vf_loss).backward()
+            torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip or float("inf"))
+            value_opt.step()
+
+            with torch.no_grad():
+                dlogp = (logp - batch.old_logprobs[sel]) * mask
+                sums["policy/approxkl"].append(0.5 * masked_mean(dlogp**2, mask).item())
+                sums["policy/clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask).item())
+                sums["policy/ratio_mean"].append(masked_mean(ratio, mask).item())
+                sums["policy/ratio_var"].append(masked_var(ratio, mask).item())
+                sums["loss/policy"].append(pg_loss.item())
+                sums["loss/value"].append(vf_loss.item())
+                sums["value/clipfrac"].append(
+                    masked_mean(((values - old_values).abs() > cfg.cliprange_value).float(), mask).item())
+    stats = {k: float(np.mean(v)) for k, v in sums.items() if v}
+    stats["policy/first_ratio_mean"] = sums["policy/ratio_mean"][0]
+    stats["policy/first_approxkl"] = sums["policy/approxkl"][0]
+    return stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    var_returns = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+
+
+def record_samples(out: Path, iteration: int, batch: Batch, tokenizer: Tokenizer, prompts: list[list[int]]) -> None:
+    """Append a few samples to samples.jsonl and print the first."""
+    rows = []
+    for i, ids in enumerate(batch.rollout.response_ids()[:4]):
+        rows.append({"iteration": iteration, "prompt": tokenizer.decode(prompts[i]), "response": tokenizer.decode(ids),
+                     "score": round(batch.scores[i].item(), 4), "kl": round(batch.kl[i].item(), 4)})
+    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    tqdm.write(f"[{iteration}] {rows[0]['prompt'][-60:]!r} -> {rows[0]['response'][:80]!r} "
+               f"(score {rows[0]['score']:.2f})")

@@ -1,0 +1,113 @@
+"""PPO: hand-computed pieces, the invariants of RECIPE.md §5, and short real runs through the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from chatloop.checkpoint import save_model
+from chatloop.model import GPT, GPTConfig
+from chatloop.tokenizer import Tokenizer
+from chatloop.train.ppo import AdaptiveKLController, PPOConfig, gae, make_batch, masked_mean, whiten
+from tests.conftest import run_cli
+
+
+def test_gae_matches_a_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 9.0]])  # the last position is padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    gamma, lam = 1.0, 0.95
+    d2 = 1.0 + 0 - 0.4  # terminal: no value after the last real token
+    d1 = 0.0 + 0.4 - 0.2
+    d0 = 0.0 + 0.2 - 0.5
+    a2, a1 = d2, d1 + gamma * lam * d2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(advantages, torch.tensor([[a0, a1, a2, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.4, 0.0]]))
+
+
+def test_masked_padding_changes_no_statistic():
+    x = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    garbage = x + (1 - mask) * 1000
+    assert masked_mean(x, mask) == masked_mean(garbage, mask) == 3.0
+    torch.testing.assert_close(whiten(x, mask), whiten(garbage, mask))
+    w = whiten(x, mask, shift_mean=False)
+    # Unit variance, mean kept (as TRL / lm-human-preferences do for rewards).
+    assert masked_mean(w, mask).item() == pytest.approx(3.0, abs=1e-5)
+    assert w[mask.bool()].var().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_adaptive_controller_moves_beta_in_the_right_direction():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(kl=12.0, n_episodes=1000)  # too far from the reference: raise beta (clipped error 0.2)
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    before = ctl.value
+    ctl.update(kl=3.0, n_episodes=1000)  # too close: lower beta
+    assert ctl.value < before
+    lowered = ctl.value
+    ctl.update(kl=6.0, n_episodes=1000)  # on target: unchanged
+    assert ctl.value == pytest.approx(lowered)
+
+
+@pytest.fixture(scope="module")
+def tiny_rl(tmp_path_factory, tokenizer_dir):
+    """A random tiny policy, a reward model whose head rewards nothing (zero weights), and prompts."""
+    root = tmp_path_factory.mktemp("rl")
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96))
+    save_model(policy, root / "sft", tok)
+    rm = GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96, head="scalar"))
+    torch.nn.init.zeros_(rm.score.weight)
+    save_model(rm, root / "rm_zero", tok)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Where does the {c} fox run?", "user_id": f"u{i}"}) + "\n"
+                               for i, c in enumerate(["red", "blue", "green", "brown"] * 4)))
+    return root, tok
+
+
+def batch_for(root, tok, kl_coef=0.05, **kw):
+    from chatloop.checkpoint import load_model
+
+    policy = load_model(root / "sft", dropout=0.0)
+    reference = load_model(root / "sft").eval()
+    rm = load_model(root / "rm_zero").eval()
+    value = load_model(root / "rm_zero", head="scalar")
+    cfg = PPOConfig(max_new_tokens=16, **kw)
+    prompts = [tok.render_chat([{"role": "user", "content": f"The {c} dog?"}], True)[0] for c in ("red", "blue") * 8]
+    g = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    return policy, value, make_batch(policy, reference, rm, value, prompts, tok, cfg, kl_coef, g, cpu, "fp32"), cfg
+
+
+def test_reward_is_the_score_at_the_last_token_and_kl_is_zero_against_itself(tiny_rl):
+    root, tok = tiny_rl
+    _, _, batch, cfg = batch_for(root, tok, no_eos_score=-3.0)
+    mask = batch.rollout.mask.float()
+    assert batch.kl.abs().max().item() < 1e-5  # policy == reference at the start
+    last = mask.sum(1).long() - 1
+    for i in range(mask.shape[0]):
+        expected = 0.0 if batch.rollout.ended[i] else -3.0  # zero RM; no stop token -> the fixed penalty
+        assert batch.rewards[i, last[i]].item() == pytest.approx(expected, abs=1e-5)
+        assert batch.rewards[i, : last[i]].abs().max().item() < 1e-5 if last[i] > 0 else True
+        assert (batch.rewards[i, last[i] + 1 :] == 0).all()
+
+
+def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward(tiny_rl, tmp_path):
+    root, tok = tiny_rl
+    out = tmp_path / "ppo"
+    result = run_cli("ppo", f"--policy={root / 'sft'}", f"--reward_model={root / 'rm_zero'}",
+                     f"--prompts={root / 'prompts.jsonl'}", f"--out={out}", "--iterations=4", "--batch_size=16",
+                     "--minibatches=2", "--ppo_epochs=2", "--max_new_tokens=16", "--max_prompt_tokens=40",
+                     "--kl_coef=0.1", "--lr=1e-4", "--warmup_steps=0", "--progress=false", "--sample_every=2")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert row["policy/first_approxkl"] == pytest.approx(0.0, abs=1e-9)
+        assert row["objective/kl"] >= -0.05  # untruncated sampling: the KL estimate is not negative
+        assert abs(row["objective/kl"]) < 1.0  # nothing to gain: the policy stays at the reference
+    assert (out / "samples.jsonl").is_file() and (out / "chatloop.json").is_file()
