@@ -21,6 +21,8 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "rank": ("chatloop.sample", "RankConfig", "rank", "rank samples with the world's simulated labelers"),
     "rm": ("chatloop.train.reward", "RMConfig", "reward_model", "train a reward model from K-wise rankings"),
     "ppo": ("chatloop.train.ppo", "PPOConfig", "ppo", "PPO / PPO-ptx against the reward model"),
+    "eval": ("chatloop.evaluate", "EvalConfig", "evaluate", "compare checkpoints on held-out prompts"),
+    "run": ("chatloop.pipeline", "RunConfig", "run", "the whole loop from one config (default: configs/tiny.yaml)"),
     "generate": ("chatloop.generate", "GenerateConfig", "generate", "sample from a checkpoint"),
     "world": ("chatloop.data.world", "WorldConfig", "write_world", "write the synthetic instruction world"),
     "prompts ingest": ("chatloop.data.prompts", "IngestConfig", "ingest",
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: chatloop {verb} [--config FILE.yaml] [--FIELD=VALUE ...]\n\n{desc}\n\nfields:")
         print(help_text(config_cls))
         return 0
+    if verb == "run":  # `chatloop run [CONFIG]`: a positional config file, configs/tiny.yaml by default
+        if rest and not rest[0].startswith("--"):
+            rest = ["--config", rest[0], *rest[1:]]
+        elif "--config" not in rest and not any(a.startswith("--config=") for a in rest):
+            rest = ["--config", str(module.DEFAULT_CONFIG), *rest]
     try:
         cfg = parse_args(config_cls, rest)
         getattr(module, function_name)(cfg)

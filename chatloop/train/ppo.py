@@ -79,6 +79,8 @@ class PPOConfig(TrainConfig):
     """Output directory: the policy checkpoint, train_state/, metrics.jsonl, tb/, samples.jsonl."""
     policy: str = ""
     """The SFT checkpoint: the policy's start and the frozen KL reference."""
+    reference: str = ""
+    """The frozen KL reference; empty means the policy's starting checkpoint (the SFT model)."""
     reward_model: str = ""
     """The reward-model checkpoint (frozen); the value model starts from it unless value_model is given."""
     value_model: str = ""
@@ -254,7 +256,7 @@ def ppo(cfg: PPOConfig) -> Path:
 
     # Models: dropout off in all four (Huang et al.: otherwise the ratio is not 1 at the first minibatch).
     policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
-    reference = load_model(cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
+    reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
     reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
     if reward_model.score is None:
         raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")

@@ -1,0 +1,178 @@
+"""`chatloop run`: the whole InstructGPT loop from one config, on the synthetic world by default.
+
+Stages, each in its own directory under runs/NAME/ (a finished stage is skipped, an interrupted one
+resumes, so the run can be killed at any point and restarted with the same command):
+  1. world       the synthetic world: pretraining text, user prompts, demonstrations, held-out prompts
+  2. tokenizer   byte-level BPE on the pretraining text
+  3. pretrain    next-token prediction
+  4. sft         fine-tuning on the labelers' demonstrations
+  then for each round r = 1..rounds (round-r/):
+  5. sample      K = k_min..k_max answers per ranking prompt, from SFT (round 1) or the newest policy
+  6. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
+  7. rm          reward model from all rankings so far, starting from SFT
+  8. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it
+  9. eval        pretrained vs SFT vs PPO vs PPO-ptx on held-out users' prompts; report.md with plots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatloop.data.formats import read_records
+from chatloop.data.world import WorldConfig, write_world
+from chatloop.evaluate import EvalConfig, evaluate
+from chatloop.io import atomic_write_jsonl
+from chatloop.report import write_report
+from chatloop.sample import RankConfig, SampleConfig, rank, sample
+from chatloop.tokenizer import TokenizerConfig, train_tokenizer
+from chatloop.train.ppo import PPOConfig, ppo
+from chatloop.train.pretrain import PretrainConfig, pretrain
+from chatloop.train.reward import RMConfig, reward_model
+from chatloop.train.sft import SFTConfig, sft
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    """Run name: everything goes to runs/NAME/ (or `out`)."""
+    out: str = ""
+    """Run directory; empty means runs/NAME."""
+    seed: int = 0
+    """Seed of the world and of every stage."""
+    rounds: int = 1
+    """Rounds of sample -> rank -> RM -> PPO (later rounds rank samples of the newest policy)."""
+    ptx: bool = True
+    """Also train PPO-ptx beside PPO (same start, same RM), to measure the alignment tax of each."""
+    ranking_prompts: int = 200
+    """Prompts of the RM split whose samples are ranked, per round."""
+    labelers: int = 8
+    """Simulated labelers."""
+    noise: float = 0.3
+    """Labelers' noise (0.3: ~73% inter-labeler agreement)."""
+    eval_prompts: int = 200
+    """Held-out prompts the final evaluation uses."""
+    vocab_size: int = 2048
+    """Tokenizer vocabulary size."""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """The synthetic world (out and seed are set by the run)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """Pretraining (paths are set by the run)."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (paths are set by the run)."""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    """Sampling K answers per ranking prompt (paths are set by the run)."""
+    rm: RMConfig = field(default_factory=RMConfig)
+    """Reward model (paths are set by the run)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO and PPO-ptx (paths are set by the run; ptx_coef and ptx_ratio apply to the PPO-ptx run)."""
+
+
+def _with(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)
+
+
+def run(cfg: RunConfig) -> dict:
+    root = Path(cfg.out or f"runs/{cfg.name}")
+    root.mkdir(parents=True, exist_ok=True)
+    world_dir = root / "world"
+    # step 1
+    if not (world_dir / "world.json").is_file():
+        write_world(_with(cfg.world, out=str(world_dir), seed=cfg.seed, stats=False))
+    # step 2
+    tok_dir = root / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer(TokenizerConfig(inputs=[str(world_dir / "pretrain.txt")], out=str(tok_dir),
+                                        vocab_size=cfg.vocab_size))
+    # step 3
+    pt_dir = root / "pretrain"
+    pretrain(_with(cfg.pretrain, out=str(pt_dir), tokenizer=str(tok_dir), inputs=[str(world_dir / "pretrain.txt")],
+                   val_inputs=[str(world_dir / "pretrain_val.txt")], seed=cfg.seed))
+    # step 4
+    sft_dir = root / "sft"
+    sft(_with(cfg.sft, out=str(sft_dir), model=str(pt_dir), data=[str(world_dir / "demonstrations.jsonl")],
+              seed=cfg.seed))
+    ranking_prompts = split_ranking_prompts(root, world_dir, cfg)
+
+    policy, rankings = sft_dir, []
+    for r in range(1, cfg.rounds + 1):
+        rd = root / f"round-{r}"
+        rd.mkdir(exist_ok=True)
+        # step 5
+        samples = rd / "samples.jsonl"
+        if not samples.is_file():
+            sample(_with(cfg.sample, model=str(policy), prompts=str(ranking_prompts), out=str(samples),
+                         limit=cfg.ranking_prompts, seed=cfg.seed + r))
+        # step 6
+        ranked = rd / "rankings.jsonl"
+        if not ranked.is_file():
+            rank(RankConfig(samples=str(samples), world=str(world_dir), out=str(ranked), labelers=cfg.labelers,
+                            noise=cfg.noise, seed=cfg.seed + r))
+        rankings.append(str(ranked))
+        # step 7
+        rm_dir = rd / "rm"
+        reward_model(_with(cfg.rm, out=str(rm_dir), model=str(sft_dir), data=list(rankings),
+                           reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed))
+        # step 8
+        ppo_prompts = [str(root / "prompts_ppo.jsonl")]
+        ppo_dir = rd / "ppo"
+        ppo(_with(cfg.ppo, out=str(ppo_dir), policy=str(policy), reference=str(sft_dir), reward_model=str(rm_dir),
+                  prompts=ppo_prompts, ptx_data=[], seed=cfg.seed))
+        if cfg.ptx:
+            ppo(_with(cfg.ppo, out=str(rd / "ppo-ptx"), policy=str(policy), reference=str(sft_dir),
+                      reward_model=str(rm_dir), prompts=ppo_prompts, ptx_data=[str(world_dir / "pretrain.txt")],
+                      seed=cfg.seed))
+        policy = ppo_dir
+
+    # step 9
+    last = root / f"round-{cfg.rounds}"
+    models = [("pretrained", pt_dir), ("sft", sft_dir), ("ppo", last / "ppo")]
+    if cfg.ptx:
+        models.append(("ppo-ptx", last / "ppo-ptx"))
+    eval_path = root / "eval.json"
+    if not eval_path.is_file():
+        evaluate(EvalConfig(models=[str(m) for _, m in models], names=[n for n, _ in models],
+                            prompts=str(world_dir / "eval_prompts.jsonl"), world=str(world_dir),
+                            reward_model=str(last / "rm"), reference=str(sft_dir),
+                            pretrain_val=str(world_dir / "pretrain_val.txt"), limit=cfg.eval_prompts,
+                            max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed, out=str(eval_path)))
+    report = json.loads(eval_path.read_text())
+    write_report(root, report, rounds=cfg.rounds, ptx=cfg.ptx)
+    print_summary(root, report)
+    return report
+
+
+def split_ranking_prompts(root: Path, world_dir: Path, cfg: RunConfig) -> Path:
+    """Disjoint prompt sets from the world's user prompts: RM ranking prompts and PPO prompts."""
+    rm_path, ppo_path = root / "prompts_rm.jsonl", root / "prompts_ppo.jsonl"
+    if not (rm_path.is_file() and ppo_path.is_file()):
+        prompts = read_records(world_dir / "prompts.jsonl", "prompt")
+        half = len(prompts) // 2
+        atomic_write_jsonl(rm_path, prompts[:half])
+        atomic_write_jsonl(ppo_path, prompts[half:])
+    return rm_path
+
+
+def print_summary(root: Path, report: dict) -> None:
+    print(f"\n== chatloop run: {root} ==")
+    for name, row in report["models"].items():
+        parts = [f"gold {row.get('gold_score', float('nan')):.3f}", f"likert {row.get('likert', float('nan')):.2f}"]
+        if "kl" in row:
+            parts.append(f"KL {row['kl']:.2f}")
+        if "pretrain_val_loss" in row:
+            parts.append(f"pretrain loss {row['pretrain_val_loss']:.3f}")
+        print(f"  {name:<11} " + ", ".join(parts))
+    for pair, w in report["win_rates"].items():
+        if "(gold)" in pair:
+            print(f"  win rate {pair}: {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}]")
+    rm_eval = root / "round-1" / "rm" / "eval.json"
+    if rm_eval.is_file():
+        print(f"  RM held-out accuracy (round 1): {json.loads(rm_eval.read_text())['accuracy']:.3f}")
+    print(f"  report: {root / 'report.md'}")
+
+
+

@@ -1,0 +1,116 @@
+"""The report card of a run: runs/NAME/report.md with PNG plots, from the stages' metrics and the evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chatloop.io import atomic_write_text
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = root / f"round-{rounds}"
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+
+    # Loss curves of every stage.
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (title, path, keys) in zip(axes, [
+        ("pretrain", root / "pretrain" / "metrics.jsonl", ["train/loss", "val/loss"]),
+        ("SFT", root / "sft" / "metrics.jsonl", ["train/loss", "val/loss"]),
+        ("reward model", last / "rm" / "metrics.jsonl", ["train/loss", "train/accuracy"]),
+    ]):
+        rows = read_metrics(path)
+        for key in keys:
+            x, y = _series(rows, key)
+            ax.plot(x, y, marker="o" if key.startswith("val") else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots / "losses.png", dpi=90)
+    plt.close(fig)
+
+    # PPO: score, KL, kl_coef, entropy; reward vs KL.
+    runs = [("ppo", last / "ppo")] + ([("ppo-ptx", last / "ppo-ptx")] if ptx else [])
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    for name, path in runs:
+        rows = read_metrics(path / "metrics.jsonl")
+        for ax, key in zip(axes, ["objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy"]):
+            x, y = _series(rows, key)
+            ax.plot(x, y, label=name)
+            ax.set_title(key)
+            ax.set_xlabel("iteration")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(plots / "ppo.png", dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for name, path in runs:
+        rows = read_metrics(path / "metrics.jsonl")
+        ax.scatter([r["objective/kl"] for r in rows], [r["objective/scores"] for r in rows], s=10, label=name)
+    ax.set_xlabel("KL to SFT (nats)")
+    ax.set_ylabel("RM score")
+    ax.set_title("reward vs KL")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots / "reward_vs_kl.png", dpi=90)
+    plt.close(fig)
+
+    # Win rates by the gold judge.
+    gold = {k.replace(" (gold)", ""): v for k, v in report["win_rates"].items() if k.endswith("(gold)")}
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(gold)))
+    names = list(gold)
+    ax.barh(names, [gold[n]["win_rate"] for n in names],
+            xerr=[[gold[n]["win_rate"] - gold[n]["ci_low"] for n in names],
+                  [gold[n]["ci_high"] - gold[n]["win_rate"] for n in names]], color="#4c72b0")
+    ax.axvline(0.5, color="grey", linestyle="--")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate (gold judge), 95% CI")
+    fig.tight_layout()
+    fig.savefig(plots / "win_rates.png", dpi=90)
+    plt.close(fig)
+
+    lines = [f"# Report card: {root.name}", "", "## Models on held-out users' prompts", ""]
+    keys = [k for k in ("gold_score", "likert", "ended", "rm_score", "kl", "pretrain_val_loss", "length")
+            if any(k in row for row in report["models"].values())]
+    lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.3f}" for k in keys) + " |")
+    lines += ["", "## Win rates", "", "| comparison | win rate | 95% CI | n |", "|---|---|---|---|"]
+    for pair, w in report["win_rates"].items():
+        lines.append(f"| {pair} | {w['win_rate']:.3f} | {w['ci_low']:.3f}-{w['ci_high']:.3f} | {w['n']} |")
+    rm_eval = last / "rm" / "eval.json"
+    if rm_eval.is_file():
+        acc = json.loads(rm_eval.read_text())
+        lines += ["", f"Reward model held-out accuracy: **{acc['accuracy']:.3f}** on {acc['pairs']} pairs "
+                  f"(log loss {acc['log_loss']:.3f})."]
+    lines += ["", "![losses](plots/losses.png)", "", "![ppo](plots/ppo.png)", "",
+              "![reward vs KL](plots/reward_vs_kl.png) ![win rates](plots/win_rates.png)", "", "## Samples", ""]
+    names = list(report["models"])
+    lines += ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def cell(text) -> str:
+        text = text if isinstance(text, str) else " / ".join(m["content"] for m in text)
+        return text.replace("|", "\\|").replace("\n", "<br>")[:160]
+
+    for s in report["samples"]:
+        lines.append(f"| {cell(s['prompt'])} | " + " | ".join(cell(s[n]) for n in names) + " |")
+    atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
