@@ -1,0 +1,41 @@
+"""`chatloop run` end to end on a shortened loop: every stage runs and leaves its artifacts."""
+
+import json
+
+from chatloop.checkpoint import is_complete
+from chatloop.data.formats import read_records
+from tests.conftest import run_cli
+
+SHORT = [
+    "--world.pretrain_mb=0.3", "--world.prompts=600", "--world.demonstrations=300", "--world.eval_prompts=40",
+    "--world.rankings=20", "--world.ratings=10", "--world.agreement_pairs=200",
+    "--pretrain.max_steps=40", "--pretrain.eval_every=20", "--pretrain.progress=false",
+    "--sft.epochs=1", "--sft.progress=false",
+    "--ranking_prompts=16", "--sample.k_min=4", "--sample.k_max=5", "--sample.max_new_tokens=16",
+    "--rm.epochs=1", "--rm.progress=false",
+    "--ppo.iterations=2", "--ppo.batch_size=8", "--ppo.minibatches=2", "--ppo.ppo_epochs=1",
+    "--ppo.max_new_tokens=16", "--ppo.progress=false", "--ppo.sample_every=1", "--ppo.save_every=1",
+    "--eval_prompts=16",
+]
+
+
+def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", f"--out={out}", *SHORT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx"):
+        assert is_complete(out / stage), stage
+        assert (out / stage / "metrics.jsonl").is_file()
+    rankings = read_records(out / "round-1" / "rankings.jsonl", "ranking")
+    assert len(rankings) == 16 and all(4 <= len(r["responses"]) <= 5 for r in rankings)
+    assert json.loads((out / "round-1" / "rm" / "eval.json").read_text())["pairs"] > 0
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["models"]) == {"pretrained", "sft", "ppo", "ppo-ptx"}
+    assert "sft vs pretrained (gold)" in report["win_rates"]
+    for name in ("losses", "ppo", "reward_vs_kl", "win_rates"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000
+    assert "| sft vs pretrained (gold) |" in (out / "report.md").read_text()
+    assert "win rate ppo vs sft (gold)" in result.stdout
+    # Finished stages are skipped: the same command again only re-reads them.
+    again = run_cli("run", f"--out={out}", *SHORT, timeout=300)
+    assert again.returncode == 0 and "already finished" in again.stdout
