@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/chatloop demo
+	$(BIN)/chatloop run
 
 test: setup
 	$(BIN)/python -m pytest -q
