@@ -55,6 +55,92 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of (B, V) probabilities, by inverting the cumulative distribution.
+
+    Exact like torch.multinomial, but it draws one uniform number per row where multinomial draws one
+    exponential per vocabulary entry (a large share of a small model's decoding step on CPU). The sum runs
+    in float64 so that tokens of tiny probability keep their share; a token of probability 0 (filtered by
+    top-k / top-p) is never chosen, because the search returns the first entry whose cumulative sum
+    exceeds the draw, and such an entry adds nothing to the sum.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):
+        # torch.multinomial refuses such rows too; sampling from them would hide a diverged model.
+        raise ValueError("cannot sample: a row of probabilities is NaN, infinite or all zero")
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    index = torch.searchsorted(cdf, u * total, right=True).squeeze(1)
+    return index.clamp_(max=probs.shape[-1] - 1)  # guards u * total rounding up to the total
+
+
+def pack(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: prompt indices grouped into rows of at most `width` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def prefill(model: GPT, prompts: list[list[int]], tokens: torch.Tensor, attention_mask: torch.Tensor,
+            cache: KVCache) -> torch.Tensor:
+    """Run the left-padded (B, P) prompts through the model, fill the cache; return (B, V) next-token logits.
+
+    Left padding makes the prefill pay for B * P tokens where the prompts hold fewer. When prompts of
+    different lengths can share rows, they are packed into fewer rows of width P (a block-diagonal mask
+    keeps each prompt to itself, positions restart at 0 per prompt) and their keys and values are then
+    copied to where the left-padded layout has them: the cache ends up as the padded prefill would leave it
+    (the padded slots, which the mask hides from every query, stay zero).
+    """
+    B, P = tokens.shape
+    lengths = [len(p) for p in prompts]
+    rows = pack(lengths, P)
+    if len(rows) == B:
+        hidden = model.hidden_states(tokens, attention_mask=attention_mask, cache=cache)
+        # Only the last position's logits are needed: unembedding all P would multiply the largest matmul.
+        return model.lm_head(hidden[:, -1])
+
+    device = tokens.device
+    R = len(rows)
+    packed = torch.zeros((R, P), dtype=torch.long, device=device)
+    position_ids = torch.zeros((R, P), dtype=torch.long, device=device)
+    segment = torch.full((R, P), -1, dtype=torch.long, device=device)  # prompt index per slot, -1 = unused
+    where: list[tuple[int, int]] = [(0, 0)] * B  # (row, offset) of each prompt
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            n = lengths[i]
+            packed[r, offset : offset + n] = tokens[i, P - n :]
+            position_ids[r, offset : offset + n] = torch.arange(n, device=device)
+            segment[r, offset : offset + n] = i
+            where[i] = (r, offset)
+            offset += n
+    slot = torch.arange(P, device=device)
+    causal = slot[None, :] <= slot[:, None]  # (P, P)
+    same = segment[:, :, None] == segment[:, None, :]  # (R, P, P)
+    # Unused slots see only themselves, so their softmax has a term (they feed nothing real).
+    mask = (same & causal & (segment[:, :, None] >= 0)) | torch.eye(P, dtype=torch.bool, device=device)
+    packed_cache = KVCache(model.cfg, R, P, device, cache.k.dtype)
+    hidden = model.hidden_states(packed, attention_mask=mask[:, None], position_ids=position_ids,
+                                 cache=packed_cache)
+    for i, (r, offset) in enumerate(where):
+        n = lengths[i]
+        cache.k[:, i, :, P - n : P] = packed_cache.k[:, r, :, offset : offset + n]
+        cache.v[:, i, :, P - n : P] = packed_cache.v[:, r, :, offset : offset + n]
+    cache.length = P
+    last_row = torch.tensor([r for r, _ in where], device=device)
+    last_col = torch.tensor([offset + lengths[i] - 1 for i, (_, offset) in enumerate(where)], device=device)
+    return model.lm_head(hidden[last_row, last_col])
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -91,14 +177,20 @@ def generate(
     next_position = attention_mask[:, :P].sum(1)  # (B,) position id of the first response token
 
     cache = KVCache(model.cfg, B, total, device, dtype)
-    logits = model(tokens[:, :P], attention_mask=attention_mask[:, :P], cache=cache)[:, -1]  # (B, V)
+    logits = prefill(model, prompts, tokens[:, :P], attention_mask[:, :P], cache)  # (B, V)
+    # What each decoding query may attend to, as the ready (B, 1, 1, S) mask the model takes: the real
+    # tokens, plus every response column (a finished row's pad query must still see itself; its outputs
+    # are discarded). Kept up to date here instead of rebuilding a mask from attention_mask every step.
+    visible = attention_mask.clone()
+    visible[:, P:] = True
     steps = 0
     for t in range(max_new_tokens):
         logits = logits.float()
         if temperature > 0:
-            logits = logits / temperature
+            if temperature != 1.0:
+                logits = logits / temperature
             probs = filter_logits(logits, top_k, top_p).softmax(-1)
-            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            next_token = sample(probs, generator)
         else:
             next_token = logits.argmax(-1)
         logprob = F.log_softmax(logits, -1).gather(-1, next_token[:, None]).squeeze(1)
@@ -111,7 +203,7 @@ def generate(
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         # Finished rows keep decoding pad (masked out of their results) so the batch stays rectangular.
-        logits = model(tokens[:, P + t : P + t + 1], attention_mask=attention_mask[:, : P + t + 1],
+        logits = model(tokens[:, P + t : P + t + 1], attention_mask=visible[:, None, None, : P + t + 1],
                        position_ids=(next_position + t)[:, None], cache=cache)[:, -1]
 
     model.train(was_training)

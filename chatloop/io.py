@@ -14,7 +14,6 @@ from typing import Any
 
 from chatloop.errors import UserError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

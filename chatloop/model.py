@@ -129,12 +129,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: GPTConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, D) for the rotate-half convention, computed in fp32."""
+    """cos, sin of shape (B, T, 1, D) for the rotate-half convention, computed in fp32."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=position_ids.device).float() / d))
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-    return emb.cos()[:, None], emb.sin()[:, None]
+    return emb.cos()[:, :, None], emb.sin()[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,14 +181,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim], dim=-1
-        )
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, G, T, D)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, G, T, D)
+        qkv = self.qkv(x).view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim)
+        qk, v = qkv.split([cfg.n_head + cfg.n_kv_head, cfg.n_kv_head], dim=2)  # (B, T, H+G, D), (B, T, G, D)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # queries and keys rotate in one pass of each elementwise op
+        q, k = qk.split([cfg.n_head, cfg.n_kv_head], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, G, T, D) x2
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, G, S, D)
         # Query head h reads key/value head h // (H/G), the grouping Hugging Face's repeat_kv uses. enable_gqa
