@@ -1,8 +1,9 @@
 """Sampling throughput: chatloop.engine.generate against transformers' generate on the same model.
 
-    .venv/bin/python benchmarks/sampling_throughput.py            # tiny and small, ~2 minutes on 2 idle cores
+    .venv/bin/python benchmarks/sampling_throughput.py            # tiny and small, ~1 min on 2 idle cores
     .venv/bin/python benchmarks/sampling_throughput.py --quick    # smoke run, well under a minute
     .venv/bin/python benchmarks/sampling_throughput.py --threads 1 --clock cpu   # steadier on a busy machine
+                                                                  # (3 min on the 2-core box at load 5)
     .venv/bin/python benchmarks/sampling_throughput.py --device cuda --precision bf16
 
 For each preset, the parent builds chatloop's GPT with a fixed seed and exports it with `save_model`; one

@@ -1,8 +1,9 @@
 """Training throughput: chatloop's pretraining step against Hugging Face transformers on the same model.
 
-    .venv/bin/python benchmarks/train_throughput.py            # tiny and small, ~4 minutes on 2 idle cores
+    .venv/bin/python benchmarks/train_throughput.py            # tiny and small, ~4 min on 2 idle cores
     .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run, under a minute
     .venv/bin/python benchmarks/train_throughput.py --threads 1 --clock cpu   # steadier on a busy machine
+                                                               # (10 min on the 2-core box at load 5)
     .venv/bin/python benchmarks/train_throughput.py --device cuda --precision bf16 --batch-size 32
 
 For each preset, the parent builds chatloop's GPT with a fixed seed and exports it with `save_model`; then
