@@ -1,8 +1,9 @@
 """SFT throughput: `chatloop sft` against TRL's SFTTrainer on the same checkpoint, data, batch and length.
 
-    .venv/bin/python benchmarks/sft_throughput.py                 # tiny, packed and unpacked, ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/sft_throughput.py                 # tiny, packed and unpacked, ~5-10 minutes
+    .venv/bin/python benchmarks/sft_throughput.py --threads 1 --clock cpu   # steadier on a busy machine
     .venv/bin/python benchmarks/sft_throughput.py --presets tiny small
-    .venv/bin/python benchmarks/sft_throughput.py --quick         # smoke run, about a minute
+    .venv/bin/python benchmarks/sft_throughput.py --quick         # smoke run, a few minutes
 
 Needs TRL (`pip install -e .[bench]`); nothing is downloaded. Setup, in the parent process:
 
@@ -28,9 +29,11 @@ end-to-end training entry point:
 
 The parent warms each worker up, then asks for one step at a time alternating sides (flipping the order each
 round), so load from other processes on a shared machine hits both alike. Tokens/s is the median over timed
-steps of (non-pad tokens of the step / seconds of the step), counted the same way for both sides. One-time
-setup (tokenization, packing, model load, our initial validation pass, TRL's dataset preparation) happens
-before the first step and is never timed. Peak memory is each worker's ru_maxrss (setup included).
+steps of (non-pad tokens of the step / seconds of the step), counted the same way for both sides. --clock cpu
+times by the worker's CPU time instead of the wall clock (with --threads 1), which other processes on a
+shared machine do not inflate; both are recorded either way. One-time setup (tokenization, packing, model
+load, our initial validation pass, TRL's dataset preparation) happens before the first step and is never
+timed. Peak memory is each worker's ru_maxrss (setup included).
 
 What is matched: weights, tokenizer, examples, seq_len, batch size (rows per step), fp32, AdamW (fused;
 betas 0.9/0.95, eps 1e-8, no weight decay, lr 1e-4, cosine schedule), grad-norm clipping at 1.0, no
@@ -91,7 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     p.add_argument("--steps", type=int, default=8, help="timed steps per side")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
-    p.add_argument("--data", default="", help="demonstrations JSONL (default: $CHATLOOP_DATA/" f"{DATA_FILE})")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="time steps by the wall clock or by the worker's CPU time (needs --threads 1)")
+    p.add_argument("--data", default="", help=f"demonstrations JSONL (default: $CHATLOOP_DATA/{DATA_FILE})")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny, few records and steps, seq_len 256")
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/sft_throughput.json)")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
@@ -124,6 +129,9 @@ class StepChannel:
     """
 
     def __init__(self) -> None:
+        import torch
+
+        self.device = torch.device("cpu")
         self.out: TextIO = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)  # library output (progress bars, warnings) must not corrupt the protocol
         self.started: float | None = None
@@ -142,7 +150,7 @@ class StepChannel:
         for line in sys.stdin:
             op = json.loads(line)["op"]
             if op == "memory":
-                peak = _bench.peak_memory(_cpu())["peak_mb"]
+                peak = _bench.peak_memory(self.device)["peak_mb"]
                 self.reply({"peak_mb": peak, "rss_at_first_step_mb": self.rss_setup_mb})
             elif op == "ready":
                 self.rss_setup_mb = _bench.rss_mb()
@@ -155,12 +163,6 @@ class StepChannel:
             else:
                 raise ValueError(f"unknown op {op!r}")
         return True
-
-
-def _cpu() -> Any:
-    import torch
-
-    return torch.device("cpu")
 
 
 def ours_worker(spec: dict[str, Any]) -> None:
@@ -321,15 +323,16 @@ def run_pair(spec: dict[str, Any], args: argparse.Namespace, tmp: Path) -> dict[
     finally:
         for w in workers.values():
             w.close()
+    key = "cpu_seconds" if args.clock == "cpu" else "seconds"
     result: dict[str, Any] = {}
     for side, rows in replies.items():
-        rates = [r["tokens"] / r["seconds"] for r in rows]
         result[side] = {
-            "tokens_per_s": round(statistics.median(rates), 1),
-            "tokens_per_s_aggregate": round(sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows), 1),
+            "tokens_per_s": round(statistics.median(r["tokens"] / r[key] for r in rows), 1),
+            "tokens_per_s_aggregate": round(sum(r["tokens"] for r in rows) / sum(r[key] for r in rows), 1),
             "step_s": {k: round(v, 4) if isinstance(v, float) else v
-                       for k, v in _bench.summary([r["seconds"] for r in rows]).items()},
-            "tokens_per_cpu_s": round(statistics.median(r["tokens"] / r["cpu_seconds"] for r in rows), 1),
+                       for k, v in _bench.summary([r[key] for r in rows]).items()},
+            "wall_step_median_s": round(statistics.median(r["seconds"] for r in rows), 4),
+            "cpu_step_median_s": round(statistics.median(r["cpu_seconds"] for r in rows), 4),
             "tokens_per_step_median": statistics.median(r["tokens"] for r in rows),
             "setup_s": round(setup[side], 1),
             "peak_rss_mb": round(memory[side]["peak_mb"], 1),
@@ -377,10 +380,12 @@ def main(argv: list[str] | None = None) -> None:
     source = data_path(args.data)
     if not source.is_file():
         sys.exit(f"{source}: demonstrations not found (set CHATLOOP_DATA or pass --data)")
+    _bench.check_clock(args.clock, args.threads, torch.device("cpu"))
     info = _bench.machine(torch.device("cpu"))
-    info.update(trl=trl.__version__, uptime_start=uptime(), code=code_state())
-    print(f"# SFT throughput, cpu fp32: {info['cpu']}, {info['threads']} threads; torch {info['torch']}, "
-          f"transformers {info['transformers']}, trl {info['trl']}")
+    info.update(clock=args.clock, trl=trl.__version__, uptime_start=uptime(), code=code_state(),
+                worker_threads=args.threads or info["threads"])
+    print(f"# SFT throughput, cpu fp32: {info['cpu']}, {info['worker_threads']} threads, {args.clock} clock; "
+          f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}")
     print(f"uptime (start): {info['uptime_start']}")
 
     results: dict[str, Any] = {}
@@ -443,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "trl": trl.__version__},
               "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
-              "data": data, "target_ratio": TARGET_RATIO, "presets": results}
+              "clock": args.clock, "threads": args.threads, "data": data, "target_ratio": TARGET_RATIO,
+              "presets": results, "step_columns": ["wall_s", "cpu_s", "non_pad_tokens"]}
     _bench.write_results(args.out, record)
 
 
