@@ -1,8 +1,8 @@
 """Reward model on real preference data: OpenAssistant rankings and Anthropic HH, held-out accuracy vs chance.
 
-    .venv/bin/python benchmarks/rm_real_data.py              # ~15 minutes of CPU time
-    .venv/bin/python benchmarks/rm_real_data.py --threads 1  # faster on a machine other processes keep busy
-    .venv/bin/python benchmarks/rm_real_data.py --quick    # smoke run (a few steps of everything)
+    .venv/bin/python benchmarks/rm_real_data.py --threads 1  # BENCHMARKS.md's figures: ~14 minutes of CPU time
+    .venv/bin/python benchmarks/rm_real_data.py              # torch's default threads (slower on a busy box)
+    .venv/bin/python benchmarks/rm_real_data.py --quick      # smoke run (a few steps of everything)
 
 Data: $CHATLOOP_DATA, else ../shared/data next to the repository:
   preference/oasst-en-100-trees/en_100_tree.jsonl.gz   212 ranked groups of sibling replies (K = 2..9)
@@ -14,9 +14,11 @@ No pretrained model is available offline, so the script builds one, with the CLI
 
 1. Held-out split. `chatloop rm` holds out --val-fraction of the ranked prompts of its --data with
    `split_by_prompt(rankings, val_fraction, seed)`; this script calls that same function on the same list
-   first, so that nothing of a held-out ranking (prompt or response) is in the tokenizer's or the
-   pretraining text. HH records that chatloop rejects are skipped (counted) and the rest written as a chatloop
-   rankings file (see the note on skip_invalid in BENCHMARKS.md); the OpenAssistant file is read as it is.
+   first, so that no held-out ranking goes into the tokenizer's or the pretraining text. (The split is by
+   ranking record, so text can still be shared: an OpenAssistant tree yields several rankings, and a deeper
+   one's prompt contains a reply ranked by a shallower one; HH has repeated opening turns.) HH records that
+   chatloop rejects are skipped (counted) and the rest written as a chatloop rankings file (see the note on
+   skip_invalid in BENCHMARKS.md); the OpenAssistant file is read as it is.
 2. `chatloop tokenizer`: a byte-level BPE (--vocab) on the plain text of the corpus below.
 3. `chatloop pretrain` (--preset, --pretrain-steps) on: every training ranking's prompt + each of its
    responses (chosen and rejected alike, so the text carries no preference), rendered in chatloop's chat

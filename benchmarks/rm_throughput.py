@@ -1,8 +1,8 @@
 """Reward-model throughput: `chatloop rm` (grouped K-wise loss) against TRL's RewardTrainer on pairs.
 
-    .venv/bin/python benchmarks/rm_throughput.py            # K = 4 and K = 9, ~5 minutes on 2 cores
     .venv/bin/python benchmarks/rm_throughput.py --threads 1 --clock cpu   # steadier on a busy machine
-    .venv/bin/python benchmarks/rm_throughput.py --quick    # smoke run, a few minutes
+    .venv/bin/python benchmarks/rm_throughput.py          # K = 4 and 9, 2 threads, wall clock (for an idle box)
+    .venv/bin/python benchmarks/rm_throughput.py --quick  # smoke run, a few minutes
 
 Needs TRL (`pip install -e .[bench]`); nothing is downloaded. The point measured (issue 5): a ranking of K
 responses to one prompt holds C(K,2) comparisons. chatloop's grouped loss scores each response once (K forward

@@ -131,3 +131,23 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     with torch.no_grad():
         raw = hf(input_ids=torch.tensor([sequences[0]])).logits[0, 0].item()
     assert raw + rm.reward_bias == pytest.approx(scores[0].item(), abs=1e-4)
+
+
+def test_val_data_is_used_as_given_and_skip_invalid_still_splits(tmp_path, tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    base = tmp_path / "base"
+    save_model(GPT(GPTConfig("llama", tok.vocab_size, 1, 2, 2, 32, max_seq_len=64)), base, tok)
+    good = {"prompt": "q", "responses": ["the red fox", "the dog"], "ranks": [1, 2]}
+    data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "", "responses": ["a", "b"], "ranks": [1, 2]})
+                    + "\n" + (json.dumps(good) + "\n") * 9)
+    val.write_text((json.dumps(good) + "\n") * 7)
+    common = ["--epochs=1", "--batch_size=4", "--seq_len=64", "--progress=false"]
+    given = run_cli("rm", f"--model={base}", f"--data={data}", f"--val_data={val}", "--skip_invalid",
+                    f"--out={tmp_path / 'a'}", *common)
+    assert given.returncode == 0, given.stderr
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["prompts"] == 7
+    split = run_cli("rm", f"--model={base}", f"--data={data}", "--skip_invalid", "--val_fraction=0.2",
+                    f"--out={tmp_path / 'b'}", *common)
+    assert split.returncode == 0, split.stderr  # skipped records used to leave the split undone
+    assert "skipped 1 invalid record" in split.stdout

@@ -237,11 +237,11 @@ def reward_model(cfg: RMConfig) -> Path:
     rankings = [r for p in cfg.data for r in read_rankings(p, cfg.skip_invalid, skipped)]
     if cfg.val_data:
         train_r, val_r = rankings, [r for p in cfg.val_data for r in read_rankings(p, cfg.skip_invalid, skipped)]
+    else:
+        train_r, val_r = split_by_prompt(rankings, cfg.val_fraction, cfg.seed)
     if skipped:
         print(f"rm: skipped {sum(skipped.values())} invalid record(s): "
               + "; ".join(f"{n} x {why}" for why, n in skipped.most_common()))
-    else:
-        train_r, val_r = split_by_prompt(rankings, cfg.val_fraction, cfg.seed)
     train, val = encode_rankings(train_r, tokenizer, cfg.seq_len), encode_rankings(val_r, tokenizer, cfg.seq_len)
     if not train:
         raise UserError("no ranked prompt with at least one untied pair in --data")
