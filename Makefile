@@ -3,6 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo loop test lint bench clean
 
@@ -12,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this version has a local CPU wheel; a looser spec could pull CUDA wheels.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# Browser tests drive Debian's chromium through Playwright (no browser download).
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	touch $(STAMP)
 
 setup: $(STAMP)

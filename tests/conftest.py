@@ -62,3 +62,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     """`chatloop ARGS` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "chatloop.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout)
+
+
+CHROMIUM = os.environ.get("CHATLOOP_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Playwright driving Debian's chromium (installed by `make setup`); nothing is downloaded."""
+    need(Path(CHROMIUM))
+    playwright_api = pytest.importorskip("playwright.sync_api") if not IN_CI else __import__(
+        "playwright.sync_api", fromlist=["sync_playwright"])
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
