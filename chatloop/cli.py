@@ -7,6 +7,7 @@ Each verb is a (module, config dataclass, function) triple, imported only when u
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 from chatloop.config import help_text, parse_args
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     config_cls = getattr(module, config_name)
     if any(a in ("-h", "--help") for a in rest):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `chatloop sft --help | head` ends quietly
         print(f"usage: chatloop {verb} [--config FILE.yaml] [--FIELD=VALUE ...]\n\n{desc}\n\nfields:")
         print(help_text(config_cls))
         return 0

@@ -157,6 +157,24 @@ def text_loss(model: GPT, tokenizer: Tokenizer, path: str, seq_len: int = 128, m
     return total / (n * seq_len)
 
 
+def rm_accuracy_vs_gold(per_prompt: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """How often the RM orders two checkpoints' answers to the same held-out prompt as the gold judge does.
+
+    This is the reward model's accuracy against the truth, on answers of the policies it scores, away from the
+    labelers' noise; pairs the gold judge ties are left out.
+    """
+    agree, pairs = 0, 0
+    names = list(per_prompt)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for ga, gb, ra, rb in zip(per_prompt[a]["gold"], per_prompt[b]["gold"], per_prompt[a]["rm"],
+                                      per_prompt[b]["rm"]):
+                if ga != gb:
+                    pairs += 1
+                    agree += (ga > gb) == (ra > rb)
+    return {"accuracy": agree / pairs if pairs else float("nan"), "pairs": pairs}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.models or not cfg.prompts:
         raise UserError("--models (one or more checkpoints) and --prompts are required")
@@ -196,6 +214,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                 if kind in per_prompt[name]:
                     report["win_rates"][f"{name} vs {baseline} ({kind})"] = win_rate(per_prompt[name][kind],
                                                                                      per_prompt[baseline][kind])
+    if world is not None and reward_model is not None:
+        report["rm_accuracy_vs_gold"] = rm_accuracy_vs_gold(per_prompt)
     for i in range(min(8, len(prompts))):
         report["samples"].append({"prompt": prompts[i], **{n: texts[n][i] for n in names}})
     print_report(report)
@@ -213,3 +233,6 @@ def print_report(report: dict) -> None:
         print(f"{n:<14}" + "".join(f"{report['models'][n].get(k, float('nan')):>18.3f}" for k in keys))
     for pair, w in report["win_rates"].items():
         print(f"win rate {pair}: {w['win_rate']:.3f} (95% CI {w['ci_low']:.3f}-{w['ci_high']:.3f}, n={w['n']})")
+    if "rm_accuracy_vs_gold" in report:
+        acc = report["rm_accuracy_vs_gold"]
+        print(f"RM accuracy against the gold judge: {acc['accuracy']:.3f} on {acc['pairs']} pairs of answers")

@@ -171,7 +171,10 @@ def print_summary(root: Path, report: dict) -> None:
             print(f"  win rate {pair}: {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}]")
     rm_eval = root / "round-1" / "rm" / "eval.json"
     if rm_eval.is_file():
-        print(f"  RM held-out accuracy (round 1): {json.loads(rm_eval.read_text())['accuracy']:.3f}")
+        print(f"  RM held-out accuracy (round 1, against labelers): {json.loads(rm_eval.read_text())['accuracy']:.3f}")
+    if "rm_accuracy_vs_gold" in report:
+        acc = report["rm_accuracy_vs_gold"]["accuracy"]
+        print(f"  RM accuracy against the gold judge (held-out prompts): {acc:.3f}")
     print(f"  report: {root / 'report.md'}")
 
 

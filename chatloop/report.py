@@ -100,8 +100,12 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
     rm_eval = last / "rm" / "eval.json"
     if rm_eval.is_file():
         acc = json.loads(rm_eval.read_text())
-        lines += ["", f"Reward model held-out accuracy: **{acc['accuracy']:.3f}** on {acc['pairs']} pairs "
-                  f"(log loss {acc['log_loss']:.3f})."]
+        lines += ["", f"Reward model held-out accuracy against the labelers' rankings: **{acc['accuracy']:.3f}** on "
+                  f"{acc['pairs']} pairs (log loss {acc['log_loss']:.3f})."]
+    if "rm_accuracy_vs_gold" in report:
+        acc = report["rm_accuracy_vs_gold"]
+        lines += ["", f"Reward model accuracy against the gold judge, on the checkpoints' answers to the held-out "
+                  f"prompts: **{acc['accuracy']:.3f}** on {acc['pairs']} pairs the judge does not tie."]
     lines += ["", "![losses](plots/losses.png)", "", "![ppo](plots/ppo.png)", "",
               "![reward vs KL](plots/reward_vs_kl.png) ![win rates](plots/win_rates.png)", "", "## Samples", ""]
     names = list(report["models"])

@@ -1,0 +1,106 @@
+"""Kill -9 in the middle of SFT, RM and PPO, rerun the same command: every step appears once and the run ends
+where an uninterrupted run ends (pretraining has its own, stricter test in test_pretrain.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatloop.checkpoint import is_complete, save_model
+from chatloop.model import GPT, GPTConfig
+from chatloop.tokenizer import Tokenizer
+from tests.conftest import run_cli
+
+COLORS = ["red", "blue", "green", "brown"]
+
+
+def rows_so_far(out: Path) -> list[dict]:
+    """metrics.jsonl rows written so far (a kill can leave a torn last line)."""
+    rows = []
+    path = out / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def kill_after(args: list[str], out: Path, rows: int, timeout: float = 180) -> int:
+    """Start `chatloop ARGS`, SIGKILL it once `rows` metric rows exist and a train state was saved; the rows then."""
+    proc = subprocess.Popen([sys.executable, "-m", "chatloop.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if len(rows_so_far(out)) >= rows and (out / "train_state" / "latest").exists():
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(rows_so_far(out))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("resume")
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96)), root / "base", tok)
+    save_model(GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96, head="scalar")), root / "rm", tok)
+    demos = [{"messages": [{"role": "user", "content": f"Where does the {c} fox run {i}?"},
+                           {"role": "assistant", "content": f"The {c} fox runs to the river."}]}
+             for i in range(40) for c in COLORS]
+    (root / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
+    rankings = []
+    for i in range(120):
+        answers = [f"The {c} fox runs to the hill." for c in COLORS[i % 4:] + COLORS[: i % 4]]
+        rankings.append({"prompt": f"Which fox is best {i % 7}?", "responses": answers,
+                         "ranks": [1 + COLORS.index(a.split()[1]) for a in answers]})
+    (root / "rankings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
+    prompts = [{"prompt": f"Where does the {c} fox run?", "user_id": f"u{i}"} for i, c in enumerate(COLORS * 8)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return root
+
+
+def stage_args(stage: str, root: Path, out: Path) -> list[str]:
+    common = [f"--out={out}", "--progress=false", "--save_every=3", "--log_every=1"]
+    if stage == "sft":
+        return ["sft", f"--model={root / 'base'}", f"--data={root / 'demos.jsonl'}", "--epochs=2", "--batch_size=8",
+                "--seq_len=64", "--lr=1e-3", *common]
+    if stage == "rm":
+        return ["rm", f"--model={root / 'rm'}", f"--data={root / 'rankings.jsonl'}", "--epochs=2", "--batch_size=8",
+                "--seq_len=64", "--lr=1e-3", *common]
+    return ["ppo", f"--policy={root / 'base'}", f"--reward_model={root / 'rm'}", f"--prompts={root / 'prompts.jsonl'}",
+            "--iterations=12", "--batch_size=8", "--minibatches=2", "--ppo_epochs=2", "--max_new_tokens=12",
+            "--max_prompt_tokens=40", "--lr=1e-4", "--warmup_steps=2", "--sample_every=0", *common]
+
+
+@pytest.mark.parametrize("stage, loss_key", [("sft", "train/loss"), ("rm", "train/loss"), ("ppo", "loss/policy")])
+def test_kill_9_mid_stage_then_the_same_command_finishes_like_an_uninterrupted_run(tmp_path, models, stage,
+                                                                                    loss_key):
+    reference = tmp_path / "reference"
+    assert run_cli(*stage_args(stage, models, reference)).returncode == 0
+    want = rows_so_far(reference)
+
+    out = tmp_path / "killed"
+    killed_at = kill_after(stage_args(stage, models, out), out, rows=4)
+    assert not is_complete(out) and 4 <= killed_at < want[-1]["step"]
+
+    result = run_cli(*stage_args(stage, models, out))
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    got = rows_so_far(out)
+    assert [r["step"] for r in got] == [r["step"] for r in want]  # every step exactly once
+    for a, b in zip(got, want):
+        assert loss_key in a or a["step"] == 0
+        same = {k: v for k, v in b.items() if not k.startswith("perf/")}  # all but timings
+        assert {k: a[k] for k in same} == pytest.approx(same, abs=1e-5), a["step"]
+    final = json.loads((out / "chatloop.json").read_text())["metrics"]
+    for key, value in json.loads((reference / "chatloop.json").read_text())["metrics"].items():
+        assert final[key] == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value), key
