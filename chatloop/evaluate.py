@@ -157,22 +157,26 @@ def text_loss(model: GPT, tokenizer: Tokenizer, path: str, seq_len: int = 128, m
     return total / (n * seq_len)
 
 
-def rm_accuracy_vs_gold(per_prompt: dict[str, dict[str, list[float]]]) -> dict[str, float]:
-    """How often the RM orders two checkpoints' answers to the same held-out prompt as the gold judge does.
+def rm_accuracy_vs_gold(per_prompt: dict[str, dict[str, list[float]]]) -> dict:
+    """How often the RM orders two checkpoints' answers to the same held-out prompt as the gold judge does,
+    over all pairs of checkpoints and for each pair ("b vs a"); pairs the gold judge ties are left out.
 
-    This is the reward model's accuracy against the truth, on answers of the policies it scores, away from the
-    labelers' noise; pairs the gold judge ties are left out.
+    This is the reward model's accuracy against the truth, away from the labelers' noise. Pairs with a model
+    whose answers the RM never saw in training (a base model's free text) test it off its distribution.
     """
-    agree, pairs = 0, 0
     names = list(per_prompt)
+    by_pair, agree_all, pairs_all = {}, 0, 0
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
+            agree, pairs = 0, 0
             for ga, gb, ra, rb in zip(per_prompt[a]["gold"], per_prompt[b]["gold"], per_prompt[a]["rm"],
                                       per_prompt[b]["rm"]):
                 if ga != gb:
                     pairs += 1
                     agree += (ga > gb) == (ra > rb)
-    return {"accuracy": agree / pairs if pairs else float("nan"), "pairs": pairs}
+            by_pair[f"{b} vs {a}"] = {"accuracy": agree / pairs if pairs else float("nan"), "pairs": pairs}
+            agree_all, pairs_all = agree_all + agree, pairs_all + pairs
+    return {"accuracy": agree_all / pairs_all if pairs_all else float("nan"), "pairs": pairs_all, "by_pair": by_pair}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -235,4 +239,5 @@ def print_report(report: dict) -> None:
         print(f"win rate {pair}: {w['win_rate']:.3f} (95% CI {w['ci_low']:.3f}-{w['ci_high']:.3f}, n={w['n']})")
     if "rm_accuracy_vs_gold" in report:
         acc = report["rm_accuracy_vs_gold"]
-        print(f"RM accuracy against the gold judge: {acc['accuracy']:.3f} on {acc['pairs']} pairs of answers")
+        print(f"RM accuracy against the gold judge: {acc['accuracy']:.3f} on {acc['pairs']} pairs of answers; "
+              + ", ".join(f"{pair} {row['accuracy']:.3f}" for pair, row in acc["by_pair"].items()))

@@ -6,12 +6,14 @@ resumes, so the run can be killed at any point and restarted with the same comma
   2. tokenizer   byte-level BPE on the pretraining text
   3. pretrain    next-token prediction
   4. sft         fine-tuning on the labelers' demonstrations
+  5. prompts     the users' raw prompts through the prompt store (prompts.db): curated (long shared prefixes,
+                 200 per user, PII, split by user) and exported to prompt_sets/ (disjoint RM and PPO sets)
   then for each round r = 1..rounds (round-r/):
-  5. sample      K = k_min..k_max answers per ranking prompt, from SFT (round 1) or the newest policy
-  6. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
-  7. rm          reward model from all rankings so far, starting from SFT
-  8. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it
-  9. eval        pretrained vs SFT vs PPO vs PPO-ptx on held-out users' prompts; report.md with plots
+  6. sample      K = k_min..k_max answers per ranking prompt, from SFT (round 1) or the newest policy
+  7. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
+  8. rm          reward model from all rankings so far, starting from SFT
+  9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it
+ 10. eval        pretrained vs SFT vs PPO vs PPO-ptx on held-out users' prompts; report.md with plots
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatloop.data.formats import read_records
+from chatloop.data.curate import CurateConfig, curate
+from chatloop.data.prompts import ExportConfig, IngestConfig, export, ingest
 from chatloop.data.world import WorldConfig, write_world
 from chatloop.evaluate import EvalConfig, evaluate
-from chatloop.io import atomic_write_jsonl
 from chatloop.report import write_report
 from chatloop.sample import RankConfig, SampleConfig, rank, sample
 from chatloop.tokenizer import TokenizerConfig, train_tokenizer
@@ -96,29 +98,30 @@ def run(cfg: RunConfig) -> dict:
     sft_dir = root / "sft"
     sft(_with(cfg.sft, out=str(sft_dir), model=str(pt_dir), data=[str(world_dir / "demonstrations.jsonl")],
               seed=cfg.seed))
-    ranking_prompts = split_ranking_prompts(root, world_dir, cfg)
+    # step 5
+    prompt_sets = curated_prompts(root, world_dir, cfg.seed)
 
     policy, rankings = sft_dir, []
     for r in range(1, cfg.rounds + 1):
         rd = root / f"round-{r}"
         rd.mkdir(exist_ok=True)
-        # step 5
+        # step 6
         samples = rd / "samples.jsonl"
         if not samples.is_file():
-            sample(_with(cfg.sample, model=str(policy), prompts=str(ranking_prompts), out=str(samples),
+            sample(_with(cfg.sample, model=str(policy), prompts=str(prompt_sets / "rm.jsonl"), out=str(samples),
                          limit=cfg.ranking_prompts, seed=cfg.seed + r))
-        # step 6
+        # step 7
         ranked = rd / "rankings.jsonl"
         if not ranked.is_file():
             rank(RankConfig(samples=str(samples), world=str(world_dir), out=str(ranked), labelers=cfg.labelers,
                             noise=cfg.noise, seed=cfg.seed + r))
         rankings.append(str(ranked))
-        # step 7
+        # step 8
         rm_dir = rd / "rm"
         reward_model(_with(cfg.rm, out=str(rm_dir), model=str(sft_dir), data=list(rankings),
                            reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed))
-        # step 8
-        ppo_prompts = [str(root / "prompts_ppo.jsonl")]
+        # step 9
+        ppo_prompts = [str(prompt_sets / "ppo.jsonl")]
         ppo_dir = rd / "ppo"
         ppo(_with(cfg.ppo, out=str(ppo_dir), policy=str(policy), reference=str(sft_dir), reward_model=str(rm_dir),
                   prompts=ppo_prompts, ptx_data=[], seed=cfg.seed))
@@ -128,7 +131,7 @@ def run(cfg: RunConfig) -> dict:
                       seed=cfg.seed))
         policy = ppo_dir
 
-    # step 9
+    # step 10
     last = root / f"round-{cfg.rounds}"
     models = [("pretrained", pt_dir), ("sft", sft_dir), ("ppo", last / "ppo")]
     if cfg.ptx:
@@ -146,15 +149,26 @@ def run(cfg: RunConfig) -> dict:
     return report
 
 
-def split_ranking_prompts(root: Path, world_dir: Path, cfg: RunConfig) -> Path:
-    """Disjoint prompt sets from the world's user prompts: RM ranking prompts and PPO prompts."""
-    rm_path, ppo_path = root / "prompts_rm.jsonl", root / "prompts_ppo.jsonl"
-    if not (rm_path.is_file() and ppo_path.is_file()):
-        prompts = read_records(world_dir / "prompts.jsonl", "prompt")
-        half = len(prompts) // 2
-        atomic_write_jsonl(rm_path, prompts[:half])
-        atomic_write_jsonl(ppo_path, prompts[half:])
-    return rm_path
+def curated_prompts(root: Path, world_dir: Path, seed: int) -> Path:
+    """The world's raw user prompts, ingested, curated and exported as the RM and PPO prompt sets.
+
+    Demonstrations come with the world, so the training split goes half to RM ranking, half to PPO. The
+    export directory appears whole (its manifest last), so its presence means the stage is done.
+    """
+    out, db = root / "prompt_sets", f"sqlite:///{root / 'prompts.db'}"
+    if not (out / "manifest.json").is_file():
+        ingest(IngestConfig(inputs=[str(world_dir / "prompts.jsonl")], db=db))
+        curate(CurateConfig(db=db, seed=seed))
+        export(ExportConfig(db=db, out=str(out), sft=0.0, rm=0.5, ppo=0.5, seed=seed))
+    return out
+
+
+def rl_rm_accuracy(accuracy: dict) -> float:
+    """The RM's accuracy against the gold judge on pairs of SFT, PPO and PPO-ptx answers (what it was trained
+    on and what PPO optimises), leaving out the pretrained model's free text."""
+    rows = [row for pair, row in accuracy["by_pair"].items() if "pretrained" not in pair]
+    pairs = sum(r["pairs"] for r in rows)
+    return sum(r["accuracy"] * r["pairs"] for r in rows if r["pairs"]) / pairs if pairs else float("nan")
 
 
 def print_summary(root: Path, report: dict) -> None:
@@ -173,8 +187,8 @@ def print_summary(root: Path, report: dict) -> None:
     if rm_eval.is_file():
         print(f"  RM held-out accuracy (round 1, against labelers): {json.loads(rm_eval.read_text())['accuracy']:.3f}")
     if "rm_accuracy_vs_gold" in report:
-        acc = report["rm_accuracy_vs_gold"]["accuracy"]
-        print(f"  RM accuracy against the gold judge (held-out prompts): {acc:.3f}")
+        print(f"  RM accuracy against the gold judge (held-out prompts, SFT and RL answers): "
+              f"{rl_rm_accuracy(report['rm_accuracy_vs_gold']):.3f}")
     print(f"  report: {root / 'report.md'}")
 
 

@@ -104,8 +104,9 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
                   f"{acc['pairs']} pairs (log loss {acc['log_loss']:.3f})."]
     if "rm_accuracy_vs_gold" in report:
         acc = report["rm_accuracy_vs_gold"]
-        lines += ["", f"Reward model accuracy against the gold judge, on the checkpoints' answers to the held-out "
-                  f"prompts: **{acc['accuracy']:.3f}** on {acc['pairs']} pairs the judge does not tie."]
+        lines += ["", "Reward model accuracy against the gold judge, on pairs of the checkpoints' answers to the "
+                  "held-out prompts that the judge does not tie:", "", "| pair | accuracy | pairs |", "|---|---|---|"]
+        lines += [f"| {pair} | {row['accuracy']:.3f} | {row['pairs']} |" for pair, row in acc["by_pair"].items()]
     lines += ["", "![losses](plots/losses.png)", "", "![ppo](plots/ppo.png)", "",
               "![reward vs KL](plots/reward_vs_kl.png) ![win rates](plots/win_rates.png)", "", "## Samples", ""]
     names = list(report["models"])

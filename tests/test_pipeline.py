@@ -26,12 +26,21 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx"):
         assert is_complete(out / stage), stage
         assert (out / stage / "metrics.jsonl").is_file()
+    # The users' prompts went through the prompt store: curated, split by user, disjoint RM and PPO sets.
+    manifest = json.loads((out / "prompt_sets" / "manifest.json").read_text())
+    rm_prompts = {r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"])
+                  for r in read_records(out / "prompt_sets" / "rm.jsonl", "prompt")}
+    ppo_prompts = read_records(out / "prompt_sets" / "ppo.jsonl", "prompt")
+    assert manifest["counts"]["rm"] > 0 and manifest["counts"]["ppo"] == len(ppo_prompts) > 0
+    assert not any("@" in str(r["prompt"]) for r in ppo_prompts)  # PII redacted
+    assert not rm_prompts & {r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"])
+                             for r in ppo_prompts}
     rankings = read_records(out / "round-1" / "rankings.jsonl", "ranking")
     assert len(rankings) == 16 and all(4 <= len(r["responses"]) <= 5 for r in rankings)
     assert json.loads((out / "round-1" / "rm" / "eval.json").read_text())["pairs"] > 0
     report = json.loads((out / "eval.json").read_text())
     assert set(report["models"]) == {"pretrained", "sft", "ppo", "ppo-ptx"}
-    assert "sft vs pretrained (gold)" in report["win_rates"]
+    assert "sft vs pretrained (gold)" in report["win_rates"] and report["rm_accuracy_vs_gold"]["pairs"] > 0
     for name in ("losses", "ppo", "reward_vs_kl", "win_rates"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert "| sft vs pretrained (gold) |" in (out / "report.md").read_text()

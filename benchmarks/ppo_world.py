@@ -1,0 +1,109 @@
+"""PPO's acceptance experiments on the synthetic world (issue #6), from a finished `chatloop run`'s SFT and RM.
+
+  1. PPO with 3 seeds: gold win rate against SFT on held-out prompts, each seed.
+  2. The adaptive KL controller: KL per iteration after warmup, against the target.
+  3. beta -> 0: the RM score rises while the gold win rate falls (over-optimisation).
+  4. PPO-ptx against PPO: the pretraining validation loss regresses less.
+Every run uses the run config's PPO settings unless an experiment changes them; results go to
+benchmarks/results/ppo_world.json.
+
+    python benchmarks/ppo_world.py --run runs/tiny [--config configs/tiny.yaml] [--iterations N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from chatloop.config import parse_args
+from chatloop.evaluate import EvalConfig, evaluate
+from chatloop.pipeline import RunConfig
+from chatloop.train.ppo import ppo
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def train(run: Path, base, out: Path, **changes) -> Path:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = dataclasses.replace(base, out=str(out), policy=str(run / "sft"), reference=str(run / "sft"),
+                              reward_model=str(run / "round-1" / "rm"), prompts=[str(run / "prompt_sets" / "ppo.jsonl")],
+                              progress=False, sample_every=0, **changes)
+    ppo(cfg)
+    return out
+
+
+def against_sft(run: Path, policy: Path, limit: int, eval_seed: int) -> dict:
+    report = evaluate(EvalConfig(models=[str(run / "sft"), str(policy)], names=["sft", "ppo"],
+                                 prompts=str(run / "world" / "eval_prompts.jsonl"), world=str(run / "world"),
+                                 reward_model=str(run / "round-1" / "rm"), reference=str(run / "sft"),
+                                 pretrain_val=str(run / "world" / "pretrain_val.txt"), limit=limit,
+                                 max_new_tokens=40, seed=eval_seed))
+    ppo_row = report["models"]["ppo"]
+    return {"gold_win_rate": report["win_rates"]["ppo vs sft (gold)"], "rm_win_rate":
+            report["win_rates"]["ppo vs sft (rm)"]["win_rate"], "gold_score": ppo_row["gold_score"],
+            "sft_gold_score": report["models"]["sft"]["gold_score"], "rm_score": ppo_row["rm_score"],
+            "kl": ppo_row["kl"], "pretrain_val_loss": ppo_row["pretrain_val_loss"],
+            "sft_pretrain_val_loss": report["models"]["sft"]["pretrain_val_loss"], "ended": ppo_row["ended"]}
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/tiny", help="a finished `chatloop run` directory")
+    parser.add_argument("--config", default="configs/tiny.yaml", help="its config (for the PPO settings)")
+    parser.add_argument("--limit", type=int, default=200, help="held-out prompts per evaluation")
+    parser.add_argument("--work", default="runs/ppo-world", help="where the experiment runs go")
+    parser.add_argument("--only", nargs="*", default=["seeds", "adaptive", "beta0", "ptx"])
+    args = parser.parse_args()
+    run, work = Path(args.run), Path(args.work)
+    base = parse_args(RunConfig, ["--config", args.config]).ppo
+    results: dict = {"run": str(run), "config": args.config, "ppo": dataclasses.asdict(base)}
+    t0 = time.time()
+
+    if "seeds" in args.only:  # 1
+        results["seeds"] = {}
+        for seed in (0, 1, 2):
+            out = train(run, base, work / f"seed-{seed}", seed=seed, ptx_data=[])
+            results["seeds"][seed] = against_sft(run, out, args.limit, eval_seed=100 + seed)
+            rows = metrics(out)
+            results["seeds"][seed]["eos_fraction"] = [r["response/eos_fraction"] for r in rows]
+            print(f"seed {seed}: {results['seeds'][seed]['gold_win_rate']}")
+    if "adaptive" in args.only:  # 2
+        target = 2.0
+        out = train(run, base, work / "adaptive", adaptive_kl=True, kl_target=target, kl_coef=base.kl_coef,
+                    kl_horizon=base.batch_size * 10, iterations=2 * base.iterations, ptx_data=[])
+        kls = [r["objective/kl"] for r in metrics(out)]
+        after = kls[len(kls) // 2 :]
+        results["adaptive"] = {"target": target, "kl": kls, "kl_coef": [r["objective/kl_coef"] for r in metrics(out)],
+                               "after_warmup_mean": float(np.mean(after)),
+                               "within_20pct": float(np.mean([abs(k / target - 1) <= 0.2 for k in after]))}
+    if "beta0" in args.only:  # 3
+        results["beta0"] = {}
+        for beta in (base.kl_coef, 0.0):
+            out = train(run, base, work / f"beta-{beta:g}", kl_coef=beta, iterations=2 * base.iterations, ptx_data=[])
+            results["beta0"][f"{beta:g}"] = against_sft(run, out, args.limit, eval_seed=100)
+    if "ptx" in args.only:  # 4
+        out = train(run, base, work / "ptx", ptx_data=[str(run / "world" / "pretrain.txt")])
+        plain = work / "seed-0" if (work / "seed-0" / "chatloop.json").is_file() else train(run, base, work / "seed-0",
+                                                                                               ptx_data=[])
+        results["ptx"] = {"ppo": against_sft(run, plain, args.limit, eval_seed=100),
+                          "ppo-ptx": against_sft(run, out, args.limit, eval_seed=100)}
+    results["seconds"] = time.time() - t0
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "ppo_world.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **results}, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if k != "ppo"}, indent=1)[:4000])
+
+
+if __name__ == "__main__":
+    main()

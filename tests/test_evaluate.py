@@ -1,0 +1,25 @@
+"""Evaluation arithmetic on hand-computed cases: win rates with ties and intervals, the RM's accuracy against
+the gold judge."""
+
+import pytest
+
+from chatloop.evaluate import rm_accuracy_vs_gold, win_rate
+from chatloop.pipeline import rl_rm_accuracy
+
+
+def test_win_rate_counts_ties_half_and_brackets_itself():
+    w = win_rate([1.0, 0.5, 0.0, 0.2], [0.0, 0.5, 1.0, 0.1])  # win, tie, loss, win
+    assert w["win_rate"] == pytest.approx(2.5 / 4) and w["n"] == 4
+    assert w["ci_low"] < w["win_rate"] < w["ci_high"]
+
+
+def test_rm_accuracy_against_gold_by_pair_skips_gold_ties():
+    per_prompt = {"pretrained": {"gold": [0, 0, 1], "rm": [5, 5, 5]},
+                  "sft": {"gold": [1, 0, 0], "rm": [1, 0, 0]},
+                  "ppo": {"gold": [0, 1, 1], "rm": [0, 1, 2]}}
+    acc = rm_accuracy_vs_gold(per_prompt)
+    assert acc["by_pair"]["sft vs pretrained"] == {"accuracy": 0.5, "pairs": 2}  # prompt 1 is a gold tie
+    assert acc["by_pair"]["ppo vs pretrained"] == {"accuracy": 0.0, "pairs": 1}
+    assert acc["by_pair"]["ppo vs sft"] == {"accuracy": 1.0, "pairs": 3}
+    assert acc["accuracy"] == pytest.approx(4 / 6) and acc["pairs"] == 6
+    assert rl_rm_accuracy(acc) == 1.0  # the pairs without the pretrained model's free text
