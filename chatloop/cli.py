@@ -33,7 +33,7 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "prompts export": ("chatloop.data.prompts", "ExportConfig", "export",
                        "write the SFT/RM/PPO/val/test prompt sets of a curation"),
     "prompts stats": ("chatloop.data.prompts", "StatsConfig", "stats", "counts of the prompt store"),
-    "demo": ("chatloop.demo", "DemoConfig", "demo", "the built-in demo (what `make demo` runs)"),
+    "demo": ("chatloop.demo", "DemoConfig", "demo", "world, tokenizer, tiny GPT, samples (`make quick`)"),
 }
 
 

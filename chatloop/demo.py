@@ -1,4 +1,4 @@
-"""`chatloop demo` (what `make demo` runs): the loop so far on data the project generates itself.
+"""`chatloop demo` (`make quick`): the first stages in three minutes, on data the project generates itself.
 
 Steps:
   1. Write the synthetic world (chatloop world): its pretraining text about procedurally made entities.
