@@ -102,6 +102,14 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def uptime() -> str:
+    """`uptime`'s line (the load average), to record with figures measured on a shared machine."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -66,7 +66,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -419,13 +418,6 @@ def ppo112_worker(spec: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- parent side
 
 
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def build_setup(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """World, tokenizer, fixed-length prompts, random-init policy and reward-model checkpoints."""
     import torch
@@ -550,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         args.sides = [s for s in args.sides if s != "ppo112"]
     info = _bench.machine(torch.device("cpu"))
     info.update(clock=args.clock, trl=trl.__version__, trl_ppo="1.12.0 from " + args.trl112,
-                uptime_start=uptime(), worker_threads=args.threads or info["threads"])
+                uptime_start=_bench.uptime(), worker_threads=args.threads or info["threads"])
     print(f"# PPO throughput, cpu fp32: {info['cpu']}, {info['worker_threads']} threads, {args.clock} clock; "
           f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']} (RLOO), 1.12.0 (PPO)")
     print(f"uptime (start): {info['uptime_start']}")
@@ -564,9 +556,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{setup['prompts']} prompts of {args.prompt_tokens} tokens; {args.preset} "
               f"({setup['params'] / 1e6:.1f}M params, vocab {setup['vocab_size']}); B={args.batch_size}, "
               f"{args.minibatches} minibatches x {args.ppo_epochs} epochs, {args.response_tokens} response tokens; "
-              f"running ({uptime()})", flush=True)
+              f"running ({_bench.uptime()})", flush=True)
         raw = run_sides(spec, args, tmp)
-    info["uptime_end"] = uptime()
+    info["uptime_end"] = _bench.uptime()
     print(f"uptime (end): {info['uptime_end']}")
     _bench.write_results(args.out.with_suffix(".raw.json"), {"args": {k: str(v) for k, v in vars(args).items()},
                                                              "machine": info, "raw": raw})
