@@ -32,8 +32,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def train(run: Path, base, out: Path, **changes) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     cfg = dataclasses.replace(base, out=str(out), policy=str(run / "sft"), reference=str(run / "sft"),
-                              reward_model=str(run / "round-1" / "rm"), prompts=[str(run / "prompt_sets" / "ppo.jsonl")],
-                              progress=False, sample_every=0, **changes)
+                              reward_model=str(run / "round-1" / "rm"),
+                              prompts=[str(run / "prompt_sets" / "ppo.jsonl")], progress=False, sample_every=0,
+                              **changes)
     ppo(cfg)
     return out
 
