@@ -183,6 +183,11 @@ def test_overlap_gives_each_task_to_n_distinct_labelers_never_its_author_and_lea
         done[task].add(person.name)
     assert len(done) == 5 and all(names == {"a", "b", "d"} for names in done.values())
     assert store.batch_list()[0]["remaining"] == 0
+    store.update_batch(bid, "admin", overlap=4)  # an admin raises the overlap: a fourth labeler gets every task
+    e = make_user(store, "e")
+    while (aid := store.next_assignment(e, bid)) is not None:
+        store.submit(e, aid, {"ranks": [1, 2, 3, 4]})
+    assert Counter(r["task_id"] for r in store.label_rows()) == {task: 4 for task in done}
     store.close()
 
 
@@ -362,14 +367,22 @@ def test_many_labelers_submitting_at_once_lose_and_duplicate_nothing(live):
     clients = [join(live, f"l{i}") for i in range(8)]
     errors: list[str] = []
 
-    def work(client: httpx.Client) -> None:
-        while (view := client.get("/api/next", params={"batch": bid}).json()["assignment"]) is not None:
-            for _ in range(2):  # every submission twice: a retry must not duplicate
-                r = client.post(f"/api/assignments/{view['id']}", json={"ranks": by_text_order(view)})
-                if r.status_code != 200:
-                    errors.append(r.text)
+    def work(i: int, client: httpx.Client) -> None:
+        view = client.get("/api/next", params={"batch": bid}).json()["assignment"]
+        while view is not None:
+            url, answer = f"/api/assignments/{view['id']}", {"ranks": by_text_order(view)}
+            first = client.post(url, json=answer)
+            again = client.post(url, json=answer, params={"next": "1"} if i % 2 else None)  # a retry
+            if first.status_code != 200 or again.status_code != 200:
+                errors.append(first.text + again.text)
+                return
+            if again.json()["label"] != first.json()["label"] or not again.json()["duplicate"]:
+                errors.append(f"the retry of {view['id']} stored another label")
+            # half the labelers get the next task with the submission (?next=1), half ask for it
+            view = again.json()["next"] if i % 2 else client.get("/api/next", params={"batch": bid}).json()[
+                "assignment"]
 
-    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(clients)]
     for t in threads:
         t.start()
     for t in threads:

@@ -428,16 +428,15 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         check_csrf(request, request.headers.get("x-csrf-token"))
         answer = await body(request)
         try:
+            if next:
+                label_id, duplicate, following = store.submit_then_next(user, aid, answer, lease_s)
+                return JSONResponse({"label": label_id, "duplicate": duplicate, "next": following})
             label_id, duplicate = store.submit(user, aid, answer)
         except NotFound:
             raise HTTPError(404, "no such assignment") from None
         except BadAnswer as e:
             raise HTTPError(400, str(e)) from None
-        reply: dict[str, Any] = {"label": label_id, "duplicate": duplicate}
-        if next:
-            following = store.next_assignment(user, None, lease_s)
-            reply["next"] = store.assignment(user, following) if following else None
-        return JSONResponse(reply)
+        return JSONResponse({"label": label_id, "duplicate": duplicate})
 
     @app.post("/api/assignments/{aid}/skip")
     async def api_skip(request: Request, aid: str) -> Response:

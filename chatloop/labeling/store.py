@@ -9,9 +9,10 @@ Tables:
     invites      HMAC of each invite token, the name and role it creates, expiry, when it was used
     batches      a set of tasks of one kind (demonstration | ranking | rating | comparison) and its overlap
     tasks        what a labeler sees: the prompt and the responses; hidden fields (models, sampling) never leave
-                 the server; the prompt's author (never assigned to them) and an optional gold answer
+                 the server; the prompt's author (never assigned to them), an optional gold answer, and how
+                 many assignments count toward the overlap (`taken`; `open` while below it, indexed)
     assignments  (task, labeler) with a lease, the order the responses were shown in, and the status
-                 (leased | done | skipped); unique per (task, labeler)
+                 (leased | done | skipped | expired); unique per (task, labeler)
     labels       one per assignment (unique): the answer, stored in the task's order, never in the shown order
     audit        what admins did (invites, batches, overlap, exports), when and who
 
@@ -50,9 +51,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    and_,
+    bindparam,
     create_engine,
     event,
+    exists,
     func,
     insert,
     inspect,
@@ -81,6 +83,7 @@ ROLES = ("admin", "labeler")
 LABEL_FLAGS = (*FLAGS, "contains_pii")
 K_MIN, K_MAX = 2, 9  # InstructGPT ranks 4..9; 2 and 3 are allowed for small batches and imported pairs
 SESSION_S = 12 * 3600
+SESSION_CACHE_S = 5.0  # a session lookup is reused this long (a deactivated account stops within it)
 INVITE_S = 7 * 86400
 MIN_PASSWORD = 10
 
@@ -139,7 +142,9 @@ tasks = Table(
     Column("hidden", Text, nullable=False),  # JSON never shown: {"models": [...], "ended": [...], "source_id": ...}
     Column("author", Text),  # the prompt's user id: that labeler never gets the task
     Column("gold", Text),  # JSON known answer in task order, or NULL
-    Index("ix_tasks_batch_seq", "batch_id", "seq"),
+    Column("taken", Integer, nullable=False, default=0),  # assignments that count: live leases + labels
+    Column("open", Boolean, nullable=False, default=True),  # taken < the batch's overlap (kept in step)
+    Index("ix_tasks_open", "batch_id", "open", "seq"),
 )
 
 assignments = Table(
@@ -147,14 +152,14 @@ assignments = Table(
     Column("id", String(24), primary_key=True),
     Column("task_id", String(24), ForeignKey("tasks.id"), nullable=False),
     Column("user_id", String(24), ForeignKey("users.id"), nullable=False),
-    Column("status", String(8), nullable=False),  # leased | done | skipped
+    Column("status", String(8), nullable=False),  # leased | done | skipped | expired (lease ran out)
     Column("shown", Text, nullable=False),  # JSON permutation: shown position -> task index
     Column("leased_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
     Column("skip_reason", Text),
     UniqueConstraint("task_id", "user_id"),
     Index("ix_assignments_user_status", "user_id", "status"),
-    Index("ix_assignments_task_status", "task_id", "status"),
+    Index("ix_assignments_lease", "status", "expires_at"),
 )
 
 labels = Table(
@@ -178,6 +183,43 @@ audit = Table(
     Column("detail", Text, nullable=False),
 )
 
+# The hot path's statements, built once: building a statement costs more than SQLite running it.
+Q_SESSION = (select(users.c.id, users.c.name, users.c.role).join(sessions, sessions.c.user_id == users.c.id)
+             .where(sessions.c.token_hash == bindparam("th"), sessions.c.expires_at > bindparam("now"),
+                    users.c.active.is_(True)))
+Q_VIEW = (select(assignments, tasks.c.prompt, tasks.c.payload, tasks.c.batch_id, batches.c.kind,
+                 batches.c.name.label("batch_name"), batches.c.instructions)
+          .join(tasks, tasks.c.id == assignments.c.task_id).join(batches, batches.c.id == tasks.c.batch_id)
+          .where(assignments.c.id == bindparam("aid"), assignments.c.user_id == bindparam("user")))
+Q_LABEL = select(labels.c.id, labels.c.answer).where(labels.c.assignment_id == bindparam("aid"))
+Q_LIVE = (select(assignments.c.id, tasks.c.batch_id).join(tasks, tasks.c.id == assignments.c.task_id)
+          .join(batches, batches.c.id == tasks.c.batch_id)
+          .where(assignments.c.user_id == bindparam("user"), assignments.c.status == "leased",
+                 assignments.c.expires_at > bindparam("now"), batches.c.active.is_(True)))
+Q_EXPIRED = select(assignments.c.id, assignments.c.task_id).where(
+    assignments.c.status == "leased", assignments.c.expires_at <= bindparam("now"))
+Q_ACTIVE = select(batches.c.id, batches.c.kind).where(batches.c.active.is_(True)).order_by(batches.c.created_at)
+Q_ACTIVE_ONE = Q_ACTIVE.where(batches.c.id == bindparam("batch"))
+_MINE = select(assignments.c.id).where(assignments.c.task_id == tasks.c.id, assignments.c.user_id == bindparam("user"))
+Q_CANDIDATE = (select(tasks.c.id, tasks.c.payload, _MINE.scalar_subquery().label("old"))
+               .where(tasks.c.batch_id == bindparam("batch"), tasks.c.open.is_(True),
+                      or_(tasks.c.author.is_(None), tasks.c.author != bindparam("name")),
+                      ~exists(_MINE.where(assignments.c.status.in_(("done", "skipped")))))
+               .order_by(tasks.c.seq).limit(1))
+Q_SUBMIT = (select(assignments.c.status, assignments.c.shown, assignments.c.leased_at, assignments.c.task_id,
+                   tasks.c.prompt, tasks.c.payload, batches.c.kind)
+            .join(tasks, tasks.c.id == assignments.c.task_id).join(batches, batches.c.id == tasks.c.batch_id)
+            .where(assignments.c.id == bindparam("aid"), assignments.c.user_id == bindparam("user")))
+U_COUNT = update(tasks).where(tasks.c.id == bindparam("t_id")).values(
+    taken=tasks.c.taken + bindparam("delta"),
+    open=tasks.c.taken + bindparam("delta") < select(batches.c.overlap).where(
+        batches.c.id == tasks.c.batch_id).scalar_subquery())
+U_STATUS = update(assignments).where(assignments.c.id == bindparam("a_id")).values(status=bindparam("new_status"))
+U_LEASE = update(assignments).where(assignments.c.id == bindparam("a_id")).values(
+    status="leased", shown=bindparam("new_shown"), leased_at=bindparam("new_at"), expires_at=bindparam("new_until"))
+I_ASSIGNMENT = insert(assignments)
+I_LABEL = insert(labels)
+
 
 class NotFound(Exception):
     """No such object for this user (also what another labeler's object looks like)."""
@@ -195,6 +237,7 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_RANDOM = random.SystemRandom()
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
 
@@ -256,6 +299,7 @@ class LabelStore:
             raise UserError(f"--db: not a database URL or file path: {db!r} ({e})") from None
         self.db = url.render_as_string(hide_password=True)
         self.secret = secret.encode()
+        self._sessions: dict[str, tuple[float, Any]] = {}  # token HMAC -> (looked up at, user): a short cache
         self.is_sqlite = url.get_backend_name() == "sqlite"
         if self.is_sqlite and url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -361,16 +405,24 @@ class LabelStore:
         return token
 
     def session_user(self, token: str) -> Any:
-        """The (id, name, role) of a live session's active user, or None."""
-        query = (select(users.c.id, users.c.name, users.c.role).join(sessions, sessions.c.user_id == users.c.id)
-                 .where(sessions.c.token_hash == self.token_hash(token), sessions.c.expires_at > time.time(),
-                        users.c.active.is_(True)))
+        """The (id, name, role) of a live session's active user, or None (remembered for SESSION_CACHE_S)."""
+        key, now = self.token_hash(token), time.time()
+        hit = self._sessions.get(key)
+        if hit is not None and now - hit[0] < SESSION_CACHE_S:
+            return hit[1]
         with self.engine.connect() as conn:
-            return conn.execute(query).first()
+            user = conn.execute(Q_SESSION, {"th": key, "now": now}).first()
+        if len(self._sessions) > 100_000:
+            self._sessions.clear()
+        if user is not None:
+            self._sessions[key] = (now, user)
+        return user
 
     def end_session(self, token: str) -> None:
+        key = self.token_hash(token)
+        self._sessions.pop(key, None)
         with self.write() as conn:
-            conn.execute(sessions.delete().where(sessions.c.token_hash == self.token_hash(token)))
+            conn.execute(sessions.delete().where(sessions.c.token_hash == key))
 
     # -- batches ----------------------------------------------------------------------------------------------
 
@@ -409,6 +461,8 @@ class LabelStore:
         with self.write() as conn:
             if conn.execute(update(batches).where(batches.c.id == bid).values(**values)).rowcount != 1:
                 raise NotFound("batch")
+            if overlap is not None:
+                conn.execute(update(tasks).where(tasks.c.batch_id == bid).values(open=tasks.c.taken < overlap))
             self.log(conn, actor, "update_batch", batch=bid, **values)
 
     def batch_list(self) -> list[dict[str, Any]]:
@@ -436,60 +490,71 @@ class LabelStore:
                         now: float | None = None) -> str | None:
         """The user's live lease, else a new lease on the first task that still needs a labeler.
 
-        A task needs a labeler while its done labels plus live leases are fewer than the batch's overlap. The
-        user never gets a task they did or skipped, nor one whose prompt they wrote. Expired leases do not count,
-        so abandoned tasks go back to the queue.
+        A task needs a labeler while its live leases plus labels (`taken`) are fewer than the batch's overlap
+        (`open`). The user never gets a task they did or skipped, nor one whose prompt they wrote. Leases that
+        ran out are reclaimed first, so abandoned tasks go back to the queue. The open tasks are an index range,
+        so finding work costs the same with a thousand labels done or a million.
         """
-        now = time.time() if now is None else now
-        scope = [batches.c.active.is_(True)] + ([tasks.c.batch_id == batch_id] if batch_id else [])
         with self.write() as conn:
-            live = conn.execute(select(assignments.c.id).join(tasks, tasks.c.id == assignments.c.task_id)
-                                .join(batches, batches.c.id == tasks.c.batch_id)
-                                .where(assignments.c.user_id == user.id, assignments.c.status == "leased",
-                                       assignments.c.expires_at > now, *scope).limit(1)).scalar()
-            if live:
-                return live
-            taken = (select(assignments.c.task_id, func.count().label("n"))
-                     .where(or_(assignments.c.status == "done",
-                                and_(assignments.c.status == "leased", assignments.c.expires_at > now)))
-                     .group_by(assignments.c.task_id).subquery())
-            mine = select(assignments.c.task_id).where(assignments.c.user_id == user.id,
-                                                       assignments.c.status != "leased")
-            query = (select(tasks.c.id, tasks.c.payload, batches.c.kind)
-                     .join(batches, batches.c.id == tasks.c.batch_id)
-                     .outerjoin(taken, taken.c.task_id == tasks.c.id)
-                     .where(*scope, func.coalesce(taken.c.n, 0) < batches.c.overlap,
-                            or_(tasks.c.author.is_(None), tasks.c.author != user.name),
-                            tasks.c.id.not_in(mine))
-                     .order_by(batches.c.created_at, tasks.c.seq).limit(1))
-            row = conn.execute(query).first()
-            if row is None:
-                return None
-            shown = list(range(_n_options(row.kind, _loads(row.payload))))
-            random.SystemRandom().shuffle(shown)  # order randomised per labeler: hides position and model identity
-            old = conn.execute(select(assignments.c.id).where(assignments.c.task_id == row.id,
-                                                              assignments.c.user_id == user.id)).scalar()
-            values = {"status": "leased", "shown": _dumps(shown), "leased_at": now, "expires_at": now + lease_s}
-            if old:  # the user's own expired lease of this task: lease it again
-                conn.execute(update(assignments).where(assignments.c.id == old).values(**values))
-                return old
-            aid = new_id()
-            conn.execute(insert(assignments).values(id=aid, task_id=row.id, user_id=user.id, **values))
-            return aid
+            return self._next(conn, user, batch_id, lease_s, time.time() if now is None else now)
 
     def assignment(self, user: Any, aid: str) -> dict[str, Any]:
         """What the labeler sees of their assignment (responses in the shown order, no model names)."""
-        query = (select(assignments, tasks.c.prompt, tasks.c.payload, tasks.c.batch_id, batches.c.kind,
-                        batches.c.name.label("batch_name"), batches.c.instructions)
-                 .join(tasks, tasks.c.id == assignments.c.task_id).join(batches, batches.c.id == tasks.c.batch_id)
-                 .where(assignments.c.id == aid, assignments.c.user_id == user.id))
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-            answer = None
-            if row is not None and row.status == "done":
-                answer = _loads(conn.execute(select(labels.c.answer).where(labels.c.assignment_id == aid)).scalar())
+            return self._view(conn, user, aid)
+
+    def submit(self, user: Any, aid: str, answer: dict[str, Any], now: float | None = None) -> tuple[str, bool]:
+        """Store the label in one transaction; returns (label id, whether it was stored before).
+
+        The answer is in the shown order and is stored in the task's order. A repeat (double click, retry) of
+        a submitted assignment returns the first label unchanged. A late submission after the lease expired is
+        still stored: a label is never thrown away.
+        """
+        with self.write() as conn:
+            return self._submit(conn, user, aid, answer, time.time() if now is None else now)
+
+    def submit_then_next(self, user: Any, aid: str, answer: dict[str, Any], lease_s: float = 1800
+                         ) -> tuple[str, bool, dict[str, Any] | None]:
+        """submit() and then next_assignment() with its view, in one transaction (one round trip per task)."""
+        now = time.time()
+        with self.write() as conn:
+            label_id, duplicate = self._submit(conn, user, aid, answer, now)
+            following = self._next(conn, user, None, lease_s, now)
+            return label_id, duplicate, None if following is None else self._view(conn, user, following)
+
+    def _next(self, conn: Connection, user: Any, batch_id: str | None, lease_s: float, now: float) -> str | None:
+        for aid, bid in conn.execute(Q_LIVE, {"user": user.id, "now": now}).all():
+            if batch_id is None or bid == batch_id:
+                return aid
+        for aid, tid in conn.execute(Q_EXPIRED, {"now": now}).all():
+            conn.execute(U_STATUS, {"a_id": aid, "new_status": "expired"})
+            conn.execute(U_COUNT, {"t_id": tid, "delta": -1})
+        row = kind = None
+        for bid, batch_kind in conn.execute(Q_ACTIVE_ONE, {"batch": batch_id}) if batch_id else conn.execute(Q_ACTIVE):
+            row = conn.execute(Q_CANDIDATE, {"batch": bid, "user": user.id, "name": user.name}).first()
+            if row is not None:
+                kind = batch_kind
+                break
+        if row is None:
+            return None
+        shown = list(range(_n_options(kind, _loads(row.payload))))
+        _RANDOM.shuffle(shown)  # order randomised per labeler: hides position and model identity
+        conn.execute(U_COUNT, {"t_id": row.id, "delta": 1})
+        if row.old:  # the user's own expired lease of this task: lease it again
+            conn.execute(U_LEASE, {"a_id": row.old, "new_shown": _dumps(shown), "new_at": now,
+                                   "new_until": now + lease_s})
+            return row.old
+        aid = new_id()
+        conn.execute(I_ASSIGNMENT, {"id": aid, "task_id": row.id, "user_id": user.id, "status": "leased",
+                                    "shown": _dumps(shown), "leased_at": now, "expires_at": now + lease_s})
+        return aid
+
+    @staticmethod
+    def _view(conn: Connection, user: Any, aid: str) -> dict[str, Any]:
+        row = conn.execute(Q_VIEW, {"aid": aid, "user": user.id}).first()
         if row is None:
             raise NotFound("assignment")
+        answer = _loads(conn.execute(Q_LABEL, {"aid": aid}).first().answer) if row.status == "done" else None
         payload, shown = _loads(row.payload), _loads(row.shown)
         view: dict[str, Any] = {"id": row.id, "kind": row.kind, "batch": row.batch_id, "batch_name": row.batch_name,
                                 "instructions": row.instructions, "status": row.status,
@@ -504,34 +569,24 @@ class LabelStore:
             view["answer"] = to_shown(row.kind, answer, shown)
         return view
 
-    def submit(self, user: Any, aid: str, answer: dict[str, Any], now: float | None = None) -> tuple[str, bool]:
-        """Store the label in one transaction; returns (label id, whether it was stored before).
-
-        The answer is in the shown order and is stored in the task's order. A repeat (double click, retry) of
-        a submitted assignment returns the first label unchanged. A late submission after the lease expired is
-        still stored: a label is never thrown away.
-        """
-        now = time.time() if now is None else now
-        query = (select(assignments.c.status, assignments.c.shown, assignments.c.leased_at, assignments.c.task_id,
-                        tasks.c.prompt, tasks.c.payload, batches.c.kind)
-                 .join(tasks, tasks.c.id == assignments.c.task_id).join(batches, batches.c.id == tasks.c.batch_id)
-                 .where(assignments.c.id == aid, assignments.c.user_id == user.id))
-        with self.write() as conn:
-            row = conn.execute(query).first()
-            if row is None:
-                raise NotFound("assignment")
-            if row.status == "done":
-                return conn.execute(select(labels.c.id).where(labels.c.assignment_id == aid)).scalar(), True
-            stored = check_answer(row.kind, _loads(row.prompt), _loads(row.payload), _loads(row.shown), answer)
-            lid = new_id()
-            try:
-                with conn.begin_nested() if not self.is_sqlite else _nothing():
-                    conn.execute(insert(labels).values(id=lid, assignment_id=aid, task_id=row.task_id, user_id=user.id,
-                                                       answer=_dumps(stored), created_at=now,
-                                                       seconds=max(0.0, now - row.leased_at)))
-            except IntegrityError:  # a concurrent duplicate won the race (only possible off SQLite)
-                return conn.execute(select(labels.c.id).where(labels.c.assignment_id == aid)).scalar(), True
-            conn.execute(update(assignments).where(assignments.c.id == aid).values(status="done", skip_reason=None))
+    def _submit(self, conn: Connection, user: Any, aid: str, answer: dict[str, Any], now: float) -> tuple[str, bool]:
+        row = conn.execute(Q_SUBMIT, {"aid": aid, "user": user.id}).first()
+        if row is None:
+            raise NotFound("assignment")
+        if row.status == "done":
+            return conn.execute(Q_LABEL, {"aid": aid}).first().id, True
+        stored = check_answer(row.kind, _loads(row.prompt), _loads(row.payload), _loads(row.shown), answer)
+        if row.status != "leased":  # a late label (lease expired, or skipped first): it counts again
+            conn.execute(U_COUNT, {"t_id": row.task_id, "delta": 1})
+        lid = new_id()
+        try:
+            with conn.begin_nested() if not self.is_sqlite else _nothing():
+                conn.execute(I_LABEL, {"id": lid, "assignment_id": aid, "task_id": row.task_id, "user_id": user.id,
+                                       "answer": _dumps(stored), "created_at": now,
+                                       "seconds": max(0.0, now - row.leased_at)})
+        except IntegrityError:  # a concurrent duplicate won the race (only possible off SQLite)
+            return conn.execute(Q_LABEL, {"aid": aid}).first().id, True
+        conn.execute(U_STATUS, {"a_id": aid, "new_status": "done"})
         return lid, False
 
     def skip(self, user: Any, aid: str, reason: str) -> None:
@@ -540,13 +595,15 @@ class LabelStore:
         if not reason:
             raise BadAnswer("reason: expected why the task is skipped")
         with self.write() as conn:
-            row = conn.execute(select(assignments.c.status).where(assignments.c.id == aid,
+            row = conn.execute(select(assignments.c.status, assignments.c.task_id).where(assignments.c.id == aid,
                                                                   assignments.c.user_id == user.id)).first()
             if row is None:
                 raise NotFound("assignment")
-            if row.status == "leased":
+            if row.status in ("leased", "expired"):
                 conn.execute(update(assignments).where(assignments.c.id == aid).values(
                     status="skipped", skip_reason=reason[:2000]))
+                if row.status == "leased":
+                    conn.execute(U_COUNT, {"t_id": row.task_id, "delta": -1})
 
     def user_summary(self, user: Any) -> list[dict[str, Any]]:
         """Per active batch: how many this user did, and whether work is waiting (for the home page)."""
