@@ -96,7 +96,7 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        cpu0 = cpu_seconds(server.pid)
+        cpu0, client0 = cpu_seconds(server.pid), time.process_time()
         t0 = time.perf_counter()
         start, stop = t0 + args.warmup, t0 + args.warmup + args.seconds
         samples: list[tuple[float, float]] = []
@@ -106,7 +106,7 @@ def main() -> None:
             await asyncio.gather(*(labeler(url, tok, args.k, start, stop, samples, submitted) for tok in tokens))
 
         asyncio.run(run())
-        server_cpu = cpu_seconds(server.pid) - cpu0
+        server_cpu, client_cpu = cpu_seconds(server.pid) - cpu0, time.process_time() - client0
     finally:
         server.terminate()
         server.wait(30)
@@ -128,6 +128,7 @@ def main() -> None:
                        "mean": statistics.fmean(latencies) * 1000},
         "labels_in_db": len(rows), "submissions": len(submitted),
         "server_cpu_ms_per_submission": 1000 * server_cpu / max(1, len(submitted)),
+        "client_cpu_ms_per_submission": 1000 * client_cpu / max(1, len(submitted)),
         "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
