@@ -21,6 +21,7 @@ import json
 import secrets
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -296,33 +297,29 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     async def task_get(request: Request, aid: str) -> Response:
         return task_page(request, need_user(request), aid)
 
-    @app.post("/a/{aid}")
-    async def task_post(request: Request, aid: str) -> Response:
+    async def task_form(request: Request, aid: str, act: Callable[[Any, dict[str, Any], Any], Any]) -> Response:
+        """A task page's form post: `act(user, view, form)`, then on to the next task of the batch."""
         user = need_user(request)
         form = await request.form()
         check_csrf(request, form.get("csrf"))
         try:
             view = store.assignment(user, aid)
-            store.submit(user, aid, answer_from_form(view, form))
+            act(user, view, form)
         except NotFound:
             raise HTTPError(404, "no such task") from None
         except BadAnswer as e:
             return task_page(request, user, aid, 400, str(e))
         return redirect(request, f"/next?batch={view['batch']}")
 
+    @app.post("/a/{aid}")
+    async def task_post(request: Request, aid: str) -> Response:
+        return await task_form(request, aid, lambda user, view, form: store.submit(
+            user, aid, answer_from_form(view, form)))
+
     @app.post("/a/{aid}/skip")
     async def task_skip(request: Request, aid: str) -> Response:
-        user = need_user(request)
-        form = await request.form()
-        check_csrf(request, form.get("csrf"))
-        try:
-            view = store.assignment(user, aid)
-            store.skip(user, aid, str(form.get("reason", "")))
-        except NotFound:
-            raise HTTPError(404, "no such task") from None
-        except BadAnswer as e:
-            return task_page(request, user, aid, 400, str(e))
-        return redirect(request, f"/next?batch={view['batch']}")
+        return await task_form(request, aid, lambda user, view, form: store.skip(
+            user, aid, str(form.get("reason", ""))))
 
     # -- admin pages -------------------------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import getpass
 import json
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from chatloop.data.formats import validate_prompt_value, write_records
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_json, read_jsonl, replace_dir, sha256_file
+from chatloop.io import atomic_write_json, read_jsonl, replace_dir, sha256_file, temp_dir_beside
 from chatloop.labeling.store import DEFAULT_DB, KINDS, LabelStore, export_records, load_secret, plan, report, task_item
 
 DEFAULT_SECRET = "runs/label.secret"
@@ -245,11 +244,7 @@ def export(cfg: ExportConfig) -> dict[str, int]:
     store = open_store(cfg.db, cfg.secret_file)
     records, left_out = export_records(store)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():  # left over from an export that was killed
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temp_dir_beside(out)
     counts = {}
     for name, kind in EXPORT_KINDS.items():
         write_records(tmp / f"{name}.jsonl", kind, records[name])  # validated: what the trainers read

@@ -52,18 +52,15 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
-    create_engine,
-    event,
     exists,
     func,
     insert,
-    inspect,
     or_,
     select,
     update,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError
 
 from chatloop.data.formats import (
     FLAGS,
@@ -71,7 +68,7 @@ from chatloop.data.formats import (
     validate_demonstration,
     validate_prompt_value,
 )
-from chatloop.data.prompts import _sqlite_pragmas, db_url
+from chatloop.data.prompts import _sqlite_pragmas, db_url, open_engine
 from chatloop.errors import UserError
 
 DEFAULT_DB = "sqlite:///runs/label.db"
@@ -303,26 +300,9 @@ class LabelStore:
         self.is_sqlite = url.get_backend_name() == "sqlite"
         if self.is_sqlite and url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.engine: Engine = create_engine(url)
-        except Exception as e:
-            raise UserError(f"--db: cannot open {self.db!r}: {e}") from None
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", _connect_sqlite)
-            event.listen(self.engine, "begin", _begin_sqlite)
+        self.engine: Engine = open_engine(url, self.db, metadata, meta, "users", STORE_FORMAT, "a labeling store",
+                                          on_connect=_connect_sqlite, on_begin=_begin_sqlite, write=True)
         self.writer = self.engine.execution_options(write=True)
-        try:
-            with self.writer.begin() as conn:
-                fresh = not inspect(conn).has_table("users")
-                metadata.create_all(conn)
-                if fresh:
-                    conn.execute(insert(meta).values(key="format", value=STORE_FORMAT))
-                found = conn.execute(select(meta.c.value).where(meta.c.key == "format")).scalar()
-        except OperationalError as e:
-            raise UserError(f"--db: cannot open {self.db!r}: {e.orig}") from None
-        if found != STORE_FORMAT:
-            raise UserError(f"--db: {self.db!r} is a labeling store of format {found!r}; this chatloop reads "
-                            f"format {STORE_FORMAT!r}")
 
     def close(self) -> None:
         self.engine.dispose()
