@@ -123,3 +123,28 @@ def test_a_labeler_does_every_job_from_the_keyboard_and_an_admin_exports(browser
     records = read_rankings(path)
     assert [(r["responses"], r["ranks"], r["labeler_id"]) for r in records] == [(RESPONSES, [2, 3, 1, 2], "lena")]
     assert any(a["action"] == "export" for a in store.audit_log())
+
+
+def test_ranking_by_dragging_none_acceptable_and_skipping_with_a_reason(browser, live):
+    store = live.store
+    rank = store.create_batch("rank", "ranking", [task_item("ranking", {"prompt": f"Question {i}?",
+                                                                        "responses": ["w", "x", "y", "z"]}, "t")
+                                                  for i in range(2)], overlap=1, source="test", actor="t")
+    page = accept_invite(browser, live, "dana", "labeler")
+    page.goto(f"{live.url}/next?batch={rank}")
+    cards = page.locator("#ranking .card")
+    before = cards.locator(".text").all_inner_texts()
+    cards.nth(3).drag_to(cards.nth(0))  # the last response dragged to the top
+    after = cards.locator(".text").all_inner_texts()
+    assert after == [before[3], *before[:3]]
+    page.keyboard.press("n")
+    assert page.is_checked("#none-acceptable")
+    page.click("#submit")
+    page.wait_for_url(f"{live.url}/a/*")  # the second task
+    label = store.label_rows("ranking")[0]["answer"]
+    assert label["none_acceptable"] and [label["ranks"]["wxyz".index(t)] for t in after] == [1, 2, 3, 4]
+    page.keyboard.press("s")
+    page.keyboard.type("I cannot judge this topic")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("text=Nothing left for you here")
+    assert store.batch_list()[0]["skipped"] == 1 and len(store.label_rows()) == 1
