@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/label_throughput.py                     # 50 clients, 20 s timed
     .venv/bin/python benchmarks/label_throughput.py --clients 50 --seconds 30 --k 9
 
-The server is its own process (`chatloop label serve`, as deployed: uvicorn, one process, SQLite in WAL mode);
-the clients run in this process (asyncio + httpx), one labeler each with its own session, in a loop: submit a
-K-wise ranking for the current assignment and get the next assignment in the same reply
-(`POST /api/assignments/ID?next=1`, one round trip per task, as a labeler's browser makes one request per
-task). Timed: the submissions completed in the window after a warm-up; latency is each submission's round
-trip as the client sees it (so it includes client-side queueing on this shared machine). Afterwards the
-database must hold exactly one label per submitted assignment.
+The server is its own process (`chatloop label serve`, as deployed: uvicorn, one process, SQLite in WAL
+mode); the clients run in this process (asyncio and a minimal keep-alive HTTP/1.1 client, so that the load
+generator takes little of the machine), one labeler each with its own session, in a loop: submit a K-wise
+ranking for the current assignment and get the next assignment in the same reply
+(`POST /api/assignments/ID?next=1`, one round trip per task). Timed: the submissions completed in the window
+after a warm-up; latency is each submission's round trip as the client sees it (so it includes queueing on
+this shared machine). Afterwards the database must hold exactly one label per submitted assignment.
 
 Targets (issue 9): at least 300 submissions/s sustained with 50 clients; p99 latency under 200 ms.
 """
@@ -43,21 +43,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def labeler(url: str, token: str, k: int, start: float, stop: float, out: list[tuple[float, float]],
-                  submitted: list[str]) -> None:
-    async with httpx.AsyncClient(base_url=url, cookies={"chatloop_session": token}, timeout=30) as client:
-        client.headers["X-CSRF-Token"] = (await client.get("/api/csrf")).json()["csrf"]
-        view = (await client.get("/api/next")).json()["assignment"]
-        while view is not None and time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            r = await client.post(f"/api/assignments/{view['id']}", params={"next": "1"},
-                                  json={"ranks": list(range(1, k + 1))})
-            t1 = time.perf_counter()
-            r.raise_for_status()
-            submitted.append(view["id"])
-            if t1 >= start:
-                out.append((t1, t1 - t0))
-            view = r.json()["next"]
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client (asyncio streams): the load generator should cost little CPU, so
+    that the machine's cores go to the server (httpx costs about as much CPU per request as the server)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: str) -> None:
+        self.reader, self.writer, self.headers = reader, writer, headers
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: bench\r\n{self.headers}Content-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        return status, await self.reader.readexactly(length)
+
+
+async def labeler(port: int, token: str, csrf: str, k: int, start: float, stop: float,
+                  out: list[tuple[float, float]], submitted: list[str]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = Connection(reader, writer, f"Cookie: chatloop_session={token}\r\nX-CSRF-Token: {csrf}\r\n")
+    view = json.loads((await conn.request("GET", "/api/next"))[1])["assignment"]
+    body = json.dumps({"ranks": list(range(1, k + 1))}).encode()
+    while view is not None and time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        status, reply = await conn.request("POST", f"/api/assignments/{view['id']}?next=1", body)
+        t1 = time.perf_counter()
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {reply[:200]!r}")
+        submitted.append(view["id"])
+        if t1 >= start:
+            out.append((t1, t1 - t0))
+        view = json.loads(reply)["next"]
+    writer.close()
 
 
 def main() -> None:
@@ -96,15 +114,17 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
+        samples: list[tuple[float, float]] = []
+        submitted: list[str] = []
+        csrfs = [httpx.get(f"{url}/api/csrf", cookies={"chatloop_session": tok}).json()["csrf"] for tok in tokens]
+
+        async def run() -> None:
+            await asyncio.gather(*(labeler(args.port, tok, csrf, args.k, start, stop, samples, submitted)
+                                   for tok, csrf in zip(tokens, csrfs)))
+
         cpu0, client0 = cpu_seconds(server.pid), time.process_time()
         t0 = time.perf_counter()
         start, stop = t0 + args.warmup, t0 + args.warmup + args.seconds
-        samples: list[tuple[float, float]] = []
-        submitted: list[str] = []
-
-        async def run() -> None:
-            await asyncio.gather(*(labeler(url, tok, args.k, start, stop, samples, submitted) for tok in tokens))
-
         asyncio.run(run())
         server_cpu, client_cpu = cpu_seconds(server.pid) - cpu0, time.process_time() - client0
     finally:

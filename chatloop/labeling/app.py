@@ -459,6 +459,8 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     async def healthz() -> Response:
         return JSONResponse({"ok": True})
 
+    # Routes are tried in order: the JSON API (what scripts hit thousands of times) first.
+    app.router.routes.sort(key=lambda route: not getattr(route, "path", "").startswith("/api/"))
     return app
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import random
 import secrets
@@ -80,6 +81,7 @@ ROLES = ("admin", "labeler")
 LABEL_FLAGS = (*FLAGS, "contains_pii")
 K_MIN, K_MAX = 2, 9  # InstructGPT ranks 4..9; 2 and 3 are allowed for small batches and imported pairs
 SESSION_S = 12 * 3600
+RECLAIM_S = 1.0  # expired leases are looked for at most this often (a lease lasts many minutes)
 SESSION_CACHE_S = 5.0  # a session lookup is reused this long (a deactivated account stops within it)
 INVITE_S = 7 * 86400
 MIN_PASSWORD = 10
@@ -297,6 +299,7 @@ class LabelStore:
         self.db = url.render_as_string(hide_password=True)
         self.secret = secret.encode()
         self._sessions: dict[str, tuple[float, Any]] = {}  # token HMAC -> (looked up at, user): a short cache
+        self._reclaimed_at = -math.inf  # when expired leases were last returned to the queue
         self.is_sqlite = url.get_backend_name() == "sqlite"
         if self.is_sqlite and url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -506,9 +509,11 @@ class LabelStore:
         for aid, bid in conn.execute(Q_LIVE, {"user": user.id, "now": now}).all():
             if batch_id is None or bid == batch_id:
                 return aid
-        for aid, tid in conn.execute(Q_EXPIRED, {"now": now}).all():
-            conn.execute(U_STATUS, {"a_id": aid, "new_status": "expired"})
-            conn.execute(U_COUNT, {"t_id": tid, "delta": -1})
+        if not 0 <= now - self._reclaimed_at < RECLAIM_S:
+            self._reclaimed_at = now
+            for aid, tid in conn.execute(Q_EXPIRED, {"now": now}).all():
+                conn.execute(U_STATUS, {"a_id": aid, "new_status": "expired"})
+                conn.execute(U_COUNT, {"t_id": tid, "delta": -1})
         row = kind = None
         for bid, batch_kind in conn.execute(Q_ACTIVE_ONE, {"batch": batch_id}) if batch_id else conn.execute(Q_ACTIVE):
             row = conn.execute(Q_CANDIDATE, {"batch": bid, "user": user.id, "name": user.name}).first()
