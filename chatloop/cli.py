@@ -33,6 +33,15 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "prompts export": ("chatloop.data.prompts", "ExportConfig", "export",
                        "write the SFT/RM/PPO/val/test prompt sets of a curation"),
     "prompts stats": ("chatloop.data.prompts", "StatsConfig", "stats", "counts of the prompt store"),
+    "label serve": ("chatloop.labeling.commands", "ServeConfig", "serve", "run the labelers' web app"),
+    "label batch": ("chatloop.labeling.commands", "BatchConfig", "batch",
+                    "create a labeling batch from JSONL, the prompt store, or samples of a checkpoint"),
+    "label invite": ("chatloop.labeling.commands", "InviteConfig", "invite", "print a one-use invite link"),
+    "label export": ("chatloop.labeling.commands", "ExportConfig", "export",
+                     "write labels as the records chatloop sft / rm read"),
+    "label stats": ("chatloop.labeling.commands", "StatsConfig", "stats",
+                    "progress, throughput, agreement and gold accuracy"),
+    "label plan": ("chatloop.labeling.commands", "PlanConfig", "plan_cmd", "labelers needed against days to finish"),
     "demo": ("chatloop.demo", "DemoConfig", "demo", "world, tokenizer, tiny GPT, samples (`make quick`)"),
 }
 

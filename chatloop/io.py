@@ -47,6 +47,17 @@ def atomic_write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def temp_dir_beside(final_dir: Path) -> Path:
+    """An empty `.NAME.tmp` directory beside `final_dir` to fill and then `replace_dir` into place (one left over
+    from a run that was killed is removed first)."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a finished temporary directory into place, replacing an older one."""
     if final_dir.exists():

@@ -37,7 +37,6 @@ import gzip
 import hashlib
 import json
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,12 +62,12 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from chatloop.data.formats import validate_prompt_record
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_json, atomic_write_text, check_input_file, replace_dir
+from chatloop.io import atomic_write_json, atomic_write_text, check_input_file, replace_dir, temp_dir_beside
 
 if TYPE_CHECKING:  # curate imports this module; this one imports curate only inside functions
     from chatloop.data.curate import CuratedRow, Row
@@ -189,24 +188,8 @@ class PromptStore:
             if not create and not path.is_file():
                 raise UserError(f"--db: no prompt store at {path} (run `chatloop prompts ingest` first)")
             path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.engine: Engine = create_engine(url)
-        except Exception as e:  # a missing driver (e.g. psycopg for postgresql://) is the user's to install
-            raise UserError(f"--db: cannot open {self.db!r}: {e}") from None
-        if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        try:
-            with self.engine.begin() as conn:
-                fresh = not inspect(conn).has_table("prompts")
-                metadata.create_all(conn)
-                if fresh:
-                    conn.execute(insert(meta).values(key="format", value=STORE_FORMAT))
-                found = conn.execute(select(meta.c.value).where(meta.c.key == "format")).scalar()
-        except OperationalError as e:
-            raise UserError(f"--db: cannot open {self.db!r}: {e.orig}") from None
-        if found != STORE_FORMAT:
-            raise UserError(f"--db: {self.db!r} is a prompt store of format {found!r}, this chatloop reads format "
-                            f"{STORE_FORMAT!r} (ingest the JSONL files into a new store)")
+        self.engine: Engine = open_engine(url, self.db, metadata, meta, "prompts", STORE_FORMAT, "a prompt store",
+                                          " (ingest the JSONL files into a new store)")
 
     # -- ingest -----------------------------------------------------------------------------------------------
 
@@ -379,6 +362,35 @@ def _sqlite_insert(conn: Any, table: str, names: Sequence[str], rows: list[tuple
         return cursor.rowcount  # sqlite3 sums the rows changed by all the statements of an executemany
     finally:
         cursor.close()
+
+
+def open_engine(url: URL, shown: str, tables: MetaData, meta_table: Table, marker: str, version: str, what: str,
+                hint: str = "", *, on_connect: Callable[[Any, Any], None] | None = None,
+                on_begin: Callable[[Any], None] | None = None, **begin_options: Any) -> Engine:
+    """An engine on `url` (SQLite: the pragmas below on every connection), its tables created, and the layout
+    version in `meta_table` checked: a store of another version is refused rather than misread. `marker` is a
+    table whose absence means a fresh store. The labeling store passes its own connect/begin hooks."""
+    try:
+        engine = create_engine(url)
+    except Exception as e:  # a missing driver (e.g. psycopg for postgresql://) is the user's to install
+        raise UserError(f"--db: cannot open {shown!r}: {e}") from None
+    if url.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", on_connect or _sqlite_pragmas)
+        if on_begin is not None:
+            event.listen(engine, "begin", on_begin)
+    try:
+        with engine.execution_options(**begin_options).begin() as conn:
+            fresh = not inspect(conn).has_table(marker)
+            tables.create_all(conn)
+            if fresh:
+                conn.execute(insert(meta_table).values(key="format", value=version))
+            found = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "format")).scalar()
+    except OperationalError as e:
+        raise UserError(f"--db: cannot open {shown!r}: {e.orig}") from None
+    if found != version:
+        raise UserError(f"--db: {shown!r} is {what} of format {found!r}, this chatloop reads format {version!r}"
+                        + hint)
+    return engine
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -560,11 +572,7 @@ def export(cfg: ExportConfig) -> dict[str, int]:
     sets = divide_train(by_split.get("train", []), shares, cfg.seed)
     sets["val"], sets["test"] = by_split.get("val", []), by_split.get("test", [])
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():  # left over from an export that was killed
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temp_dir_beside(out)
     counts = {}
     for name in ("sft", "rm", "ppo", "val", "test"):
         records = sets[name]

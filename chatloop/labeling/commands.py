@@ -1,0 +1,323 @@
+"""`chatloop label serve | batch | invite | export | stats | plan`: run the app and administer it.
+
+Every verb opens the same database (`--db`, SQLite by default, any SQLAlchemy URL) with the same secret
+(`--secret_file`, generated on first use; or $CHATLOOP_LABEL_SECRET). Admin actions on the command line are
+written to the audit log with the actor `cli:$USER`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatloop.data.formats import validate_prompt_value, write_records
+from chatloop.errors import UserError
+from chatloop.io import atomic_write_json, read_jsonl, replace_dir, sha256_file, temp_dir_beside
+from chatloop.labeling.store import DEFAULT_DB, KINDS, LabelStore, export_records, load_secret, plan, report, task_item
+
+DEFAULT_SECRET = "runs/label.secret"
+
+
+def open_store(db: str, secret_file: str) -> LabelStore:
+    return LabelStore(db, load_secret(secret_file))
+
+
+def cli_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+@dataclass
+class ServeConfig:
+    db: str = DEFAULT_DB
+    """The labeling database: an SQLAlchemy URL (sqlite:///runs/label.db, postgresql://...) or an SQLite path."""
+    secret_file: str = DEFAULT_SECRET
+    """Server secret (HMAC of sessions, invites, CSRF tokens); generated with mode 0600 if missing. An empty,
+    default or short secret is refused. $CHATLOOP_LABEL_SECRET overrides the file."""
+    host: str = "127.0.0.1"
+    """Address to listen on (put a TLS-terminating proxy in front for anything but localhost)."""
+    port: int = 8080
+    """Port to listen on."""
+    secure_cookies: bool = False
+    """Mark cookies Secure (browsers then send them over HTTPS only): set it when served over HTTPS."""
+    root_path: str = ""
+    """URL prefix when a proxy serves the app under a path (e.g. /label)."""
+    proxy_headers: bool = False
+    """Trust X-Forwarded-For/-Proto from `forwarded_allow_ips` (client addresses for the login rate limit)."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxy addresses whose X-Forwarded-* headers are trusted (comma-separated)."""
+    lease_minutes: float = 30.0
+    """How long a labeler holds a task; an expired lease returns the task to the queue."""
+    login_limit: int = 5
+    """Failed logins per name within login_window_s before further attempts get 429 (4x per client address)."""
+    login_window_s: float = 300.0
+    """Window of the login rate limit, in seconds."""
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from chatloop.labeling.app import create_app
+
+    store = open_store(cfg.db, cfg.secret_file)
+    app = create_app(store, secure_cookies=cfg.secure_cookies, lease_s=cfg.lease_minutes * 60,
+                     login_limit=cfg.login_limit, login_window_s=cfg.login_window_s)
+    print(f"label: serving {store.db} on http://{cfg.host}:{cfg.port}{cfg.root_path}/")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, root_path=cfg.root_path, proxy_headers=cfg.proxy_headers,
+                forwarded_allow_ips=cfg.forwarded_allow_ips, log_level="warning")
+
+
+@dataclass
+class BatchConfig:
+    kind: str = "ranking"
+    """Job of every task: demonstration, ranking, rating or comparison."""
+    name: str = ""
+    """Batch name shown to labelers (default: kind and source)."""
+    data: str = ""
+    """JSONL tasks: {"prompt"} (demonstration), {"prompt", "responses"} (ranking), {"prompt", "response"}
+    (rating), {"prompt", "a", "b"} (comparison); optional "user_id" (author), "model", "gold", "id"."""
+    prompts: str = ""
+    """Prompt records (JSONL) for demonstrations, or to sample from --model for rankings/comparisons."""
+    store: str = ""
+    """A prompt store (chatloop prompts; URL or SQLite path) to take the prompts from instead of --prompts."""
+    split: str = "train"
+    """With --store: the split of the latest curation (train, val, test); all raw prompts if never curated."""
+    model: list[str] = field(default_factory=list)
+    """Checkpoint(s) to sample answers from: one for a ranking batch (K answers per prompt), two for an A/B
+    comparison batch (one answer each; identities hidden, order randomised per labeler)."""
+    k: int = 4
+    """Answers per prompt for a sampled ranking batch (InstructGPT: 4..9); 0 draws K from k_min..k_max."""
+    k_min: int = 4
+    """Smallest K when --k=0."""
+    k_max: int = 9
+    """Largest K when --k=0."""
+    limit: int = 0
+    """Use only the first N prompts or tasks (0: all)."""
+    max_new_tokens: int = 64
+    """Answer length budget when sampling."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    seed: int = 0
+    """Seed of the sampler."""
+    overlap: int = 1
+    """Labelers per task (each task goes to this many distinct labelers; 2+ measures agreement)."""
+    instructions: str = ""
+    """Instructions shown above every task of the batch."""
+    db: str = DEFAULT_DB
+    """The labeling database (URL or SQLite path)."""
+    secret_file: str = DEFAULT_SECRET
+    """Server secret file (see `chatloop label serve --help`)."""
+    samples_out: str = ""
+    """Where to keep the sampled answers (default: beside the database, runs/label-samples-<batch>.jsonl)."""
+
+
+def _prompt_records(cfg: BatchConfig) -> tuple[list[dict[str, Any]], str]:
+    if cfg.store:
+        from chatloop.data.prompts import PromptStore
+
+        store = PromptStore(cfg.store, create=False)
+        curation = store.latest_curation()
+        if curation is None:
+            records = [{"prompt": r.prompt, "user_id": r.user_id, "id": f"prompt-{r.pid}"} for r in store.load_rows()]
+        else:
+            records = store.curated_records(curation).get(cfg.split, [])
+        source = f"{store.db} ({f'curation {curation} {cfg.split}' if curation else 'raw'})"
+    elif cfg.prompts:
+        records, source = [], cfg.prompts
+        for lineno, r in read_jsonl(cfg.prompts):
+            validate_prompt_value(r.get("prompt"), f"{cfg.prompts}:{lineno}")
+            records.append(r)
+    else:
+        raise UserError("--prompts or --store: expected where the prompts come from")
+    records = records[: cfg.limit] if cfg.limit else records
+    if not records:
+        raise UserError(f"{source}: no prompts")
+    return records, source
+
+
+def _sample(cfg: BatchConfig, model: str, records: list[dict[str, Any]], k: int, out: Path) -> list[dict]:
+    from chatloop.sample import SampleConfig, sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "user_id": r.get("user_id") or "unknown"}) + "\n"
+                                   for r in records), encoding="utf-8")
+        return sample(SampleConfig(model=model, prompts=str(prompts), out=str(out), k=k, k_min=cfg.k_min,
+                                   k_max=cfg.k_max, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   seed=cfg.seed))
+
+
+def batch(cfg: BatchConfig) -> str:
+    """Create a batch; returns its id. Sampling from --model turns each new policy's answers into tasks."""
+    if cfg.kind not in KINDS:
+        raise UserError(f"--kind: expected one of {', '.join(KINDS)}, got {cfg.kind!r}")
+    store = open_store(cfg.db, cfg.secret_file)
+    samples_dir = Path(cfg.samples_out).parent if cfg.samples_out else Path(
+        store.engine.url.database or "runs/label.db").parent
+    if cfg.data:
+        raw = [(f"{cfg.data}:{n}", r) for n, r in read_jsonl(cfg.data)]
+        raw = raw[: cfg.limit] if cfg.limit else raw
+        items, source = [task_item(cfg.kind, r, where) for where, r in raw], cfg.data
+    elif cfg.model:
+        records, source = _prompt_records(cfg)
+        if cfg.kind == "ranking":
+            if len(cfg.model) != 1:
+                raise UserError("--model: a ranking batch samples from one checkpoint")
+            out = Path(cfg.samples_out) if cfg.samples_out else samples_dir / "label-samples-ranking.jsonl"
+            sampled = _sample(cfg, cfg.model[0], records, cfg.k, out)
+            items = [task_item("ranking", {**s, "user_id": r.get("user_id"), "id": r.get("id", s["id"])},
+                               f"{out}:{i + 1}") for i, (s, r) in enumerate(zip(sampled, records))]
+        elif cfg.kind == "comparison":
+            if len(cfg.model) != 2:
+                raise UserError("--model: an A/B comparison batch needs exactly two checkpoints (A, B)")
+            out = Path(cfg.samples_out) if cfg.samples_out else samples_dir / "label-samples-comparison.jsonl"
+            a = _sample(cfg, cfg.model[0], records, 1, out.with_name(out.stem + "-a.jsonl"))
+            b = _sample(cfg, cfg.model[1], records, 1, out.with_name(out.stem + "-b.jsonl"))
+            items = [task_item("comparison", {"prompt": r["prompt"], "a": x["responses"][0], "b": y["responses"][0],
+                                              "models": list(cfg.model), "user_id": r.get("user_id")}, f"prompt {i}")
+                     for i, (r, x, y) in enumerate(zip(records, a, b))]
+        else:
+            raise UserError(f"--model: sampling makes ranking or comparison batches, not {cfg.kind}")
+        source = f"{', '.join(cfg.model)} on {source}"
+    elif cfg.kind == "demonstration":
+        records, source = _prompt_records(cfg)
+        items = [task_item("demonstration", r, f"{source}: prompt {i}") for i, r in enumerate(records)]
+    else:
+        raise UserError(f"--data, or --model with --prompts/--store: nothing to make {cfg.kind} tasks from")
+    name = cfg.name or f"{cfg.kind} from {Path(source.split(' on ')[-1]).name}"
+    bid = store.create_batch(name, cfg.kind, items, overlap=cfg.overlap, source=source, actor=cli_actor(),
+                             instructions=cfg.instructions)
+    print(f"label batch: {bid} ({cfg.kind}, {len(items)} tasks, overlap {cfg.overlap}) from {source}")
+    return bid
+
+
+@dataclass
+class InviteConfig:
+    name: str = ""
+    """The invited person's user name."""
+    role: str = "labeler"
+    """labeler or admin."""
+    url: str = "http://127.0.0.1:8080"
+    """Where the app is reached (the invite link starts with it)."""
+    days: float = 7.0
+    """Days the invite stays valid."""
+    db: str = DEFAULT_DB
+    """The labeling database (URL or SQLite path)."""
+    secret_file: str = DEFAULT_SECRET
+    """Server secret file (see `chatloop label serve --help`)."""
+
+
+def invite(cfg: InviteConfig) -> str:
+    """Print a one-use invite link (the first admin is made this way)."""
+    store = open_store(cfg.db, cfg.secret_file)
+    token = store.create_invite(cfg.name, cfg.role, cli_actor(), ttl_s=cfg.days * 86400)
+    link = f"{cfg.url.rstrip('/')}/invite/{token}"
+    print(f"invite for {cfg.name} ({cfg.role}), valid {cfg.days:g} days:\n{link}")
+    return link
+
+
+@dataclass
+class ExportConfig:
+    out: str = "runs/labels"
+    """Directory for rankings.jsonl, rankings_merged.jsonl, demonstrations.jsonl, ratings.jsonl,
+    comparisons.jsonl and manifest.json (replaced as a whole)."""
+    db: str = DEFAULT_DB
+    """The labeling database (URL or SQLite path)."""
+    secret_file: str = DEFAULT_SECRET
+    """Server secret file (see `chatloop label serve --help`)."""
+
+
+EXPORT_KINDS = {"rankings": "ranking", "rankings_merged": "ranking", "demonstrations": "demonstration",
+                "ratings": "rating", "comparisons": "comparison"}
+
+
+def export(cfg: ExportConfig) -> dict[str, int]:
+    """Write every label as the records the trainers read: `chatloop rm --data OUT/rankings.jsonl`,
+    `chatloop sft --data OUT/demonstrations.jsonl`. Rankings are raw (one record per labeler)."""
+    store = open_store(cfg.db, cfg.secret_file)
+    records, left_out = export_records(store)
+    out = Path(cfg.out)
+    tmp = temp_dir_beside(out)
+    counts = {}
+    for name, kind in EXPORT_KINDS.items():
+        write_records(tmp / f"{name}.jsonl", kind, records[name])  # validated: what the trainers read
+        counts[name] = len(records[name])
+    atomic_write_json(tmp / "manifest.json", {
+        "db": store.db, "counts": counts, "left_out": left_out,
+        "files": {f"{n}.jsonl": sha256_file(tmp / f"{n}.jsonl") for n in EXPORT_KINDS}})
+    replace_dir(tmp, out)
+    with store.write() as conn:
+        store.log(conn, cli_actor(), "export", out=str(out), **counts)
+    print(f"label export -> {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
+@dataclass
+class StatsConfig:
+    db: str = DEFAULT_DB
+    """The labeling database (URL or SQLite path)."""
+    secret_file: str = DEFAULT_SECRET
+    """Server secret file (see `chatloop label serve --help`)."""
+    json: bool = False
+    """Print the report as JSON."""
+
+
+def stats(cfg: StatsConfig) -> dict[str, Any]:
+    """Progress per batch, throughput, and each labeler's agreement and gold accuracy."""
+    r = report(open_store(cfg.db, cfg.secret_file))
+    data = {"batches": r.batches, "labelers": r.labelers, "agreement": r.agreement, "throughput": r.throughput}
+    if cfg.json:
+        print(json.dumps(data, indent=2))
+        return data
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    for b in r.batches:
+        print(f"batch {b['id']} {b['name']!r} ({b['kind']}, overlap {b['overlap']}{'' if b['active'] else ', paused'}):"
+              f" {b['labels']}/{b['needed']} labels, {b['skipped']} skipped, {b['tasks']} tasks")
+    t = r.throughput
+    print(f"throughput: {t['labels']} labels, {t['last_hour']} last hour, {t['last_day']} last day by "
+          f"{t['active_labelers_last_day']} labelers; agreement {pct(r.agreement['overall'])} "
+          f"over {r.agreement['pairs']} pairs")
+    for name, s in r.labelers.items():
+        print(f"  {name}: {s['labels']} labels, agreement with others {pct(s['agreement_with_others'])}, "
+              f"with consensus {pct(s['agreement_with_consensus'])}, gold {pct(s['gold_accuracy'])} "
+              f"({s['gold_tasks']} tasks)")
+    return data
+
+
+@dataclass
+class PlanConfig:
+    per_day: float = 200.0
+    """Tasks one labeler does a day (InstructGPT-style ranking of K=4..9: roughly 100-300)."""
+    labelers: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 40])
+    """Team sizes to compare."""
+    tasks: int = 0
+    """Tasks to plan for; 0 uses what the database still needs (tasks x overlap - labels)."""
+    overlap: int = 1
+    """Labelers per task when --tasks is given."""
+    db: str = DEFAULT_DB
+    """The labeling database (URL or SQLite path), read when --tasks is 0."""
+    secret_file: str = DEFAULT_SECRET
+    """Server secret file (see `chatloop label serve --help`)."""
+
+
+def plan_cmd(cfg: PlanConfig) -> list[dict[str, Any]]:
+    """Labelers needed against days to finish: days = labels needed / (labelers x tasks per labeler per day)."""
+    if cfg.tasks:
+        needed = cfg.tasks * cfg.overlap
+    else:
+        needed = sum(b["remaining"] for b in open_store(cfg.db, cfg.secret_file).batch_list() if b["active"])
+    rows = plan(needed, cfg.per_day, cfg.labelers)
+    print(f"{needed} labels at {cfg.per_day:g} tasks per labeler per day:")
+    for row in rows:
+        print(f"  {row['labelers']:>4} labelers: {row['days']:.1f} days ({math.ceil(row['days'])} working days)")
+    return rows
