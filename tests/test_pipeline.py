@@ -1,6 +1,13 @@
 """`chatloop run` end to end on a shortened loop: every stage runs and leaves its artifacts."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 from chatloop.checkpoint import is_complete
 from chatloop.data.formats import read_records
@@ -48,3 +55,27 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     # Finished stages are skipped: the same command again only re-reads them.
     again = run_cli("run", f"--out={out}", *SHORT, timeout=300)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_kill_9_in_every_training_stage_then_the_same_command_ends_with_the_same_report(tmp_path):
+    """SIGKILL once inside each training stage (after its first saved state), rerunning the same command each
+    time: the final evaluation equals an uninterrupted run's."""
+    reference = tmp_path / "reference"
+    assert run_cli("run", f"--out={reference}", *SHORT, timeout=600).returncode == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "chatloop.cli", "run", f"--out={out}", *SHORT, "--pretrain.save_every=10",
+               "--sft.save_every=2", "--rm.save_every=1"]
+    for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx"):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (out / stage / "train_state" / "latest").exists():
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not is_complete(out / stage), f"{stage} finished before the kill"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = (json.loads((d / "eval.json").read_text()) for d in (out, reference))
+    for name, row in want["models"].items():
+        assert got["models"][name] == pytest.approx(row, abs=1e-6), name
+    assert got["win_rates"] == want["win_rates"] and got["samples"] == want["samples"]
