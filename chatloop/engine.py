@@ -74,6 +74,23 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return index.clamp_(max=probs.shape[-1] - 1)  # guards u * total rounding up to the total
 
 
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step's choice: (B,) next tokens from (B, V) logits and their (B,) log-probs under the
+    temperature-scaled, untruncated distribution. temperature 0 is greedy decoding (log-probs at T = 1).
+    Shared by `generate` and the serving batcher (chatloop.serve.batcher), which calls it per group of rows
+    with the same sampling settings."""
+    logits = logits.float()
+    if temperature > 0:
+        if temperature != 1.0:
+            logits = logits / temperature
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        next_token = sample(probs, generator)
+    else:
+        next_token = logits.argmax(-1)
+    return next_token, F.log_softmax(logits, -1).gather(-1, next_token[:, None]).squeeze(1)
+
+
 def pack(lengths: list[int], width: int) -> list[list[int]]:
     """First-fit decreasing: prompt indices grouped into rows of at most `width` tokens."""
     rows: list[list[int]] = []
@@ -185,15 +202,7 @@ def generate(
     visible[:, P:] = True
     steps = 0
     for t in range(max_new_tokens):
-        logits = logits.float()
-        if temperature > 0:
-            if temperature != 1.0:
-                logits = logits / temperature
-            probs = filter_logits(logits, top_k, top_p).softmax(-1)
-            next_token = sample(probs, generator)
-        else:
-            next_token = logits.argmax(-1)
-        logprob = F.log_softmax(logits, -1).gather(-1, next_token[:, None]).squeeze(1)
+        next_token, logprob = next_tokens(logits, temperature, top_k, top_p, generator)
         alive = ~done
         tokens[:, P + t] = torch.where(alive, next_token, pad_id)
         attention_mask[:, P + t] = alive
