@@ -244,6 +244,29 @@ class PromptStore:
                                 "run the ingest again (it adds only what is missing)") from None
         return len(new)
 
+    def start_log(self, path: str) -> int:
+        """An `ingests` row for records that arrive one by one (`chatloop serve`); returns its id."""
+        with self.engine.begin() as conn:
+            return conn.execute(insert(ingests).values(path=path, sha256="live", started_at=now_utc())
+                                ).inserted_primary_key[0]
+
+    def append_lines(self, ingest_id: int, lines: list[tuple[int, str]]) -> int:
+        """Store (line number, JSONL line) records as they arrive, under `ingest_id` (start_log), in one
+        transaction; returns how many were new. Keys are what ingesting a file of these lines would give,
+        so ingesting `chatloop serve`'s request log afterwards adds nothing."""
+        batch = []
+        for lineno, line in lines:
+            parsed = parse_line(line.encode("utf-8"), f"{ingest_id}:{lineno}")
+            if parsed is not None:
+                digest, fields = parsed
+                batch.append((f"{digest}#0", *fields, ingest_id, lineno))
+        with self.engine.begin() as conn:
+            added = self._insert_new(conn, batch)
+            conn.execute(update(ingests).where(ingests.c.id == ingest_id).values(
+                records=ingests.c.records + len(batch), added=ingests.c.added + added,
+                already_stored=ingests.c.already_stored + len(batch) - added))
+        return added
+
     # -- reading --------------------------------------------------------------------------------------------------
 
     def load_rows(self) -> list[Row]:
