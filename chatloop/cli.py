@@ -42,6 +42,8 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "label stats": ("chatloop.labeling.commands", "StatsConfig", "stats",
                     "progress, throughput, agreement and gold accuracy"),
     "label plan": ("chatloop.labeling.commands", "PlanConfig", "plan_cmd", "labelers needed against days to finish"),
+    "serve": ("chatloop.serve.api", "ServeConfig", "serve", "OpenAI-compatible API and chat page; logs prompts"),
+    "chat": ("chatloop.serve.chat", "ChatConfig", "chat", "chat with a checkpoint in the terminal"),
     "demo": ("chatloop.demo", "DemoConfig", "demo", "world, tokenizer, tiny GPT, samples (`make quick`)"),
 }
 

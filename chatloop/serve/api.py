@@ -1,0 +1,504 @@
+"""`chatloop serve`: an OpenAI-compatible HTTP API and a chat page in front of the batcher.
+
+    POST /v1/chat/completions   chat, streamed as server-sent events with "stream": true
+    POST /v1/completions        plain text continuation, streamed or not
+    GET  /v1/models             the one model served
+    GET  /v1/stats              the batcher's counters (steps, rows per step) and the queue
+    GET  /                      the chat page (page.html)
+
+Every /v1 call needs `Authorization: Bearer KEY`; keys map to user ids (ServeConfig.api_keys). Each accepted
+request's prompt is logged, before it is answered, as a prompt record (`source: "api"`, the user id, the
+time, the model and the sampling settings) to the request log (JSONL) and the prompt store, where
+`chatloop prompts curate` picks it up: InstructGPT's flywheel, in which users' prompts become the next
+training set. A key marked `nolog` opts out. Errors have OpenAI's shape, `{"error": {"message", "type",
+"param", "code"}}`, with the status OpenAI uses (400 bad request, 401 key, 404 model, 413 body, 429 queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatloop.data.formats import validate_prompt_value
+from chatloop.data.prompts import DEFAULT_DB, PromptStore
+from chatloop.errors import UserError
+from chatloop.serve.batcher import Batcher, Job, QueueFull, Sampling, TextStream
+from chatloop.tokenizer import Tokenizer
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""
+    """Checkpoint directory to serve (chatloop or transformers format, with tokenizer.json)."""
+    model_name: str = ""
+    """The model id clients send and /v1/models lists; empty means the checkpoint directory's name."""
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 for every interface)."""
+    port: int = 8000
+    """TCP port to listen on."""
+    api_keys: list[str] = field(default_factory=list)
+    """API keys as KEY:USER_ID, or KEY:USER_ID:nolog for a key whose prompts are not logged."""
+    api_keys_file: str = ""
+    """A file of more keys, one KEY:USER_ID[:nolog] per line (# starts a comment). There is no default key."""
+    db: str = DEFAULT_DB
+    """Prompt store that every logged request goes into (an SQLAlchemy URL or an SQLite file path)."""
+    request_log: str = "runs/requests.jsonl"
+    """JSONL copy of the logged requests (`chatloop prompts ingest` reads it; empty for none)."""
+    max_prompt_tokens: int = 2048
+    """Longest prompt accepted, in tokens (the model's context is a bound too)."""
+    max_tokens: int = 512
+    """Most tokens a request may ask for; also the default (capped by the room left in the context)."""
+    min_temperature: float = 0.0
+    """Lowest temperature accepted (0 is greedy decoding)."""
+    max_temperature: float = 2.0
+    """Highest temperature accepted."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body accepted (413 beyond)."""
+    max_batch: int = 16
+    """Requests decoded together: the rows of the batcher's cache."""
+    max_queue: int = 64
+    """Requests that may wait for a row; more get 429."""
+    device: str = "auto"
+    """"auto", "cpu" or "cuda"."""
+    seed: int = 0
+    """Seed of the batcher's sampler."""
+
+
+# -- errors -----------------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# -- keys and the prompt log ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    user_id: str
+    log: bool
+
+
+def parse_keys(entries: list[str], where: str) -> dict[str, Key]:
+    keys = {}
+    for i, entry in enumerate(entries):
+        parts = entry.strip().split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1] or (len(parts) == 3 and parts[2] != "nolog"):
+            raise UserError(f"{where}[{i}]: expected KEY:USER_ID or KEY:USER_ID:nolog, got {entry!r}")
+        keys[parts[0]] = Key(parts[1], log=len(parts) == 2)
+    return keys
+
+
+def load_keys(cfg: ServeConfig) -> dict[str, Key]:
+    keys = parse_keys(cfg.api_keys, "--api_keys")
+    if cfg.api_keys_file:
+        path = Path(cfg.api_keys_file)
+        if not path.is_file():
+            raise UserError(f"--api_keys_file: no such file: {path}")
+        lines = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(path.read_text().splitlines(), 1)]
+        for n, line in lines:
+            if line:
+                keys.update(parse_keys([line], f"{path}:{n}"))
+    if not keys:
+        raise UserError("--api_keys / --api_keys_file: give at least one KEY:USER_ID (there is no default key)")
+    return keys
+
+
+class PromptLog:
+    """Appends each logged request to the JSONL request log, then to the prompt store (same keys as an
+    ingest of that log, so re-ingesting it adds nothing). The log line is written first: if the database
+    fails, the prompt is still on disk and a later `chatloop prompts ingest` stores it."""
+
+    def __init__(self, db: str, path: str) -> None:
+        self.store = PromptStore(db) if db else None
+        self.path = Path(path) if path else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ingest_id = self.store.start_log(f"chatloop serve ({path or 'no request log'})") if self.store else 0
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False)
+        with self.lock:
+            if self.path:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+            self.count += 1
+            number = self.count
+        if self.store:
+            try:
+                self.store.append_lines(self.ingest_id, [(number, line)])
+            except Exception as e:  # noqa: BLE001 - the JSONL line keeps the prompt; serving goes on
+                if not self.path:
+                    raise
+                print(f"chatloop serve: prompt store write failed ({e}); the prompt is in {self.path}",
+                      file=sys.stderr)
+
+
+# -- request bodies ---------------------------------------------------------------------------------------------
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        """Content as text (a list of content parts of type "text" is joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.get("type") != "text" for part in self.content):
+            raise APIError(400, "only text content parts are supported", param="messages")
+        return "".join(str(part.get("text", "")) for part in self.content)
+
+
+class CommonParams(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI parameters (penalties, seed, ...) are ignored
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0)
+    """Extension (as in vLLM): no stop token before this many tokens."""
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    user: str | None = None
+
+
+class ChatParams(CommonParams):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+class CompletionParams(CommonParams):
+    prompt: str | list[str]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+
+
+def validation_error(e: ValidationError) -> APIError:
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+# -- the app -----------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """What the endpoints share: model, tokenizer, batcher, keys, log, limits."""
+
+    def __init__(self, cfg: ServeConfig, batcher: Batcher, tokenizer: Tokenizer, keys: dict[str, Key],
+                 log: PromptLog, name: str) -> None:
+        self.cfg, self.batcher, self.tokenizer, self.keys, self.log, self.name = (
+            cfg, batcher, tokenizer, keys, log, name)
+        self.context = batcher.model.cfg.max_seq_len
+        self.created = int(time.time())
+
+    def authorize(self, request: Request) -> Key:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not token:
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+        key = self.keys.get(token)
+        if key is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return key
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = APIError(413, f"Request body too large: at most {limit} bytes.", code="request_too_large")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_big
+        try:
+            obj = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"We could not parse the JSON body of your request ({e}).") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, "The request body must be a JSON object.")
+        return obj
+
+    def sampling(self, params: CommonParams, prompt_len: int, max_tokens: int | None, prompt_param: str
+                 ) -> Sampling:
+        """Check the limits; the request's sampling settings."""
+        cfg = self.cfg
+        if params.model != self.name:
+            raise APIError(404, f"The model '{params.model}' does not exist (this server has '{self.name}').",
+                           param="model", code="model_not_found")
+        if params.n != 1:
+            raise APIError(400, "n: only n=1 is supported", param="n")
+        if not cfg.min_temperature <= params.temperature <= cfg.max_temperature:
+            raise APIError(400, f"temperature: expected a value from {cfg.min_temperature} to "
+                           f"{cfg.max_temperature}, got {params.temperature}", param="temperature")
+        if prompt_len > cfg.max_prompt_tokens or prompt_len >= self.context:
+            raise APIError(400, f"The prompt has {prompt_len} tokens; this server takes at most "
+                           f"{min(cfg.max_prompt_tokens, self.context - 1)}.", param=prompt_param,
+                           code="context_length_exceeded")
+        room = self.context - prompt_len
+        if max_tokens is None:
+            max_tokens = min(cfg.max_tokens, room)
+        elif not 1 <= max_tokens <= cfg.max_tokens:
+            raise APIError(400, f"max_tokens: expected 1 to {cfg.max_tokens}, got {max_tokens}", param="max_tokens")
+        elif max_tokens > room:
+            raise APIError(400, f"This model's context is {self.context} tokens; the prompt has {prompt_len} and "
+                           f"max_tokens asks for {max_tokens}. Reduce the prompt or max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+        return Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                        top_k=params.top_k, min_tokens=min(params.min_tokens, max_tokens))
+
+    async def start(self, key: Key, endpoint: str, prompt: Any, ids: list[int], params: CommonParams,
+                    sampling: Sampling) -> tuple[str, Job, asyncio.Queue]:
+        """Queue the request in the batcher and log its prompt; (request id, job, its event queue)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(ids, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            self.batcher.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"The server is busy ({e}); retry later.", type="requests",
+                           code="rate_limit_exceeded") from None
+        request_id = ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
+        if key.log:
+            record = {
+                "id": request_id, "prompt": prompt, "user_id": key.user_id, "source": "api",
+                "created_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+                "model": self.name, "endpoint": endpoint,
+                "sampling": {**asdict(sampling), "top_p": params.top_p, "stop": params.stop, "stream": params.stream},
+            }
+            if params.user:
+                record["end_user"] = params.user
+            try:
+                await run_in_threadpool(self.log.write, record)
+            except Exception:
+                job.cancel()
+                raise
+        return request_id, job, events
+
+
+async def text_events(server: Server, job: Job, events: asyncio.Queue, stop: list[str]
+                      ) -> AsyncIterator[tuple[str, str | None]]:
+    """(text piece, finish reason or None) as the batcher delivers tokens; cancels the job if abandoned."""
+    stream = TextStream(server.tokenizer, stop)
+    finished = False
+    try:
+        while True:
+            token, finish = await events.get()
+            if token is not None:
+                piece = stream.push(token)
+                if stream.stopped:
+                    job.cancel()
+                    finished = True
+                    yield piece, "stop"
+                    return
+                if piece:
+                    yield piece, None
+                continue
+            finished = True
+            if finish.startswith("error"):
+                raise RuntimeError(finish)
+            yield stream.flush(), finish
+            return
+    finally:
+        if not finished:
+            job.cancel()  # the client went away (the page's stop button): free the row
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="chatloop", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, e: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        return {"object": "list", "data": [
+            {"id": server.name, "object": "model", "created": server.created, "owned_by": "chatloop"}]}
+
+    @app.get("/v1/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        return {**asdict(server.batcher.stats), "waiting": server.batcher.pending()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        key = server.authorize(request)
+        try:
+            params = ChatParams.model_validate(await server.body(request))
+        except ValidationError as e:
+            raise validation_error(e) from None
+        messages = [{"role": m.role, "content": m.text()} for m in params.messages]
+        try:
+            validate_prompt_value(messages, "request", "messages")
+        except UserError as e:
+            raise APIError(400, str(e).removeprefix("request: "), param="messages") from None
+        ids = server.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+        sampling = server.sampling(params, len(ids), params.max_completion_tokens or params.max_tokens, "messages")
+        request_id, job, events = await server.start(key, "chat.completions", messages, ids, params, sampling)
+        stop = [params.stop] if isinstance(params.stop, str) else params.stop or []
+        created = int(time.time())
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": server.name}
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": len(ids), "completion_tokens": job.generated,
+                    "total_tokens": len(ids) + job.generated}
+
+        if params.stream:
+            async def chunks() -> AsyncIterator[str]:
+                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+                async for piece, finish in text_events(server, job, events, stop):
+                    if piece:
+                        yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
+                                                        "finish_reason": None}]})
+                    if finish:
+                        yield sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                        "finish_reason": finish}]})
+                if (params.stream_options or {}).get("include_usage"):
+                    yield sse({**head, "choices": [], "usage": usage()})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(chunks(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        pieces, finish = [], "stop"
+        async for piece, reason in text_events(server, job, events, stop):
+            pieces.append(piece)
+            finish = reason or finish
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": server.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": usage()}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        key = server.authorize(request)
+        try:
+            params = CompletionParams.model_validate(await server.body(request))
+        except ValidationError as e:
+            raise validation_error(e) from None
+        prompt = params.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        try:
+            validate_prompt_value(prompt, "request")
+        except UserError as e:
+            raise APIError(400, str(e).removeprefix("request: "), param="prompt") from None
+        ids = server.tokenizer.encode(prompt)
+        sampling = server.sampling(params, len(ids), params.max_tokens, "prompt")
+        request_id, job, events = await server.start(key, "completions", prompt, ids, params, sampling)
+        stop = [params.stop] if isinstance(params.stop, str) else params.stop or []
+        created = int(time.time())
+        head = {"id": request_id, "object": "text_completion", "created": created, "model": server.name}
+
+        if params.stream:
+            async def chunks() -> AsyncIterator[str]:
+                async for piece, finish in text_events(server, job, events, stop):
+                    if piece or finish:
+                        yield sse({**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
+                                                        "finish_reason": finish}]})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(chunks(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        pieces, finish = [], "stop"
+        async for piece, reason in text_events(server, job, events, stop):
+            pieces.append(piece)
+            finish = reason or finish
+        return {"id": request_id, "object": "text_completion", "created": created, "model": server.name,
+                "choices": [{"index": 0, "text": "".join(pieces), "logprobs": None, "finish_reason": finish}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": job.generated,
+                          "total_tokens": len(ids) + job.generated}}
+
+    return app
+
+
+def build(cfg: ServeConfig) -> Server:
+    """Load the model and start the batcher (the part of `serve` that tests and benchmarks share)."""
+    from chatloop.checkpoint import load_model
+    from chatloop.train.trainer import resolve_device
+
+    if not cfg.model:
+        raise UserError("--model: give a checkpoint directory")
+    for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes", "max_batch", "max_queue"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
+    if not 0 <= cfg.min_temperature <= cfg.max_temperature:
+        raise UserError("--min_temperature/--max_temperature: expected 0 <= min <= max")
+    keys = load_keys(cfg)
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device=device)
+    tokenizer = Tokenizer.load(cfg.model)
+    name = cfg.model_name or Path(cfg.model).resolve().name
+    batcher = Batcher(model, tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue, seed=cfg.seed)
+    return Server(cfg, batcher, tokenizer, keys, PromptLog(cfg.db, cfg.request_log), name)
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    server = build(cfg)
+    print(f"chatloop serve: {server.name} on http://{cfg.host}:{cfg.port}/ ({len(server.keys)} API keys, "
+          f"prompts -> {server.log.store.db if server.log.store else '-'} and {cfg.request_log or '-'})")
+    try:
+        uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        server.batcher.close()
