@@ -195,6 +195,9 @@ class CommonParams(BaseModel):
     n: int = 1
     user: str | None = None
 
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
 
 class ChatParams(CommonParams):
     messages: list[Message]
@@ -254,6 +257,14 @@ class Server:
         if not isinstance(obj, dict):
             raise APIError(400, "The request body must be a JSON object.")
         return obj
+
+    async def parse(self, request: Request, cls: type[CommonParams]) -> tuple[Key, Any]:
+        """The caller's key and the validated body (APIError otherwise)."""
+        key = self.authorize(request)
+        try:
+            return key, cls.model_validate(await self.body(request))
+        except ValidationError as e:
+            raise validation_error(e) from None
 
     def sampling(self, params: CommonParams, prompt_len: int, max_tokens: int | None, prompt_param: str
                  ) -> Sampling:
@@ -340,8 +351,27 @@ async def text_events(server: Server, job: Job, events: asyncio.Queue, stop: lis
             job.cancel()  # the client went away (the page's stop button): free the row
 
 
+async def whole_text(server: Server, job: Job, events: asyncio.Queue, stop: list[str]) -> tuple[str, str]:
+    """The response of a non-streaming request: (text, finish reason)."""
+    pieces, finish = [], "stop"
+    async for piece, reason in text_events(server, job, events, stop):
+        pieces.append(piece)
+        finish = reason or finish
+    return "".join(pieces), finish
+
+
+def usage(prompt_tokens: int, job: Job) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": job.generated,
+            "total_tokens": prompt_tokens + job.generated}
+
+
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def create_app(server: Server) -> FastAPI:
@@ -377,11 +407,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        key = server.authorize(request)
-        try:
-            params = ChatParams.model_validate(await server.body(request))
-        except ValidationError as e:
-            raise validation_error(e) from None
+        key, params = await server.parse(request, ChatParams)
         messages = [{"role": m.role, "content": m.text()} for m in params.messages]
         try:
             validate_prompt_value(messages, "request", "messages")
@@ -390,13 +416,9 @@ def create_app(server: Server) -> FastAPI:
         ids = server.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
         sampling = server.sampling(params, len(ids), params.max_completion_tokens or params.max_tokens, "messages")
         request_id, job, events = await server.start(key, "chat.completions", messages, ids, params, sampling)
-        stop = [params.stop] if isinstance(params.stop, str) else params.stop or []
+        stop = params.stops()
         created = int(time.time())
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": server.name}
-
-        def usage() -> dict[str, int]:
-            return {"prompt_tokens": len(ids), "completion_tokens": job.generated,
-                    "total_tokens": len(ids) + job.generated}
 
         if params.stream:
             async def chunks() -> AsyncIterator[str]:
@@ -410,28 +432,20 @@ def create_app(server: Server) -> FastAPI:
                         yield sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                                         "finish_reason": finish}]})
                 if (params.stream_options or {}).get("include_usage"):
-                    yield sse({**head, "choices": [], "usage": usage()})
+                    yield sse({**head, "choices": [], "usage": usage(len(ids), job)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(chunks(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(chunks())
 
-        pieces, finish = [], "stop"
-        async for piece, reason in text_events(server, job, events, stop):
-            pieces.append(piece)
-            finish = reason or finish
+        text, finish = await whole_text(server, job, events, stop)
         return {"id": request_id, "object": "chat.completion", "created": created, "model": server.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": finish}],
-                "usage": usage()}
+                "usage": usage(len(ids), job)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        key = server.authorize(request)
-        try:
-            params = CompletionParams.model_validate(await server.body(request))
-        except ValidationError as e:
-            raise validation_error(e) from None
+        key, params = await server.parse(request, CompletionParams)
         prompt = params.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -444,7 +458,7 @@ def create_app(server: Server) -> FastAPI:
         ids = server.tokenizer.encode(prompt)
         sampling = server.sampling(params, len(ids), params.max_tokens, "prompt")
         request_id, job, events = await server.start(key, "completions", prompt, ids, params, sampling)
-        stop = [params.stop] if isinstance(params.stop, str) else params.stop or []
+        stop = params.stops()
         created = int(time.time())
         head = {"id": request_id, "object": "text_completion", "created": created, "model": server.name}
 
@@ -456,17 +470,12 @@ def create_app(server: Server) -> FastAPI:
                                                         "finish_reason": finish}]})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(chunks(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(chunks())
 
-        pieces, finish = [], "stop"
-        async for piece, reason in text_events(server, job, events, stop):
-            pieces.append(piece)
-            finish = reason or finish
+        text, finish = await whole_text(server, job, events, stop)
         return {"id": request_id, "object": "text_completion", "created": created, "model": server.name,
-                "choices": [{"index": 0, "text": "".join(pieces), "logprobs": None, "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": job.generated,
-                          "total_tokens": len(ids) + job.generated}}
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": usage(len(ids), job)}
 
     return app
 
