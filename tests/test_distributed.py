@@ -109,7 +109,7 @@ def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp
     out = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_cmd(*pretrain_args(tokenizer_dir, corpus_file, out, *common, "--parallel=fsdp")),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a loaded machine can take minutes to start two processes
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 12:
             break
@@ -151,7 +151,8 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
     rankings = [{"prompt": c[0]["content"], "responses": [c[1]["content"], "No.", "The dog sleeps."],
                  "ranks": [1, 3, 2]} for c in CONVERSATIONS]
     (root / "rankings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": c[0]["content"]}) + "\n" for c in CONVERSATIONS))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": c[0]["content"], "user_id": f"u{i}"}) + "\n"
+                                               for i, c in enumerate(CONVERSATIONS)))
     return root
 
 
