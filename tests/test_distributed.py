@@ -19,10 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatloop.checkpoint import load_model, save_model
-from chatloop.model import GPT, GPTConfig
-from chatloop.tokenizer import Tokenizer
+from chatloop.checkpoint import load_model
+from tests import test_resume
 from tests.conftest import run_cli
+from tests.test_resume import rows_so_far
+
+models = test_resume.models  # the fixture: a tiny base model, a reward model, demonstrations, rankings, prompts
 
 TOL = 1e-5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -57,16 +59,6 @@ def assert_same_step(one: dict[str, torch.Tensor], many: dict[str, torch.Tensor]
     assert moved > 100 * TOL, f"the step moved the weights by only {moved:.2e}"
 
 
-def metrics(out: Path) -> list[dict]:
-    rows = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line torn by a kill
-    return rows
-
-
 # ---------------------------------------------------------------- pretrain
 
 
@@ -98,11 +90,11 @@ def test_one_pretrain_step_on_two_processes_equals_one_process(tmp_path, tokeniz
     assert_same_step(one, weights(out), start)
     assert load_model(out).cfg.n_layer == 2
     assert result.stdout.count("pretrain: done") == 1  # printed by rank 0 only
-    assert len(metrics(out)) == 1
+    assert len(rows_so_far(out)) == 1
 
 
 def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp_path, tokenizer_dir, corpus_file):
-    common = ["--max_steps=60", "--save_every=5", "--log_every=1"]
+    common = ["--max_steps=30", "--save_every=4", "--log_every=1"]
     reference = tmp_path / "reference"
     single(*pretrain_args(tokenizer_dir, corpus_file, reference, *common))
 
@@ -111,18 +103,19 @@ def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     deadline = time.time() + 600  # a loaded machine can take minutes to start two processes
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 12:
+        if len(rows_so_far(out)) >= 10:
             break
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
     proc.wait()
-    killed_at = len(metrics(out))
-    assert 12 <= killed_at < 60 and not (out / "chatloop.json").exists()
+    killed_at = len(rows_so_far(out))
+    assert 10 <= killed_at < 30 and not (out / "chatloop.json").exists()
 
     resumed = single(*pretrain_args(tokenizer_dir, corpus_file, out, *common))
-    assert "resuming from step" in resumed.stdout
-    rows, expected = metrics(out), metrics(reference)
-    assert [r["step"] for r in rows] == list(range(1, 61))  # every step once, none lost or repeated
+    resumed_at = int(resumed.stdout.split("resuming from step ")[1].split()[0])
+    assert resumed_at >= 8  # a state the two processes wrote (every 4 steps; killed after 10)
+    rows, expected = rows_so_far(out), rows_so_far(reference)
+    assert [r["step"] for r in rows] == list(range(1, 31))  # every step once, none lost or repeated
     assert [r["data/sample_index"] for r in rows] == [r["data/sample_index"] for r in expected]
     for got, want in zip(rows, expected):
         assert got["train/loss"] == pytest.approx(want["train/loss"], abs=1e-4)
@@ -132,32 +125,8 @@ def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp
 
 # ---------------------------------------------------------------- SFT, RM, PPO
 
-CONVERSATIONS = [
-    [{"role": "user", "content": f"Where does the {c} fox run?"},
-     {"role": "assistant", "content": f"The {c} fox runs to the {p}."}]
-    for c in ("red", "blue", "green", "brown") for p in ("river", "hill", "town", "forest")
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, tokenizer_dir):
-    """A random tiny base model, a random reward model, demonstrations, rankings and prompts."""
-    root = tmp_path_factory.mktemp("dist")
-    tok = Tokenizer.load(tokenizer_dir)
-    torch.manual_seed(0)
-    save_model(GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96)), root / "base", tok)
-    save_model(GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96, head="scalar")), root / "rm", tok)
-    (root / "demos.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
-    rankings = [{"prompt": c[0]["content"], "responses": [c[1]["content"], "No.", "The dog sleeps."],
-                 "ranks": [1, 3, 2]} for c in CONVERSATIONS]
-    (root / "rankings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": c[0]["content"], "user_id": f"u{i}"}) + "\n"
-                                               for i, c in enumerate(CONVERSATIONS)))
-    return root
-
-
-def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, tiny_models):
-    root = tiny_models
+def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, models):
+    root = models
     args = ["sft", f"--model={root / 'base'}", f"--data={root / 'demos.jsonl'}", "--seq_len=64", "--epochs=1",
             "--max_steps=1", "--batch_size=3", "--grad_accum=2", "--dropout=0", "--lr=1e-3", "--val_fraction=0.25",
             "--packing=true", "--progress=false"]
@@ -166,8 +135,8 @@ def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, tiny_models)
     assert_same_step(weights(tmp_path / "one"), weights(tmp_path / "two"), weights(root / "base"))
 
 
-def test_one_rm_step_on_two_processes_equals_one_process(tmp_path, tiny_models):
-    root = tiny_models
+def test_one_rm_step_on_two_processes_equals_one_process(tmp_path, models):
+    root = models
     args = ["rm", f"--model={root / 'base'}", f"--data={root / 'rankings.jsonl'}", "--max_steps=1",
             "--batch_size=3", "--grad_accum=2", "--lr=1e-3", "--val_fraction=0.25", "--progress=false"]
     single(*args, f"--out={tmp_path / 'one'}")
@@ -179,22 +148,36 @@ def test_one_rm_step_on_two_processes_equals_one_process(tmp_path, tiny_models):
     assert bias[0] == pytest.approx(bias[1], abs=1e-5)
 
 
-def test_one_ppo_iteration_on_two_processes_equals_one_process(tmp_path, tiny_models, corpus_file):
-    """Rollouts are spread over the ranks, then gathered; whitening, KL and scores are over all of them.
-    top_k=1 makes the rollouts the same whoever samples them (the loss still uses the full distribution),
-    so both runs see the same episodes; PPO-ptx, two minibatches and two epochs exercise the shares."""
-    root = tiny_models
-    args = ["ppo", f"--policy={root / 'base'}", f"--reward_model={root / 'rm'}", f"--prompts={root / 'prompts.jsonl'}",
+def ppo_args(root: Path, corpus_file: Path, out: Path, *extra: str) -> list[str]:
+    return ["ppo", f"--policy={root / 'base'}", f"--reward_model={root / 'rm'}", f"--prompts={root / 'prompts.jsonl'}",
             "--iterations=1", "--batch_size=8", "--minibatches=2", "--ppo_epochs=2", "--max_new_tokens=8",
             "--top_k=1", "--lr=1e-3", "--warmup_steps=0", "--whiten_rewards=true", f"--ptx_data={corpus_file}",
-            "--ptx_coef=1", "--ptx_ratio=1", "--ptx_seq_len=16", "--progress=false", "--sample_every=0"]
-    single(*args, f"--out={tmp_path / 'one'}")
-    torchrun(*args, f"--out={tmp_path / 'two'}")
-    assert_same_step(weights(tmp_path / "one"), weights(tmp_path / "two"), weights(root / "base"))
-    value = [torch.load(tmp_path / d / "train_state" / "step-00000001" / "state.pt", weights_only=False)["value"]
-             for d in ("one", "two")]
-    assert max((value[0][k] - value[1][k]).abs().max().item() for k in value[0]) < TOL
-    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+            "--ptx_coef=1", "--ptx_ratio=1", "--ptx_seq_len=16", "--ema_decay=0.5", "--progress=false",
+            "--sample_every=0", f"--out={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def ppo_one_process(tmp_path_factory, models, corpus_file):
+    out = tmp_path_factory.mktemp("ppo") / "one"
+    single(*ppo_args(models, corpus_file, out))
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_one_ppo_iteration_on_two_processes_equals_one_process(tmp_path, models, corpus_file, ppo_one_process,
+                                                               parallel):
+    """Rollouts are spread over the ranks, then gathered; whitening, KL and scores are over all of them.
+    top_k=1 makes the rollouts the same whoever samples them (the loss still uses the full distribution),
+    so both runs see the same episodes; PPO-ptx, two minibatches, two epochs and the EMA exercise the
+    shares; under FSDP the rollouts run on gathered weights and all four models are sharded."""
+    one = ppo_one_process
+    two = tmp_path / parallel
+    torchrun(*ppo_args(models, corpus_file, two, f"--parallel={parallel}"))
+    assert_same_step(weights(one), weights(two), weights(models / "base"))  # the EMA policy
+    states = [torch.load(d / "train_state" / "step-00000001" / "state.pt", weights_only=False) for d in (one, two)]
+    for key in ("policy", "value"):
+        assert max((states[0][key][k] - states[1][key][k]).abs().max().item() for k in states[0][key]) < TOL
+    first, second = rows_so_far(one)[0], rows_so_far(two)[0]
     for key in ("objective/kl", "objective/scores", "objective/entropy", "reward/mean", "reward/std", "returns/mean",
                 "response/length", "value/explained_variance"):
-        assert one[key] == pytest.approx(two[key], abs=1e-4), key
+        assert first[key] == pytest.approx(second[key], abs=1e-4), key

@@ -270,6 +270,9 @@ def whole_for_inference(model: nn.Module) -> Iterator[nn.Module]:
         return
     from torch.distributed.fsdp import FSDPModule
 
+    # The engine calls submodules directly (prefill); FSDP must first have seen the root run, or it takes the
+    # first block to run for the root. Its lazy initialisation is what a first forward through the root does.
+    model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
     parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in parts:
         m.set_reshard_after_forward(False, recurse=False)
