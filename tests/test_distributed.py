@@ -93,6 +93,24 @@ def test_one_pretrain_step_on_two_processes_equals_one_process(tmp_path, tokeniz
     assert len(rows_so_far(out)) == 1
 
 
+def _stat(proc_dir: Path) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: state, parent pid, ... (empty once it is gone)."""
+    try:
+        return (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def parent_pid(proc_dir: Path) -> int | None:
+    fields = _stat(proc_dir)
+    return int(fields[1]) if fields else None
+
+
+def proc_state(proc_dir: Path) -> str | None:
+    fields = _stat(proc_dir)
+    return fields[0] if fields else None
+
+
 def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp_path, tokenizer_dir, corpus_file):
     common = ["--max_steps=30", "--save_every=4", "--log_every=1", "--keep_states=10"]
     reference = tmp_path / "reference"
@@ -106,8 +124,15 @@ def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp
         if len(rows_so_far(out)) >= 10:
             break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    # torchrun starts each worker in a session of its own: kill the workers (the launcher's children) and it.
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent_pid(p) == proc.pid]
+    for pid in [*workers, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    for pid in workers:  # dead (a zombie, or reaped) before anything reads their files
+        end = time.time() + 30
+        while time.time() < end and proc_state(Path(f"/proc/{pid}")) not in (None, "Z", "X"):
+            time.sleep(0.05)
     if (out / "chatloop.json").exists():
         # The machine was so loaded that the run ended before the kill landed: take it back to a state the two
         # processes wrote half-way, as if it had been killed there.
