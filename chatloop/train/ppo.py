@@ -60,6 +60,7 @@ from chatloop.engine import Rollout, generate
 from chatloop.errors import UserError
 from chatloop.model import GPT, last_token_values
 from chatloop.tokenizer import Tokenizer
+from chatloop.train import distributed
 from chatloop.train.trainer import (
     MetricsLog,
     TrainConfig,
@@ -262,11 +263,22 @@ def ppo(cfg: PPOConfig) -> Path:
         raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
     value_model = load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar", dropout=0.0,
                              grad_checkpoint=cfg.grad_checkpoint)
+    # Under torchrun: the trained models go through DDP/FSDP2 for their updates; frozen ones are sharded
+    # only under FSDP; the EMA is sharded like the policy. One process: all as they are.
+    world = distributed.world_size()
+    if (cfg.batch_size // cfg.minibatches) % world:
+        raise UserError(f"--batch_size / --minibatches = {cfg.batch_size // cfg.minibatches} episodes per minibatch "
+                        f"must be divisible by the number of processes ({world})")
+    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
+    train_policy = distributed.wrap(policy, cfg.parallel, device)
+    train_value = distributed.wrap(value_model, cfg.parallel, device)
+    for frozen in (reference, reward_model, ema):
+        if frozen is not None:
+            distributed.wrap(frozen, cfg.parallel, device, frozen=True)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                    weight_decay=cfg.weight_decay)
     value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, weight_decay=cfg.weight_decay)
-    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     prompts = [r["prompt"] for path in cfg.prompts for r in read_records(path, "prompt")]
@@ -277,20 +289,21 @@ def ppo(cfg: PPOConfig) -> Path:
     ptx = None
     if cfg.ptx_data and cfg.ptx_coef > 0:
         tok_file = Path(cfg.policy) / "tokenizer.json"
-        meta = build_shards(tokenizer, cfg.ptx_data, [], 0.05, "text", out / "ptx_tokens", tok_file)
+        with distributed.main_first():
+            meta = build_shards(tokenizer, cfg.ptx_data, [], 0.05, "text", out / "ptx_tokens", tok_file)
         ptx = TokenWindows(out / "ptx_tokens" / "train.bin", meta["dtype"], cfg.ptx_seq_len, cfg.seed)
     ptx_per_minibatch = int(round(cfg.ptx_ratio * cfg.batch_size / cfg.minibatches)) if ptx else 0
 
     start = 0
     state = load_state(out, device)
     if state is not None:
-        policy.load_state_dict(state["policy"])
-        value_model.load_state_dict(state["value"])
-        policy_opt.load_state_dict(state["policy_opt"])
-        value_opt.load_state_dict(state["value_opt"])
+        distributed.load_model_state(policy, state["policy"])
+        distributed.load_model_state(value_model, state["value"])
+        distributed.load_optimizer_state(policy, policy_opt, state["policy_opt"])
+        distributed.load_optimizer_state(value_model, value_opt, state["value_opt"])
         kl_ctl.value = state["kl_coef"]
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            distributed.load_model_state(ema, state["ema"])
         start = state["step"]
         print(f"ppo: resuming from iteration {start} of {cfg.iterations}")
     log = MetricsLog(out, resume_step=start if state is not None else None)
@@ -299,7 +312,8 @@ def ppo(cfg: PPOConfig) -> Path:
     print(f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.batch_size} episodes, {mode}, "
           f"{device} {precision}")
 
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress, unit="it", dynamic_ncols=True)
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress or not distributed.is_main(), unit="it",
+               dynamic_ncols=True)
     for iteration in range(start, cfg.iterations):
         t0 = time.perf_counter()
         lr = lr_for(iteration, cfg)
@@ -314,14 +328,14 @@ def ppo(cfg: PPOConfig) -> Path:
         idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(len(prompts))])
         batch_prompts = [encoded[i] for i in idx[within : within + cfg.batch_size]]
 
-        # step 2-6
-        generator.manual_seed(cfg.seed * 1_000_003 + iteration)
-        batch = make_batch(policy, reference, reward_model, value_model, batch_prompts, tokenizer, cfg,
-                           kl_ctl.value, generator, device, precision)
+        # step 2-6 (under torchrun each rank rolls out its share of the prompts with its own random stream)
+        generator.manual_seed(cfg.seed * 1_000_003 + iteration + 7_919_000_003 * distributed.rank())
+        batch = make_batch(policy, reference, reward_model, value_model, distributed.shard(batch_prompts), tokenizer,
+                           cfg, kl_ctl.value, generator, device, precision)
         t1 = time.perf_counter()
 
         # step 7
-        stats = ppo_update(policy, value_model, policy_opt, value_opt, batch, cfg, ptx, ptx_per_minibatch,
+        stats = ppo_update(train_policy, train_value, policy_opt, value_opt, batch, cfg, ptx, ptx_per_minibatch,
                            iteration, device, precision)
         t2 = time.perf_counter()
 
@@ -356,22 +370,25 @@ def ppo(cfg: PPOConfig) -> Path:
         if done % cfg.log_every == 0 or done == cfg.iterations:
             log.log(done, metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
-        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations):
+        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations) and distributed.is_main():
             record_samples(out, done, batch, tokenizer, batch_prompts)
         if done % cfg.save_every == 0 or done == cfg.iterations:
-            extra = {"ema": ema.state_dict()} if ema is not None else {}
-            save_state(out, done, {"policy": policy.state_dict(), "value": value_model.state_dict(),
-                                   "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
+            extra = {"ema": distributed.model_state(ema)} if ema is not None else {}
+            save_state(out, done, {"policy": distributed.model_state(policy),
+                                   "value": distributed.model_state(value_model),
+                                   "policy_opt": distributed.optimizer_state(policy, policy_opt),
+                                   "value_opt": distributed.optimizer_state(value_model, value_opt),
                                    "kl_coef": kl_ctl.value, **extra}, cfg.keep_states)
         bar.update(1)
     bar.close()
     log.close()
-    final = ema if ema is not None else policy
-    save_model(final, out, tokenizer, lineage={
-        "stage": "ppo-ptx" if ptx else "ppo", "parent": cfg.policy, "reward_model": cfg.reward_model,
-        "data": data_record(cfg.prompts + cfg.ptx_data), "config": config_record(cfg),
-        "metrics": {"kl_coef": kl_ctl.value, "ema": ema is not None},
-    })
+    final = distributed.gathered(ema if ema is not None else policy)  # the whole model, on rank 0 only
+    if final is not None:
+        save_model(final, out, tokenizer, lineage={
+            "stage": "ppo-ptx" if ptx else "ppo", "parent": cfg.policy, "reward_model": cfg.reward_model,
+            "data": data_record(cfg.prompts + cfg.ptx_data), "config": config_record(cfg),
+            "metrics": {"kl_coef": kl_ctl.value, "ema": ema is not None},
+        })
     print(f"ppo: done -> {out}")
     return out
 
@@ -390,8 +407,9 @@ def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer,
                generator, device, precision) -> Batch:
     # step 2
     policy.eval()
-    rollout = generate(policy, prompts, cfg.max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
-                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+    with distributed.whole_for_inference(policy) as whole:
+        rollout = generate(whole, prompts, cfg.max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
+                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
     policy.train()
     tokens, attention, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len
     mask = rollout.mask.float()
@@ -405,6 +423,10 @@ def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer,
     ref_logprobs, _ = response_logprobs(reference, tokens, attention, P, cfg.temperature, device, precision)
     values = response_values(value_model, tokens, attention, P, device, precision)
     old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
+    if distributed.active():  # each rank rolled out its share: the rest runs on the whole batch, on every rank
+        rollout, (scores,), (old_logprobs, ref_logprobs, values, entropy) = distributed.gather_rollout(
+            rollout, tokenizer.pad_id, [scores], [old_logprobs, ref_logprobs, values, entropy])
+        tokens, attention, P, mask = rollout.tokens, rollout.attention_mask, rollout.prompt_len, rollout.mask.float()
     # step 5
     kl_per_token = (old_logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl_per_token
@@ -433,22 +455,26 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
     for _ in range(cfg.ppo_epochs):
         order = rng.permutation(B)
         for m in range(cfg.minibatches):
-            sel = torch.as_tensor(order[m * size : (m + 1) * size], device=r.tokens.device)
+            minibatch = order[m * size : (m + 1) * size]
+            # Under torchrun each rank takes its share of the minibatch; `share` weighs its mean loss so that
+            # the averaged gradient is the one of the whole minibatch's mean (1.0 in one process).
+            sel = torch.as_tensor(distributed.shard(minibatch), device=r.tokens.device)
+            share = distributed.share_weight(mask_all[sel].sum().item(), mask_all[minibatch].sum().item())
             tokens, attention, mask = r.tokens[sel], r.attention_mask[sel], mask_all[sel]
             logp, _ = response_logprobs(policy, tokens, attention, r.prompt_len, cfg.temperature, device, precision)
             ratio = torch.exp((logp - batch.old_logprobs[sel]) * mask)
             adv = batch.advantages[sel]
             pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
             pg_loss = masked_mean(pg_losses, mask)
-            loss = pg_loss
+            loss = pg_loss * share
             if ptx is not None:
-                ids = ptx_index + np.arange(ptx_per_minibatch)
+                ids = distributed.shard(ptx_index + np.arange(ptx_per_minibatch))
                 ptx_index += ptx_per_minibatch
                 x, y = ptx.batch(ids, device)
                 with autocast(device, precision):
                     ptx_logits = policy(x)
                 ptx_loss = F.cross_entropy(ptx_logits.float().flatten(0, 1), y.flatten())
-                loss = loss + cfg.ptx_coef * ptx_loss
+                loss = loss + cfg.ptx_coef * ptx_loss * distributed.share_weight(len(ids), ptx_per_minibatch)
                 sums["loss/ptx"].append(ptx_loss.item())
             policy_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -461,7 +487,7 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
             vf_losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
             vf_loss = 0.5 * masked_mean(vf_losses, mask)
             value_opt.zero_grad(set_to_none=True)
-            (cfg.vf_coef * vf_loss).backward()
+            (cfg.vf_coef * vf_loss * share).backward()
             torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip or float("inf"))
             value_opt.step()
 
@@ -475,7 +501,7 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
                 sums["loss/value"].append(vf_loss.item())
                 sums["value/clipfrac"].append(
                     masked_mean(((values - old_values).abs() > cfg.cliprange_value).float(), mask).item())
-    stats = {k: float(np.mean(v)) for k, v in sums.items() if v}
+    stats = distributed.mean_dict({k: float(np.mean(v)) for k, v in sums.items() if v})
     stats["policy/first_ratio_mean"] = sums["policy/ratio_mean"][0]
     stats["policy/first_approxkl"] = sums["policy/approxkl"][0]
     return stats

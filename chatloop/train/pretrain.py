@@ -38,6 +38,7 @@ from chatloop.data.corpus import TokenWindows, build_shards
 from chatloop.errors import UserError
 from chatloop.model import GPT, PRESETS, ModelOverrides, preset
 from chatloop.tokenizer import Tokenizer
+from chatloop.train import distributed
 from chatloop.train.trainer import (
     MetricsLog,
     TrainConfig,
@@ -123,13 +124,15 @@ def train_step(
     """One optimizer step: forward, loss and backward per micro-batch, then clip and AdamW.
 
     loss_fn comes from `forward_loss`. Returns the mean loss of the micro-batches and the gradient norm
-    before clipping. benchmarks/train_throughput.py times exactly this function.
+    before clipping. benchmarks/train_throughput.py times exactly this function. Under torchrun, `model` is
+    the DDP/FSDP wrapper and the gradients are averaged over the ranks at the last micro-batch.
     """
     loss_sum = 0.0
-    for x, y in micro_batches:
-        with autocast(device, precision):
-            loss = loss_fn(x, y)
-        (loss / grad_accum).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        with distributed.no_sync(model, enabled=i < grad_accum - 1):
+            with autocast(device, precision):
+                loss = loss_fn(x, y)
+            (loss / grad_accum).backward()
         loss_sum += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
     optimizer.step()
@@ -168,8 +171,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if not str(tok_dir) or str(tok_dir) == ".":
         raise UserError("--tokenizer: give the directory written by `chatloop tokenizer`")
     tokenizer = Tokenizer.load(tok_dir)
-    meta = build_shards(tokenizer, cfg.inputs, cfg.val_inputs, cfg.val_fraction, cfg.text_field,
-                        out / "tokens", tok_dir / "tokenizer.json")
+    with distributed.main_first():  # one process writes the shards
+        meta = build_shards(tokenizer, cfg.inputs, cfg.val_inputs, cfg.val_fraction, cfg.text_field,
+                            out / "tokens", tok_dir / "tokenizer.json")
     train = TokenWindows(out / "tokens" / "train.bin", meta["dtype"], cfg.seq_len, cfg.seed)
     val = TokenWindows(out / "tokens" / "val.bin", meta["dtype"], cfg.seq_len, cfg.seed)
 
@@ -177,22 +181,26 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model = build_model(cfg, tokenizer.vocab_size, device)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    train_model = distributed.wrap(model, cfg.parallel, device)  # under torchrun: DDP or FSDP2
     optimizer = make_optimizer(model, cfg, device)
-    loss_fn = forward_loss(model, cfg.compile)
+    loss_fn = forward_loss(train_model, cfg.compile)
 
     # step 4
     start_step = 0
     state = load_state(out, device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_model_state(model, state["model"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step = state["step"]
         print(f"pretrain: resuming from step {start_step} of {cfg.max_steps}")
     log = MetricsLog(out, resume_step=start_step if state is not None else None)
 
     global_batch = cfg.batch_size * cfg.grad_accum
+    if global_batch % distributed.world_size():
+        raise UserError(f"--batch_size x --grad_accum = {global_batch} must be divisible by the number of processes "
+                        f"({distributed.world_size()})")
     tokens_per_step = global_batch * cfg.seq_len
-    peak = cfg.peak_flops or measure_peak_flops(device, precision)
+    peak = (cfg.peak_flops or measure_peak_flops(device, precision)) * distributed.world_size()
     flops_per_token = model.flops_per_token(cfg.seq_len)
     n_params = model.num_params()
     print(f"pretrain: {n_params / 1e6:.2f}M parameters, {meta['train_tokens']:,} train tokens, "
@@ -201,17 +209,18 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     # step 5
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress or not distributed.is_main(),
+               unit="step", dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start_step
     val_loss = None
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = (train.batch(step * global_batch + micro * cfg.batch_size + np.arange(cfg.batch_size),
-                                     device) for micro in range(cfg.grad_accum))
-        loss, grad_norm = train_step(loss_fn, model, optimizer, micro_batches, cfg.grad_accum, cfg.grad_clip,
-                                     device, precision)
+        # This rank's share of the step's samples (all of them in one process), in equal micro-batches.
+        shares = distributed.micro_batches(step * global_batch + np.arange(global_batch), cfg.batch_size)
+        loss, grad_norm = train_step(loss_fn, train_model, optimizer, (train.batch(ids, device) for ids in shares),
+                                     len(shares), cfg.grad_clip, device, precision)
         done = step + 1
 
         # step 6
@@ -220,6 +229,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             now = time.perf_counter()
             tps = (done - last_step) * tokens_per_step / (now - last_time)
             last_time, last_step = now, done
+            loss = distributed.all_mean(loss)[0]
             metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                             "perf/tokens_per_s": tps, "perf/mfu": tps * flops_per_token / peak,
                             "data/sample_index": int(step * global_batch)})
@@ -232,8 +242,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if metrics:
             log.log(done, metrics)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            save_state(out, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                       cfg.keep_states)
+            save_state(out, done, {"model": distributed.model_state(model),
+                                   "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
             last_time = time.perf_counter()
         bar.update(1)
     bar.close()
@@ -246,10 +256,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
              "unigram_entropy_nats": meta["unigram_entropy_nats"], "train_tokens": meta["train_tokens"],
              "steps": cfg.max_steps, "parameters": n_params}
     parent = str(cfg.init_from) if cfg.init_from else None
-    save_model(model, out, tokenizer, lineage={
-        "stage": "pretrain", "parent": parent, "tokenizer": str(tok_dir),
-        "data": data_record(cfg.inputs + cfg.val_inputs), "config": config_record(cfg), "metrics": final,
-    })
+    plain = distributed.gathered(model)  # the whole model, on rank 0 only
+    if plain is not None:
+        save_model(plain, out, tokenizer, lineage={
+            "stage": "pretrain", "parent": parent, "tokenizer": str(tok_dir),
+            "data": data_record(cfg.inputs + cfg.val_inputs), "config": config_record(cfg), "metrics": final,
+        })
     print(f"pretrain: done. val loss {val_loss:.3f} nats (ppl {final['val/ppl']:.2f}; unigram entropy "
           f"{meta['unigram_entropy_nats']:.3f}) -> {out}")
     return out

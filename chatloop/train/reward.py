@@ -42,6 +42,7 @@ from chatloop.errors import UserError
 from chatloop.io import atomic_write_json
 from chatloop.model import GPT, last_token_values
 from chatloop.tokenizer import Tokenizer
+from chatloop.train import distributed
 from chatloop.train.trainer import (
     MetricsLog,
     TrainConfig,
@@ -248,6 +249,7 @@ def reward_model(cfg: RMConfig) -> Path:
 
     # step 3
     model = load_model(cfg.model, device=device, head="scalar", dropout=0.0)
+    train_model = distributed.wrap(model, cfg.parallel, device)  # under torchrun: DDP or FSDP2
     optimizer = make_optimizer(model, cfg, device)
     per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum)))
     total_steps = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
@@ -258,8 +260,8 @@ def reward_model(cfg: RMConfig) -> Path:
     start_step = 0
     state = load_state(out, device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_model_state(model, state["model"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step = state["step"]
         print(f"rm: resuming from step {start_step} of {total_steps}")
     log = MetricsLog(out, resume_step=start_step if state is not None else None)
@@ -268,7 +270,8 @@ def reward_model(cfg: RMConfig) -> Path:
 
     # step 5
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress or not distributed.is_main(),
+               unit="step", dynamic_ncols=True)
     last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
     prompts_per_step = cfg.batch_size * cfg.grad_accum
     for step in range(start_step, total_steps):
@@ -280,14 +283,19 @@ def reward_model(cfg: RMConfig) -> Path:
             group["lr"] = lr
         loss_sum, correct, total = 0.0, 0, 0
         micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
-        for micro in micro_batches:
+        # Under torchrun: this rank's share of the step's prompts; the ranks' gradients are averaged, so each
+        # rank's part of the mean over the step's prompts is scaled by their number (weight 0: an empty share).
+        micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
+        scale = weight * distributed.world_size()
+        for m, micro in enumerate(micro_batches):
             groups = [train[i] for i in micro]
-            rewards = reward_scores(model, [s for g in groups for s in g.sequences], tokenizer.pad_id, device,
-                                    precision)
-            loss, c, t = grouped_loss(rewards, groups)
-            (loss * len(groups) / len(chosen)).backward()
-            loss_sum += loss.item() * len(groups) / len(chosen)
-            correct, total = correct + c, total + t
+            with distributed.no_sync(train_model, enabled=m < len(micro_batches) - 1):
+                rewards = reward_scores(train_model, [s for g in groups for s in g.sequences], tokenizer.pad_id,
+                                        device, precision)
+                loss, c, t = grouped_loss(rewards, groups)
+                (loss * len(groups) / len(chosen) * scale).backward()
+            loss_sum += loss.item() * len(groups) / len(chosen) * weight
+            correct, total = correct + int(c * weight), total + int(t * weight)
             responses_seen += sum(len(g.sequences) for g in groups)
             pairs_seen += t
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
@@ -296,13 +304,16 @@ def reward_model(cfg: RMConfig) -> Path:
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - last_time
+            loss_sum, correct, total, responses_seen, pairs_seen = distributed.all_sum(
+                loss_sum, correct, total, responses_seen, pairs_seen)
             log.log(done, {"train/loss": loss_sum, "train/accuracy": correct / max(1, total), "train/lr": lr,
                            "train/grad_norm": grad_norm, "perf/responses_per_s": responses_seen / elapsed,
                            "perf/comparisons_per_s": pairs_seen / elapsed})
             last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
             bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / max(1, total):.2f}")
         if done % cfg.save_every == 0 or done == total_steps:
-            save_state(out, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, cfg.keep_states)
+            save_state(out, done, {"model": distributed.model_state(model),
+                                   "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
             last_time = time.perf_counter()
         bar.update(1)
     bar.close()
@@ -324,10 +335,13 @@ def reward_model(cfg: RMConfig) -> Path:
 
     # step 7
     report = evaluate_rm(model, val, tokenizer.pad_id, device, precision, cfg.batch_size) if val else {}
+    final = distributed.gathered(model)  # the whole model, on rank 0 only
+    if final is None:
+        return out
     if report:
         print_eval(report)
         atomic_write_json(out / "eval.json", report)
-    save_model(model, out, tokenizer, lineage={
+    save_model(final, out, tokenizer, lineage={
         "stage": "rm", "parent": cfg.model, "data": data_record(cfg.data + cfg.val_data + cfg.reference),
         "config": config_record(cfg),
         "metrics": {"val/accuracy": report.get("accuracy"), "val/log_loss": report.get("log_loss"),

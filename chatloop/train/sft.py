@@ -43,6 +43,7 @@ from chatloop.engine import generate
 from chatloop.errors import UserError
 from chatloop.model import GPT, last_token_values
 from chatloop.tokenizer import Tokenizer
+from chatloop.train import distributed
 from chatloop.train.trainer import (
     MetricsLog,
     TrainConfig,
@@ -216,8 +217,9 @@ def mean_rm_score(policy: GPT, reward_model: GPT, tokenizer: Tokenizer, prompts:
     encoded = [tokenizer.render_chat(p, add_generation_prompt=True)[0] for p in prompts]
     room = policy.cfg.max_seq_len - max(len(e) for e in encoded)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    rollout = generate(policy, encoded, max(1, min(cfg.max_new_tokens, room)), tokenizer.pad_id,
-                       tokenizer.stop_ids, temperature=1.0, generator=generator)
+    with distributed.whole_for_inference(policy) as whole:
+        rollout = generate(whole, encoded, max(1, min(cfg.max_new_tokens, room)), tokenizer.pad_id,
+                           tokenizer.stop_ids, temperature=1.0, generator=generator)
     values = reward_model(rollout.tokens, attention_mask=rollout.attention_mask)
     policy.train()
     return last_token_values(values, rollout.attention_mask).mean().item()
@@ -268,6 +270,7 @@ def sft(cfg: SFTConfig) -> Path:
     model = load_model(cfg.model, device=device, dropout=cfg.dropout)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    train_model = distributed.wrap(model, cfg.parallel, device)  # under torchrun: DDP or FSDP2
     optimizer = make_optimizer(model, cfg, device)
     lengths = [len(e.ids) for e in train]
     plan = []  # (epoch, rows of one micro-batch)
@@ -288,8 +291,8 @@ def sft(cfg: SFTConfig) -> Path:
     epoch_metrics: list[dict] = []
     state = load_state(out, device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_model_state(model, state["model"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step, epoch_metrics = state["step"], state["epoch_metrics"]
         print(f"sft: resuming from step {start_step} of {total_steps}")
     log = MetricsLog(out, resume_step=start_step if state is not None else None)
@@ -307,19 +310,26 @@ def sft(cfg: SFTConfig) -> Path:
         epoch_metrics.append({"epoch": 0, "step": 0, "val/loss": initial})
         print(f"sft: before fine-tuning: val/loss {initial:.4f}")
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress or not distributed.is_main(),
+               unit="step", dynamic_ncols=True)
     last_time, tokens_seen = time.perf_counter(), 0
     for step in range(start_step, total_steps):
         epoch, micro_batches = plan[step]
         lr = lr_at(step, schedule_cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # Under torchrun: this rank's share of the step's rows; the loss is normalised by the learned tokens of
+        # the whole step and scaled by the number of ranks, whose gradients are averaged.
+        micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
         batches = [collate(rows, train, tokenizer.pad_id, device) for rows in micro_batches]
-        n_learned = sum(int((b[1] != -100).sum()) for b in batches)
+        n_learned = distributed.all_sum(sum(int((b[1] != -100).sum()) for b in batches) * weight)[0]
+        scale = weight * distributed.world_size()
         loss_sum = 0.0
-        for ids, labels, positions, mask in batches:
-            loss = token_losses(model, ids, labels, positions, mask, device, precision).sum() / n_learned
-            loss.backward()
+        for i, (ids, labels, positions, mask) in enumerate(batches):
+            with distributed.no_sync(train_model, enabled=i < len(batches) - 1):
+                loss = token_losses(train_model, ids, labels, positions, mask, device, precision).sum() * scale \
+                    / n_learned
+                loss.backward()
             loss_sum += loss.item()
             tokens_seen += ids.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
@@ -329,6 +339,7 @@ def sft(cfg: SFTConfig) -> Path:
         metrics: dict[str, float] = {}
         if done % cfg.log_every == 0 or done == total_steps:
             now = time.perf_counter()
+            loss_sum, tokens_seen = distributed.all_mean(loss_sum)[0], distributed.all_sum(tokens_seen)[0]
             metrics.update({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
                             "perf/tokens_per_s": tokens_seen / (now - last_time), "data/epoch": epoch})
             last_time, tokens_seen = now, 0
@@ -342,8 +353,10 @@ def sft(cfg: SFTConfig) -> Path:
                 prompts = [e.prompt for e in val[: cfg.rm_prompts]]
                 row["val/rm_score"] = mean_rm_score(model, reward_model, tokenizer, prompts, cfg, device)
             epoch_dir = out / "epochs" / f"epoch-{epoch + 1}"
-            save_model(model, epoch_dir, tokenizer, lineage={"stage": "sft-epoch", "parent": cfg.model,
-                                                             "metrics": row})
+            plain = distributed.gathered(model)  # the whole model, on rank 0 only
+            if plain is not None:
+                save_model(plain, epoch_dir, tokenizer, lineage={"stage": "sft-epoch", "parent": cfg.model,
+                                                                 "metrics": row})
             epoch_metrics.append(row)
             metrics.update({k: v for k, v in row.items() if k.startswith("val/")})
             last_time, tokens_seen = time.perf_counter(), 0
@@ -351,7 +364,8 @@ def sft(cfg: SFTConfig) -> Path:
         if metrics:
             log.log(done, metrics)
         if done % cfg.save_every == 0 or done in epoch_ends or done == total_steps:
-            save_state(out, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_state(out, done, {"model": distributed.model_state(model),
+                                   "optimizer": distributed.optimizer_state(model, optimizer),
                                    "epoch_metrics": epoch_metrics}, cfg.keep_states)
             last_time = time.perf_counter()
         bar.update(1)
@@ -359,6 +373,8 @@ def sft(cfg: SFTConfig) -> Path:
     log.close()
 
     # step 7
+    if not distributed.is_main():
+        return out
     key = "val/rm_score" if select_by == "rm_score" else "val/loss"
     trained = [r for r in epoch_metrics if r["epoch"] > 0]
     best = (max if select_by == "rm_score" else min)(trained, key=lambda r: r[key])

@@ -26,6 +26,7 @@ import torch
 
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_text
+from chatloop.train import distributed
 
 
 @dataclass
@@ -80,12 +81,18 @@ class TrainConfig:
     """Peak FLOP/s of the device in the chosen precision, for MFU; 0 measures a matmul at start."""
     progress: bool = True
     """Show a progress bar."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun (several processes): "ddp" keeps a whole model on every rank and averages gradients;
+    "fsdp" shards parameters, gradients and optimizer states over the ranks (FSDP2), for models that do not
+    fit on one device. Ignored in a single process. See docs/SCALING.md."""
 
 
 # ---------------------------------------------------------------- device and precision
 
 
 def resolve_device(name: str) -> torch.device:
+    if distributed.launched():
+        return distributed.init(name)  # torchrun: join the process group, one device per rank
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -182,7 +189,13 @@ def _state_dir(out: Path) -> Path:
 
 
 def save_state(out: Path, step: int, state: dict[str, Any], keep: int) -> None:
-    """Write state atomically: a temporary directory, renamed, then the `latest` pointer replaced."""
+    """Write state atomically: a temporary directory, renamed, then the `latest` pointer replaced.
+
+    Under torchrun every rank calls this with the full states (distributed.model_state) and rank 0 writes.
+    """
+    if not distributed.is_main():
+        distributed.barrier()  # wait until rank 0 has written it
+        return
     root = _state_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -203,6 +216,7 @@ def save_state(out: Path, step: int, state: dict[str, Any], keep: int) -> None:
     states = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in states[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
 
 
 def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
@@ -230,10 +244,13 @@ class MetricsLog:
     """metrics.jsonl (one JSON object per row, flushed) and TensorBoard scalars under `tb/`.
 
     On resume, rows past the resumed step are dropped first, so every step appears once in the file even
-    after a crash replayed part of the run.
+    after a crash replayed part of the run. Under torchrun only rank 0 writes; on the others it does nothing.
     """
 
     def __init__(self, out: Path, resume_step: int | None) -> None:
+        self.enabled = distributed.is_main()
+        if not self.enabled:
+            return
         self.path = out / "metrics.jsonl"
         out.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -255,6 +272,8 @@ class MetricsLog:
         self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -263,6 +282,8 @@ class MetricsLog:
                 self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         self.tb.close()
 
