@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import queue
@@ -31,6 +32,13 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 KEYS = ["sk-alice:alice", "sk-bob:bob", "sk-quiet:carol:nolog"]
+
+
+def run_async(coroutine):
+    """asyncio.run in a thread of its own: Playwright's sync API (the session's `browser` fixture) keeps an event
+    loop running in the main thread once a browser test has started it."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +259,7 @@ def test_concurrent_requests_are_batched(live):
 
     live.server.batcher.stats.max_rows = 0  # the most rows in one step from here on
     before = httpx.get(f"{live.url}/v1/stats", headers={"Authorization": "Bearer sk-alice"}).json()
-    assert asyncio.run(main()) == [30] * 8
+    assert run_async(main()) == [30] * 8
     after = httpx.get(f"{live.url}/v1/stats", headers={"Authorization": "Bearer sk-alice"}).json()
     steps, rows = after["steps"] - before["steps"], after["row_steps"] - before["row_steps"]
     assert rows == 8 * 30
@@ -282,7 +290,7 @@ def test_a_full_queue_answers_429(model_dir, tmp_path):
                                                extra_body={"min_tokens": 48}) for _ in range(4)]
             return await asyncio.gather(*calls, return_exceptions=True)
 
-        results = asyncio.run(main())
+        results = run_async(main())
         refused = [r for r in results if isinstance(r, openai.RateLimitError)]
         assert refused and refused[0].body["code"] == "rate_limit_exceeded"
         assert all(r.usage.completion_tokens == 48 for r in results if not isinstance(r, Exception))
