@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -26,6 +27,14 @@ def need(path: Path) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def need_module(name: str):
+    """An optional test dependency (a Python module): skipped when missing on a developer machine, a failure
+    under CI, where `make test` installs it."""
+    if IN_CI:
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +80,7 @@ CHROMIUM = os.environ.get("CHATLOOP_CHROMIUM", "/usr/bin/chromium")
 def browser():
     """Playwright driving Debian's chromium (installed by `make setup`); nothing is downloaded."""
     need(Path(CHROMIUM))
-    playwright_api = pytest.importorskip("playwright.sync_api") if not IN_CI else __import__(
-        "playwright.sync_api", fromlist=["sync_playwright"])
+    playwright_api = need_module("playwright.sync_api")
     with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from tests.conftest import need_module
+
+transformers = need_module("transformers")
 
 from chatloop.checkpoint import load_model, read_lineage, save_model  # noqa: E402
 from chatloop.errors import UserError  # noqa: E402

@@ -14,7 +14,7 @@ from chatloop.errors import UserError
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.reward import Group, encode_rankings, grouped_loss, reward_scores
-from tests.conftest import need, run_cli
+from tests.conftest import need, need_module, run_cli
 
 
 def test_grouped_loss_equals_the_mean_of_pairwise_losses_on_a_hand_computed_case():
@@ -126,7 +126,7 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     sequences = [tok.render_chat(d["messages"])[0] for d in demos]
     scores = reward_scores(rm, sequences, tok.pad_id, torch.device("cpu"))
     assert abs(scores.mean().item()) < 1e-3  # the bias centres the reference answers
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         raw = hf(input_ids=torch.tensor([sequences[0]])).logits[0, 0].item()

@@ -26,10 +26,10 @@ from chatloop.model import GPT, preset
 from chatloop.serve.api import ServeConfig, build, create_app
 from chatloop.serve.batcher import Batcher, Job, Sampling
 from chatloop.tokenizer import SPECIAL_TOKENS, Tokenizer
-from tests.conftest import run_cli
+from tests.conftest import need_module, run_cli
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+openai = need_module("openai")
+uvicorn = need_module("uvicorn")
 
 KEYS = ["sk-alice:alice", "sk-bob:bob", "sk-quiet:carol:nolog"]
 

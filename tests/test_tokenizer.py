@@ -2,6 +2,7 @@ import pytest
 
 from chatloop.errors import UserError
 from chatloop.tokenizer import EOS, PAD, Tokenizer, TokenizerConfig, train_tokenizer
+from tests.conftest import need_module
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -39,7 +40,7 @@ def test_chat_loss_mask_covers_assistant_content_and_end_of_turn_only(tokenizer_
 
 
 def test_transformers_loads_it_and_its_chat_template_renders_the_same_ids(tokenizer_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers")
     tok = Tokenizer.load(tokenizer_dir)
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     assert hf.eos_token == EOS and hf.pad_token == PAD
