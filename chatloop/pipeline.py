@@ -183,9 +183,11 @@ def print_summary(root: Path, report: dict) -> None:
     for pair, w in report["win_rates"].items():
         if "(gold)" in pair:
             print(f"  win rate {pair}: {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}]")
-    rm_eval = root / "round-1" / "rm" / "eval.json"
+    last = max(root.glob("round-*"), key=lambda d: int(d.name.split("-")[1]), default=root / "round-1")
+    rm_eval = last / "rm" / "eval.json"
     if rm_eval.is_file():
-        print(f"  RM held-out accuracy (round 1, against labelers): {json.loads(rm_eval.read_text())['accuracy']:.3f}")
+        accuracy = json.loads(rm_eval.read_text())["accuracy"]
+        print(f"  RM held-out accuracy ({last.name}, against labelers): {accuracy:.3f}")
     if "rm_accuracy_vs_gold" in report:
         print(f"  RM accuracy against the gold judge (held-out prompts, SFT and RL answers): "
               f"{rl_rm_accuracy(report['rm_accuracy_vs_gold']):.3f}")
