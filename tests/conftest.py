@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,9 +71,37 @@ def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
     return out
 
 
+def cli_command(*args: str) -> list[str]:
+    """The command line of `chatloop ARGS` in a fresh interpreter."""
+    return [sys.executable, "-m", "chatloop.cli", *args]
+
+
+def metric_rows(out: Path) -> list[dict]:
+    """A stage's metrics.jsonl rows written so far: none before the file exists; a kill can tear the last line."""
+    path = out / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def kill_when(command: list[str], ready: Callable[[], bool], timeout: float) -> None:
+    """Start `command` and SIGKILL it as soon as `ready()` holds (or stop waiting when it exits or time is up)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`chatloop ARGS` in a fresh interpreter, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "chatloop.cli", *args], capture_output=True, text=True,
+    return subprocess.run(cli_command(*args), capture_output=True, text=True,
                           cwd=cwd, timeout=timeout)
 
 

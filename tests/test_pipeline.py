@@ -1,17 +1,13 @@
 """`chatloop run` end to end on a shortened loop: every stage runs and leaves its artifacts."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from chatloop.checkpoint import is_complete
 from chatloop.data.formats import read_records
-from tests.conftest import run_cli
+from tests.conftest import cli_command, kill_when, run_cli
 
 SHORT = [
     "--world.pretrain_mb=0.3", "--world.prompts=600", "--world.demonstrations=300", "--world.eval_prompts=40",
@@ -63,15 +59,10 @@ def test_kill_9_in_every_training_stage_then_the_same_command_ends_with_the_same
     reference = tmp_path / "reference"
     assert run_cli("run", f"--out={reference}", *SHORT, timeout=600).returncode == 0
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "chatloop.cli", "run", f"--out={out}", *SHORT, "--pretrain.save_every=10",
-               "--sft.save_every=2", "--rm.save_every=1"]
+    command = cli_command("run", f"--out={out}", *SHORT, "--pretrain.save_every=10", "--sft.save_every=2",
+                          "--rm.save_every=1")
     for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx"):
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not (out / stage / "train_state" / "latest").exists():
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when(command, (out / stage / "train_state" / "latest").exists, timeout=300)
         assert not is_complete(out / stage), f"{stage} finished before the kill"
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,17 +1,12 @@
 """Pretraining end to end through the CLI: learning, kill -9 and resume, bad input."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from chatloop.checkpoint import is_complete, load_model
-from tests.conftest import run_cli
+from tests.conftest import cli_command, kill_when, metric_rows, run_cli
 
 TINY = ["--preset=tiny", "--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--seq_len=32",
         "--batch_size=8", "--progress=false", "--warmup_steps=5", "--lr=3e-3"]
@@ -50,17 +45,10 @@ def test_kill_9_then_the_same_command_continues_with_the_same_batches_and_losses
     assert run_cli(*pretrain_args(tokenizer_dir, corpus_file, reference, *common)).returncode == 0
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "chatloop.cli", *pretrain_args(tokenizer_dir, corpus_file, out, *common)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and len(metrics_safe(out)) >= 25:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cli_command(*pretrain_args(tokenizer_dir, corpus_file, out, *common)),
+              lambda: len(metric_rows(out)) >= 25, timeout=120)
     assert not is_complete(out)
-    killed_at = len(metrics_safe(out))
+    killed_at = len(metric_rows(out))
     assert 25 <= killed_at < 60
 
     result = run_cli(*pretrain_args(tokenizer_dir, corpus_file, out, *common))
@@ -73,16 +61,6 @@ def test_kill_9_then_the_same_command_continues_with_the_same_batches_and_losses
         assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-5)
     assert json.loads((out / "chatloop.json").read_text())["metrics"]["val/loss"] == pytest.approx(
         json.loads((reference / "chatloop.json").read_text())["metrics"]["val/loss"], abs=1e-5)
-
-
-def metrics_safe(out: Path) -> list[dict]:
-    rows = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
 
 
 @pytest.mark.parametrize(

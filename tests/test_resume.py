@@ -2,11 +2,6 @@
 where an uninterrupted run ends (pretraining has its own, stricter test in test_pretrain.py)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,35 +10,9 @@ import torch
 from chatloop.checkpoint import is_complete, save_model
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
-from tests.conftest import run_cli
+from tests.conftest import cli_command, kill_when, metric_rows, run_cli
 
 COLORS = ["red", "blue", "green", "brown"]
-
-
-def rows_so_far(out: Path) -> list[dict]:
-    """metrics.jsonl rows written so far (a kill can leave a torn last line)."""
-    rows = []
-    path = out / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
-def kill_after(args: list[str], out: Path, rows: int, timeout: float = 180) -> int:
-    """Start `chatloop ARGS`, SIGKILL it once `rows` metric rows exist and a train state was saved; the rows then."""
-    proc = subprocess.Popen([sys.executable, "-m", "chatloop.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if len(rows_so_far(out)) >= rows and (out / "train_state" / "latest").exists():
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return len(rows_so_far(out))
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +55,18 @@ def test_kill_9_mid_stage_then_the_same_command_finishes_like_an_uninterrupted_r
                                                                                     loss_key):
     reference = tmp_path / "reference"
     assert run_cli(*stage_args(stage, models, reference)).returncode == 0
-    want = rows_so_far(reference)
+    want = metric_rows(reference)
 
     out = tmp_path / "killed"
-    killed_at = kill_after(stage_args(stage, models, out), out, rows=4)
+    kill_when(cli_command(*stage_args(stage, models, out)),
+              lambda: len(metric_rows(out)) >= 4 and (out / "train_state" / "latest").exists(), timeout=180)
+    killed_at = len(metric_rows(out))
     assert not is_complete(out) and 4 <= killed_at < want[-1]["step"]
 
     result = run_cli(*stage_args(stage, models, out))
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stdout
-    got = rows_so_far(out)
+    got = metric_rows(out)
     assert [r["step"] for r in got] == [r["step"] for r in want]  # every step exactly once
     for a, b in zip(got, want):
         assert loss_key in a or a["step"] == 0
