@@ -219,6 +219,32 @@ def alternate(workers: dict[str, Worker], op: str, rounds: int) -> dict[str, lis
     return times
 
 
+def run_sides(script: str, spec: dict[str, Any], sides: tuple[str, ...], tmp: Path, warmup: int, steps: int,
+              verbose: bool) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], dict[str, dict[str, Any]]]:
+    """Each side's worker started and warmed up in turn (a setup must not overlap another side's warmup), then
+    `steps` rounds of one "step" per side in an order that flips every round; each side's step replies, setup
+    seconds and memory report."""
+    workers: dict[str, Worker] = {}
+    setup: dict[str, float] = {}
+    replies: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    try:
+        for side in sides:
+            start = time.perf_counter()
+            workers[side] = Worker(script, {**spec, "side": side, "out": str(tmp / f"out-{side}")}, verbose)
+            workers[side].call("ready")
+            setup[side] = time.perf_counter() - start
+            for _ in range(warmup):
+                workers[side].call("step")
+        for r in range(steps):
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                replies[side].append(workers[side].call("step"))
+        memory = {side: w.call("memory") for side, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.close()
+    return replies, setup, memory
+
+
 def summary(seconds: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "n": len(seconds)}
 

@@ -319,25 +319,8 @@ def parity_check(directory: Path, sequences: list[list[int]], pad_id: int) -> di
 
 def run_pair(spec: dict[str, Any], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Both sides of one K: warmup, alternating timed steps, memory."""
-    workers: dict[str, _bench.Worker] = {}
-    setup: dict[str, float] = {}
-    replies: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
-    try:
-        for side in ("ours", "trl"):  # one after the other: a setup must not overlap the other's warmup
-            start = time.perf_counter()
-            workers[side] = _bench.Worker(__file__, {**spec, "side": side, "out": str(tmp / f"out-{side}")},
-                                          args.verbose)
-            workers[side].call("ready")
-            setup[side] = time.perf_counter() - start
-            for _ in range(args.warmup):
-                workers[side].call("step")
-        for r in range(args.steps):
-            for side in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
-                replies[side].append(workers[side].call("step"))
-        memory = {side: w.call("memory") for side, w in workers.items()}
-    finally:
-        for w in workers.values():
-            w.close()
+    replies, setup, memory = _bench.run_sides(__file__, spec, ("ours", "trl"), tmp, args.warmup, args.steps,
+                                              args.verbose)
     key = "cpu_seconds" if args.clock == "cpu" else "seconds"
     result: dict[str, Any] = {}
     for side, rows in replies.items():
