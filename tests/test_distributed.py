@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 
 from chatloop.checkpoint import load_model
 from tests import test_resume
-from tests.conftest import run_cli
-from tests.test_resume import rows_so_far
+from tests.conftest import metric_rows, run_cli
 
 models = test_resume.models  # the fixture: a tiny base model, a reward model, demonstrations, rankings, prompts
 
@@ -90,7 +89,7 @@ def test_one_pretrain_step_on_two_processes_equals_one_process(tmp_path, tokeniz
     assert_same_step(one, weights(out), start)
     assert load_model(out).cfg.n_layer == 2
     assert result.stdout.count("pretrain: done") == 1  # printed by rank 0 only
-    assert len(rows_so_far(out)) == 1
+    assert len(metric_rows(out)) == 1
 
 
 def _stat(proc_dir: Path) -> list[str]:
@@ -121,7 +120,7 @@ def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     deadline = time.time() + 600  # a loaded machine can take minutes to start two processes
     while time.time() < deadline and proc.poll() is None:
-        if len(rows_so_far(out)) >= 10:
+        if len(metric_rows(out)) >= 10:
             break
         time.sleep(0.02)
     # torchrun starts each worker in a session of its own: kill the workers (the launcher's children) and it.
@@ -138,12 +137,12 @@ def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp
         # processes wrote half-way, as if it had been killed there.
         (out / "chatloop.json").unlink()
         (out / "train_state" / "latest").write_text("step-00000012\n")
-    assert len(rows_so_far(out)) >= 10
+    assert len(metric_rows(out)) >= 10
 
     resumed = single(*pretrain_args(tokenizer_dir, corpus_file, out, *common))
     resumed_at = int(resumed.stdout.split("resuming from step ")[1].split()[0])
     assert resumed_at >= 8  # a state the two processes wrote (every 4 steps; killed after 10)
-    rows, expected = rows_so_far(out), rows_so_far(reference)
+    rows, expected = metric_rows(out), metric_rows(reference)
     assert [r["step"] for r in rows] == list(range(1, 31))  # every step once, none lost or repeated
     assert [r["data/sample_index"] for r in rows] == [r["data/sample_index"] for r in expected]
     for got, want in zip(rows, expected):
@@ -206,7 +205,7 @@ def test_one_ppo_iteration_on_two_processes_equals_one_process(tmp_path, models,
     states = [torch.load(d / "train_state" / "step-00000001" / "state.pt", weights_only=False) for d in (one, two)]
     for key in ("policy", "value"):
         assert max((states[0][key][k] - states[1][key][k]).abs().max().item() for k in states[0][key]) < TOL
-    first, second = rows_so_far(one)[0], rows_so_far(two)[0]
+    first, second = metric_rows(one)[0], metric_rows(two)[0]
     for key in ("objective/kl", "objective/scores", "objective/entropy", "reward/mean", "reward/std", "returns/mean",
                 "response/length", "value/explained_variance"):
         assert first[key] == pytest.approx(second[key], abs=1e-4), key
