@@ -13,10 +13,10 @@ Everything goes under runs/bench-rm-real/ (gitignored); nothing is downloaded.
 No pretrained model is available offline, so the script builds one, with the CLI at every stage:
 
 1. Held-out split. `chatloop rm` holds out --val-fraction of the ranked prompts of its --data with
-   `split_by_prompt(rankings, val_fraction, seed)`; this script calls that same function on the same list
+   `split_by_conversation(rankings, val_fraction, seed)`; this script calls that same function on the same list
    first, so that no held-out ranking goes into the tokenizer's or the pretraining text. (The split is by
-   ranking record, so text can still be shared: an OpenAssistant tree yields several rankings, and a deeper
-   one's prompt contains a reply ranked by a shallower one; HH has repeated opening turns.) HH records that
+   conversation: the rankings of one OpenAssistant tree, and HH records with the same opening turn, land on one
+   side.) HH records that
    chatloop rejects are skipped (counted) and the rest written as a chatloop rankings file (see the note on
    skip_invalid in BENCHMARKS.md); the OpenAssistant file is read as it is.
 2. `chatloop tokenizer`: a byte-level BPE (--vocab) on the plain text of the corpus below.
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     from chatloop.data.formats import ranking_pairs
     from chatloop.data.importers import read_demonstrations, read_rankings
     from chatloop.tokenizer import Tokenizer
-    from chatloop.train.reward import split_by_prompt
+    from chatloop.train.reward import split_by_conversation
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                             "batch_size": 16, "out": run_dir / "rm-hh"},
     }
     for name, s in sets.items():
-        s["train"], s["val"] = split_by_prompt(s["rankings"], args.val_fraction, SEED)
+        s["train"], s["val"] = split_by_conversation(s["rankings"], args.val_fraction, SEED)
         train_trees = {tree_of(r) for r in s["train"]}
         train_prompts = {json.dumps(r["prompt"]) for r in s["train"]}
         s["val_sharing_first_turn"] = sum(tree_of(r) in train_trees for r in s["val"])

@@ -47,6 +47,18 @@ def test_ties_produce_no_pair_and_all_tied_prompts_are_dropped(tokenizer_dir):
     assert len(groups) == 1 and groups[0].pairs == [(1, 0), (1, 2)]
 
 
+def test_an_over_long_response_is_cut_but_keeps_its_end_of_turn_token(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    long, short = "the red fox runs " * 40, "the red fox"
+    groups = encode_rankings([{"prompt": "where does the fox run?", "responses": [long, short], "ranks": [2, 1]}],
+                             tok, 32)
+    cut, whole = groups[0].sequences
+    assert len(cut) == 32 and cut[-1] == tok.end_of_turn_id  # the reward is read at an end of turn
+    assert cut[1:-1] == tok.encode(long)[: 30] and cut[0] == tok.render_chat(
+        [{"role": "user", "content": "where does the fox run?"}], add_generation_prompt=True)[0][-1]
+    assert whole[-1] == tok.end_of_turn_id and whole[-len(tok.encode(short)) - 1 : -1] == tok.encode(short)
+
+
 def test_exactly_one_forward_pass_per_response(tokenizer_dir):
     tok = Tokenizer.load(tokenizer_dir)
     model = GPT(GPTConfig("llama", tok.vocab_size, 1, 2, 2, 32, max_seq_len=64, head="scalar"))
@@ -140,7 +152,7 @@ def test_val_data_is_used_as_given_and_skip_invalid_still_splits(tmp_path, token
     good = {"prompt": "q", "responses": ["the red fox", "the dog"], "ranks": [1, 2]}
     data, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     data.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "", "responses": ["a", "b"], "ranks": [1, 2]})
-                    + "\n" + (json.dumps(good) + "\n") * 9)
+                    + "\n" + "".join(json.dumps({**good, "prompt": f"q{i}"}) + "\n" for i in range(9)))
     val.write_text((json.dumps(good) + "\n") * 7)
     common = ["--epochs=1", "--batch_size=4", "--seq_len=64", "--progress=false"]
     given = run_cli("rm", f"--model={base}", f"--data={data}", f"--val_data={val}", "--skip_invalid",
@@ -151,3 +163,24 @@ def test_val_data_is_used_as_given_and_skip_invalid_still_splits(tmp_path, token
                     f"--out={tmp_path / 'b'}", *common)
     assert split.returncode == 0, split.stderr  # skipped records used to leave the split undone
     assert "skipped 1 invalid record" in split.stdout
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["prompts"] == 2  # 2 of the 10 conversations
+
+
+def test_the_held_out_split_keeps_each_conversation_on_one_side():
+    from chatloop.train.reward import split_by_conversation
+
+    def tree(root: str, depth: int) -> dict:  # a ranking deeper in a conversation that starts with `root`
+        messages = [{"role": "user", "content": root}] + [
+            {"role": r, "content": f"{root} turn {i}"} for i, r in enumerate(["assistant", "user"] * depth)]
+        return {"prompt": messages if depth else root, "responses": ["a", "b"], "ranks": [1, 2]}
+
+    rankings = [tree(f"conversation {c}", depth) for c in range(20) for depth in range(3)]
+    train, held = split_by_conversation(rankings, 0.25, seed=0)
+    assert len(held) == 5 * 3 and len(train) + len(held) == len(rankings)
+    roots = {json.dumps(r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][0]["content"]) for r in held}
+    assert len(roots) == 5
+    assert not roots & {json.dumps(r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][0]["content"])
+                        for r in train}
+    assert split_by_conversation(rankings, 0.25, seed=0) == (train, held)  # deterministic
+    one = [tree("the only one", 0), tree("the only one", 1)]
+    assert split_by_conversation(one, 0.5, seed=0) == (one, [])  # never hold out everything

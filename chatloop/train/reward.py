@@ -3,7 +3,7 @@
 Steps:
   1. Skip if OUT already holds a finished checkpoint (unless --eval only evaluates one).
   2. Read rankings (chatloop K-wise rankings, pairwise chosen/rejected, OpenAssistant trees, Anthropic HH)
-     and hold out a validation split (by prompt).
+     and hold out a validation split (whole conversations: rankings sharing a first user message).
   3. Start from the SFT checkpoint with a scalar head ~ N(0, 1/sqrt(d+1)) in place of the unembedding.
   4. Resume from the newest training state, if any.
   5. Train (1 epoch by default, cosine to 10%): a batch is a set of prompts; all K responses of all its
@@ -67,9 +67,9 @@ class RMConfig(TrainConfig):
     data: list[str] = field(default_factory=list)
     """Ranking files: chatloop rankings or pairwise records, OpenAssistant trees, Anthropic HH transcripts."""
     val_data: list[str] = field(default_factory=list)
-    """Held-out rankings; when empty, val_fraction of the prompts of `data`."""
+    """Held-out rankings; when empty, val_fraction of the conversations of `data`."""
     val_fraction: float = 0.1
-    """Share of the ranked prompts held out when val_data is empty."""
+    """Share of the conversations (rankings grouped by first user message) held out when val_data is empty."""
     skip_invalid: bool = False
     """Skip invalid records (reporting how many and why) instead of stopping at the first one."""
     reference: list[str] = field(default_factory=list)
@@ -108,7 +108,11 @@ class Group:
 
 
 def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) -> list[Group]:
-    """Tokenize each (prompt, response); rankings whose responses all tie (no pair) are dropped."""
+    """Tokenize each (prompt, response); rankings whose responses all tie (no pair) are dropped.
+
+    Over-long sequences lose the prompt's start first; a response longer than seq_len - 1 is cut but keeps its
+    end-of-turn token last, so every reward is read at an end of turn, as PPO reads it (OpenRLHF does the same).
+    """
     groups = []
     for r in rankings:
         pairs = ranking_pairs(r["ranks"])
@@ -118,7 +122,8 @@ def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) ->
         sequences = []
         for response in r["responses"]:
             answer = tokenizer.encode(response) + [tokenizer.end_of_turn_id or tokenizer.eos_id]
-            answer = answer[: seq_len - 1]
+            if len(answer) > seq_len - 1:
+                answer = answer[: seq_len - 2] + answer[-1:]
             sequences.append(prompt_ids[-(seq_len - len(answer)):] + answer)
         groups.append(Group(sequences, r["ranks"], pairs))
     return groups
@@ -203,10 +208,17 @@ def print_eval(report: dict) -> None:
         f"{c['confidence']}: {c['accuracy']:.2f} (n={c['pairs']})" for c in report["calibration"]))
 
 
-def split_by_prompt(rankings: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    order = np.random.default_rng(seed).permutation(len(rankings))
-    n_val = max(1, int(len(rankings) * fraction))
-    return [rankings[i] for i in order[n_val:]], [rankings[i] for i in order[:n_val]]
+def split_by_conversation(rankings: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): about `fraction` of the conversations held out whole. Rankings that share their first
+    user message (the ranked replies of one OpenAssistant tree at every depth, a prompt ranked twice) land on the
+    same side, so no held-out pair has a sibling in training."""
+    def conversation(ranking: dict) -> str:
+        return next((m["content"] for m in prompt_messages(ranking["prompt"]) if m["role"] == "user"), "")
+
+    keys = sorted({conversation(r) for r in rankings})
+    order = np.random.default_rng(seed).permutation(len(keys))
+    held = {keys[i] for i in order[: min(max(1, int(len(keys) * fraction)), len(keys) - 1)]}  # train on >= 1
+    return ([r for r in rankings if conversation(r) not in held], [r for r in rankings if conversation(r) in held])
 
 
 def reward_model(cfg: RMConfig) -> Path:
@@ -239,7 +251,7 @@ def reward_model(cfg: RMConfig) -> Path:
     if cfg.val_data:
         train_r, val_r = rankings, [r for p in cfg.val_data for r in read_rankings(p, cfg.skip_invalid, skipped)]
     else:
-        train_r, val_r = split_by_prompt(rankings, cfg.val_fraction, cfg.seed)
+        train_r, val_r = split_by_conversation(rankings, cfg.val_fraction, cfg.seed)
     if skipped:
         print(f"rm: skipped {sum(skipped.values())} invalid record(s): "
               + "; ".join(f"{n} x {why}" for why, n in skipped.most_common()))
