@@ -111,3 +111,55 @@ def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward
         assert row["objective/kl"] >= -0.05  # untruncated sampling: the KL estimate is not negative
         assert abs(row["objective/kl"]) < 1.0  # nothing to gain: the policy stays at the reference
     assert (out / "samples.jsonl").is_file() and (out / "chatloop.json").is_file()
+
+
+def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
+    """--gold_world: each episode's score is gold_scale x the judge's score of its own prompt and response."""
+    import random
+
+    from chatloop.data.judge import Task, ideal
+    from chatloop.data.world import World
+    from chatloop.engine import Rollout
+    from chatloop.train.ppo import GoldReward
+
+    root, tok = tiny_rl
+    world = World.generate(0)
+    rng = random.Random(0)
+    tasks = [Task(kind, world.sample_slots(kind, rng) or {}) for kind in ("qa_color", "gen_sentence", "oth_math")]
+    prompts = [world.render_core(t, rng) for t in tasks]
+    encoded = [tok.render_chat([{"role": "user", "content": p}], True)[0] for p in prompts]
+    answers = [ideal(world, tasks[0]), ideal(world, tasks[1]), "Hello there."]  # the last answers nothing
+    stop = tok.stop_ids[0]
+    ids = [tok.encode(a) + [stop] for a in answers]
+    width = max(map(len, ids))
+    response = torch.tensor([i + [tok.pad_id] * (width - len(i)) for i in ids])
+    mask = response != tok.pad_id
+    rollout = Rollout(tokens=response, attention_mask=mask, prompt_len=0, response=response,
+                      logprobs=torch.zeros(response.shape), mask=mask, ended=torch.tensor([True, True, False]))
+    gold = GoldReward(world, tok, scale=3.0)
+    gold.prompts = {tuple(e): p for e, p in zip(encoded, prompts)}
+    scores = gold.scores(encoded, rollout)
+    expected = [3.0 * world.judge(p, a, ended=e).score for p, a, e in zip(prompts, answers, [True, True, False])]
+    assert scores.tolist() == pytest.approx(expected)
+    assert scores[0] > 2.5 and scores[1] > 2.5 and scores[2] < 1.5  # ideal answers score ~1, a non-answer less
+    # Swapping the prompts changes the scores: each response is judged against its own prompt.
+    swapped = gold.scores([encoded[1], encoded[0], encoded[2]], rollout)
+    assert swapped[0] < scores[0] and swapped[1] < scores[1]
+
+    # Through the CLI: a short run scores with the judge (no reward model); its samples carry 3 x gold.
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text(json.dumps(world.to_json()))
+    world_prompts = tmp_path / "prompts.jsonl"
+    world_prompts.write_text("".join(json.dumps({"prompt": p, "user_id": "u1"}) + "\n" for p in prompts * 4))
+    out = tmp_path / "ppo"
+    result = run_cli("ppo", f"--policy={root / 'sft'}", f"--gold_world={tmp_path / 'world'}",
+                     f"--value_model={root / 'rm_zero'}", f"--prompts={world_prompts}", f"--out={out}",
+                     "--iterations=2", "--batch_size=6", "--minibatches=2", "--ppo_epochs=1", "--max_new_tokens=8",
+                     "--max_prompt_tokens=40", "--progress=false", "--sample_every=1")
+    assert result.returncode == 0, result.stderr
+    for row in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
+        prompt = next(p for p in prompts if row["prompt"].endswith(p))
+        assert row["score"] in (pytest.approx(3.0 * world.judge(prompt, row["response"]).score, abs=1e-3), -1.0)
+    missing = run_cli("ppo", f"--policy={root / 'sft'}", f"--gold_world={tmp_path / 'world'}",
+                      f"--prompts={world_prompts}", f"--out={tmp_path / 'no_value'}")
+    assert missing.returncode != 0 and "--value_model" in missing.stderr

@@ -7,8 +7,8 @@ Steps of one iteration:
   1. Take the next `batch_size` prompts of the seeded prompt order (the iteration number is the position).
   2. Roll out: sample one response per prompt with the engine (temperature 1, no top-k/top-p by default),
      truncated at the stop token.
-  3. Score: the reward model at the last real token (normalised); a response without a stop token gets
-     `no_eos_score` instead (Huang et al.).
+  3. Score: the reward model at the last real token (normalised), or with --gold_world the synthetic world's
+     gold judge (an oracle); a response without a stop token gets `no_eos_score` instead (Huang et al.).
   4. Recompute, with full forward passes, the policy's and the reference's per-token log-probs of the
      temperature-scaled distribution, and the value model's values.
   5. Per-token rewards: -kl_coef * (logp - ref_logp) on every response token, plus the score on the last.
@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 from chatloop.checkpoint import data_record, is_complete, load_model, save_model
 from chatloop.data.corpus import TokenWindows, build_shards
-from chatloop.data.formats import prompt_messages, read_records
+from chatloop.data.formats import Prompt, prompt_messages, read_records
+from chatloop.data.world import World
 from chatloop.engine import Rollout, generate
 from chatloop.errors import UserError
 from chatloop.model import GPT, last_token_values
@@ -86,6 +87,13 @@ class PPOConfig(TrainConfig):
     """The reward-model checkpoint (frozen); the value model starts from it unless value_model is given."""
     value_model: str = ""
     """Checkpoint for the value model; empty means the reward model (Stiennon et al.)."""
+    gold_world: str = ""
+    """A synthetic world's directory: reward each episode with gold_scale times its gold-judge score instead of a
+    reward model. An oracle for experiments (Gao et al.'s gold reward): what PPO reaches with a perfect RM.
+    Needs --value_model."""
+    gold_scale: float = 3.0
+    """Multiplier of the gold score (in [0, 1]) when gold_world is set: 3 gives about the spread of an RM's
+    scores against the KL penalty."""
     prompts: list[str] = field(default_factory=list)
     """Prompt records (JSONL) to roll out on; cycled in a seeded order."""
     iterations: int = 100
@@ -246,8 +254,10 @@ def ppo(cfg: PPOConfig) -> Path:
     if is_complete(out):
         print(f"ppo: {out} is already finished; skipping (remove it to train again)")
         return out
-    if not cfg.policy or not cfg.reward_model or not cfg.prompts:
-        raise UserError("--policy (SFT checkpoint), --reward_model and --prompts are required")
+    if not cfg.policy or not (cfg.reward_model or cfg.gold_world) or not cfg.prompts:
+        raise UserError("--policy (SFT checkpoint), --reward_model (or --gold_world) and --prompts are required")
+    if cfg.gold_world and not cfg.value_model:
+        raise UserError("--gold_world needs --value_model (a reward-model checkpoint to start the value model from)")
     if cfg.batch_size % cfg.minibatches:
         raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
     seed_everything(cfg.seed)
@@ -258,9 +268,12 @@ def ppo(cfg: PPOConfig) -> Path:
     # Models: dropout off in all four (Huang et al.: otherwise the ratio is not 1 at the first minibatch).
     policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
     reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
-    reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
-    if reward_model.score is None:
-        raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
+    if cfg.gold_world:
+        reward_model = GoldReward(World.load(cfg.gold_world), tokenizer, cfg.gold_scale)
+    else:
+        reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
+        if reward_model.score is None:
+            raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
     value_model = load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar", dropout=0.0,
                              grad_checkpoint=cfg.grad_checkpoint)
     # Under torchrun: the trained models go through DDP/FSDP2 for their updates; frozen ones are sharded
@@ -273,7 +286,7 @@ def ppo(cfg: PPOConfig) -> Path:
     train_policy = distributed.wrap(policy, cfg.parallel, device)
     train_value = distributed.wrap(value_model, cfg.parallel, device)
     for frozen in (reference, reward_model, ema):
-        if frozen is not None:
+        if isinstance(frozen, torch.nn.Module):
             distributed.wrap(frozen, cfg.parallel, device, frozen=True)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                    weight_decay=cfg.weight_decay)
@@ -284,6 +297,8 @@ def ppo(cfg: PPOConfig) -> Path:
     prompts = [r["prompt"] for path in cfg.prompts for r in read_records(path, "prompt")]
     encoded = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-cfg.max_prompt_tokens:]
                for p in prompts]
+    if isinstance(reward_model, GoldReward):
+        reward_model.prompts = {tuple(e): p for e, p in zip(encoded, prompts)}
     if max(len(e) for e in encoded) + cfg.max_new_tokens > policy.cfg.max_seq_len:
         raise UserError(f"--max_prompt_tokens + --max_new_tokens exceed the policy's context {policy.cfg.max_seq_len}")
     ptx = None
@@ -393,6 +408,19 @@ def ppo(cfg: PPOConfig) -> Path:
     return out
 
 
+class GoldReward:
+    """The world's gold judge in the reward model's place (--gold_world): scale * score of each response."""
+
+    def __init__(self, world: World, tokenizer: Tokenizer, scale: float) -> None:
+        self.world, self.tokenizer, self.scale = world, tokenizer, scale
+        self.prompts: dict[tuple[int, ...], Prompt] = {}  # encoded prompt -> its record's prompt
+
+    def scores(self, prompts: list[list[int]], rollout: Rollout) -> torch.Tensor:
+        texts = [self.tokenizer.decode(r) for r in rollout.response_ids()]
+        return torch.tensor([self.scale * self.world.judge(self.prompts[tuple(p)], t, ended=e).score
+                             for p, t, e in zip(prompts, texts, rollout.ended.tolist())])
+
+
 def lr_for(iteration: int, cfg: PPOConfig) -> float:
     """Linear warmup from lr/10 over warmup_steps iterations, then constant (or linear decay to 0)."""
     if iteration < cfg.warmup_steps:
@@ -414,9 +442,12 @@ def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer,
     tokens, attention, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len
     mask = rollout.mask.float()
     # step 3
-    with autocast(device, precision):
-        raw = reward_model(tokens, attention_mask=attention).float()
-    scores = last_token_values(raw, attention) + reward_model.reward_bias
+    if isinstance(reward_model, GoldReward):
+        scores = reward_model.scores(prompts, rollout).to(device)
+    else:
+        with autocast(device, precision):
+            raw = reward_model(tokens, attention_mask=attention).float()
+        scores = last_token_values(raw, attention) + reward_model.reward_bias
     scores = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.no_eos_score))
     # step 4
     old_logprobs, entropy = response_logprobs(policy, tokens, attention, P, cfg.temperature, device, precision)
