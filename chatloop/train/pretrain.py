@@ -59,6 +59,9 @@ from chatloop.train.trainer import (
 class PretrainConfig(TrainConfig):
     out: str = "runs/pretrain"
     """Output directory: the checkpoint, train_state/, tokens/, metrics.jsonl and tb/."""
+    compile: bool = False
+    """torch.compile the model and loss (faster steps after a compile of tens of seconds; pretraining only: the
+    other stages' batches change shape every step)."""
     tokenizer: str = ""
     """Directory with tokenizer.json (from `chatloop tokenizer`); ignored when init_from has its own."""
     inputs: list[str] = field(default_factory=list)

@@ -18,7 +18,7 @@ Steps:
 Logged metrics:
   train/loss       mean cross-entropy per assistant token of the step
   train/lr         learning rate; train/grad_norm: global gradient norm before clipping
-  perf/tokens_per_s  tokens (packed rows, loss and context) per second
+  perf/tokens_per_s  tokens of the examples (prompt and answer, padding not counted) per second
   data/epoch       epoch of the step
   val/loss         validation cross-entropy per assistant token, after each epoch
   val/rm_score     mean reward of sampled validation answers (only with --reward_model)
@@ -331,7 +331,7 @@ def sft(cfg: SFTConfig) -> Path:
                     / n_learned
                 loss.backward()
             loss_sum += loss.item()
-            tokens_seen += ids.numel()
+        tokens_seen += sum(len(train[i].ids) for rows in micro_batches for row in rows for i in row)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -43,8 +43,6 @@ class TrainConfig:
     """Matmul precision. bf16 runs under autocast (weights and optimizer stay fp32). "auto" picks bf16 on
     GPUs that support it and on CPUs with AMX or AVX512-BF16 units, fp32 otherwise (on CPUs without them
     bf16 matmuls are emulated and far slower than fp32)."""
-    compile: bool = False
-    """torch.compile the model (faster steps after a compile of tens of seconds)."""
     max_steps: int = 1000
     """Optimizer steps to train for."""
     batch_size: int = 16
