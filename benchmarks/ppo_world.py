@@ -1,13 +1,15 @@
 """PPO's acceptance experiments on the synthetic world (issue #6), from a finished `chatloop run`'s SFT and RM.
 
   1. PPO with 3 seeds: gold win rate against SFT on held-out prompts, each seed.
-  2. The adaptive KL controller: KL per iteration after warmup, against the target.
-  3. beta -> 0: the RM score rises while the gold win rate falls (over-optimisation).
-  4. PPO-ptx against PPO: the pretraining validation loss regresses less.
+  2. The ceiling: the same PPO with the gold judge itself as the reward (--gold_world, a perfect RM), at the
+     config's budget and at the long budget (40 iterations x 64 episodes); and the RM at the long budget.
+  3. The adaptive KL controller: KL per iteration after warmup, against the target.
+  4. beta -> 0 at the long budget: the RM score rises while the gold win rate falls (over-optimisation).
+  5. PPO-ptx against PPO: the pretraining validation loss regresses less.
 Every run uses the run config's PPO settings unless an experiment changes them; results go to
-benchmarks/results/ppo_world.json.
+benchmarks/results/ppo_world.json (experiments not run keep their earlier results).
 
-    python benchmarks/ppo_world.py --run runs/tiny [--config configs/tiny.yaml] [--iterations N]
+    python benchmarks/ppo_world.py --run runs/tiny [--config configs/tiny.yaml] [--only seeds oracle ...]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chatloop.checkpoint import is_complete
 from chatloop.config import parse_args
 from chatloop.evaluate import EvalConfig, evaluate
 from chatloop.pipeline import RunConfig
@@ -29,12 +32,23 @@ from chatloop.train.ppo import ppo
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def train(run: Path, base, out: Path, **changes) -> Path:
+LONG = {"iterations": 40, "batch_size": 64, "save_every": 10}
+
+
+REUSE = False  # --reuse: keep finished experiment runs (same settings) instead of training them again
+
+
+def train(run: Path, base, out: Path, gold: bool = False, **changes) -> Path:
+    """PPO from the run's SFT model against its round-1 RM, or against the gold judge (the RM still starts the
+    value model)."""
+    if REUSE and is_complete(out):
+        return out
     shutil.rmtree(out, ignore_errors=True)
+    rm = str(run / "round-1" / "rm")
+    reward = {"reward_model": "", "gold_world": str(run / "world"), "value_model": rm} if gold else {"reward_model": rm}
     cfg = dataclasses.replace(base, out=str(out), policy=str(run / "sft"), reference=str(run / "sft"),
-                              reward_model=str(run / "round-1" / "rm"),
                               prompts=[str(run / "prompt_sets" / "ppo.jsonl")], progress=False, sample_every=0,
-                              **changes)
+                              **reward, **changes)
     ppo(cfg)
     return out
 
@@ -63,8 +77,11 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml", help="its config (for the PPO settings)")
     parser.add_argument("--limit", type=int, default=200, help="held-out prompts per evaluation")
     parser.add_argument("--work", default="runs/ppo-world", help="where the experiment runs go")
-    parser.add_argument("--only", nargs="*", default=["seeds", "adaptive", "beta0", "ptx"])
+    parser.add_argument("--only", nargs="*", default=["seeds", "oracle", "adaptive", "beta0", "ptx"])
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs in --work instead of retraining")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     run, work = Path(args.run), Path(args.work)
     base = parse_args(RunConfig, ["--config", args.config]).ppo
     results: dict = {"run": str(run), "config": args.config, "ppo": dataclasses.asdict(base)}
@@ -78,24 +95,36 @@ def main() -> None:
             rows = metrics(out)
             results["seeds"][seed]["eos_fraction"] = [r["response/eos_fraction"] for r in rows]
             print(f"seed {seed}: {results['seeds'][seed]['gold_win_rate']}")
-    if "adaptive" in args.only:  # 2
-        target = 2.0
-        out = train(run, base, work / "adaptive", adaptive_kl=True, kl_target=target, kl_coef=base.kl_coef,
-                    kl_horizon=base.batch_size * 10, iterations=2 * base.iterations, ptx_data=[])
+    if "oracle" in args.only:  # 2
+        results["oracle"] = {}
+        for name, budget, gold in (("gold", {}, True), ("gold-long", LONG, True), ("rm-long", LONG, False)):
+            out = train(run, base, work / name, gold=gold, ptx_data=[], **budget)
+            episodes = budget.get("iterations", base.iterations) * budget.get("batch_size", base.batch_size)
+            results["oracle"][name] = {**against_sft(run, out, args.limit, eval_seed=100), "episodes": episodes}
+            print(f"{name}: {results['oracle'][name]['gold_win_rate']}")
+    if "adaptive" in args.only:  # 3
+        # 128 episodes per iteration (InstructGPT: 512) so that one batch's KL is a steady measure (+-10%), one PPO
+        # epoch to keep the run short, beta starting where this RM's policy settles near the target, and a
+        # horizon of 10 batches: beta moves at most 2% per iteration.
+        target, warmup = 0.7, 10
+        out = train(run, base, work / "adaptive", adaptive_kl=True, kl_target=target, kl_coef=0.1, kl_horizon=1280,
+                    iterations=40, batch_size=128, minibatches=4, ppo_epochs=1, save_every=10, ptx_data=[])
         kls = [r["objective/kl"] for r in metrics(out)]
-        after = kls[len(kls) // 2 :]
-        results["adaptive"] = {"target": target, "kl": kls, "kl_coef": [r["objective/kl_coef"] for r in metrics(out)],
+        after = kls[warmup:]
+        results["adaptive"] = {"target": target, "warmup_iterations": warmup, "kl": kls,
+                               "kl_coef": [r["objective/kl_coef"] for r in metrics(out)],
                                "after_warmup_mean": float(np.mean(after)),
                                "within_20pct": float(np.mean([abs(k / target - 1) <= 0.2 for k in after]))}
-    if "beta0" in args.only:  # 3
+    if "beta0" in args.only:  # 4
         results["beta0"] = {}
-        for beta in (base.kl_coef, 0.0):
-            out = train(run, base, work / f"beta-{beta:g}", kl_coef=beta, iterations=2 * base.iterations, ptx_data=[])
+        for beta in (base.kl_coef, 0.0):  # the first is the oracle experiment's rm-long run when it has one
+            name = "rm-long" if beta == base.kl_coef else f"beta-{beta:g}"
+            out = work / name if is_complete(work / name) else train(run, base, work / name, kl_coef=beta,
+                                                                          ptx_data=[], **LONG)
             results["beta0"][f"{beta:g}"] = against_sft(run, out, args.limit, eval_seed=100)
-    if "ptx" in args.only:  # 4
+    if "ptx" in args.only:  # 5
         out = train(run, base, work / "ptx", ptx_data=[str(run / "world" / "pretrain.txt")])
-        plain = work / "seed-0" if (work / "seed-0" / "chatloop.json").is_file() else train(run, base, work / "seed-0",
-                                                                                               ptx_data=[])
+        plain = work / "seed-0" if is_complete(work / "seed-0") else train(run, base, work / "seed-0", ptx_data=[])
         results["ptx"] = {"ppo": against_sft(run, plain, args.limit, eval_seed=100),
                           "ppo-ptx": against_sft(run, out, args.limit, eval_seed=100)}
     results["seconds"] = time.time() - t0
