@@ -136,8 +136,7 @@ def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     mask = response != tok.pad_id
     rollout = Rollout(tokens=response, attention_mask=mask, prompt_len=0, response=response,
                       logprobs=torch.zeros(response.shape), mask=mask, ended=torch.tensor([True, True, False]))
-    gold = GoldReward(world, tok, scale=3.0)
-    gold.prompts = {tuple(e): p for e, p in zip(encoded, prompts)}
+    gold = GoldReward(world, tok, 3.0, {tuple(e): p for e, p in zip(encoded, prompts)})
     scores = gold.scores(encoded, rollout)
     expected = [3.0 * world.judge(p, a, ended=e).score for p, a, e in zip(prompts, answers, [True, True, False])]
     assert scores.tolist() == pytest.approx(expected)

@@ -265,11 +265,16 @@ def ppo(cfg: PPOConfig) -> Path:
     precision = resolve_precision(cfg.precision, device)
     tokenizer = Tokenizer.load(cfg.policy)
 
+    prompts = [r["prompt"] for path in cfg.prompts for r in read_records(path, "prompt")]
+    encoded = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-cfg.max_prompt_tokens:]
+               for p in prompts]
+
     # Models: dropout off in all four (Huang et al.: otherwise the ratio is not 1 at the first minibatch).
     policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
     reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
     if cfg.gold_world:
-        reward_model = GoldReward(World.load(cfg.gold_world), tokenizer, cfg.gold_scale)
+        gold_prompts = dict(zip(map(tuple, encoded), prompts))
+        reward_model = GoldReward(World.load(cfg.gold_world), tokenizer, cfg.gold_scale, gold_prompts)
     else:
         reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
         if reward_model.score is None:
@@ -294,11 +299,6 @@ def ppo(cfg: PPOConfig) -> Path:
                                   eps=cfg.eps, weight_decay=cfg.weight_decay)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
-    prompts = [r["prompt"] for path in cfg.prompts for r in read_records(path, "prompt")]
-    encoded = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-cfg.max_prompt_tokens:]
-               for p in prompts]
-    if isinstance(reward_model, GoldReward):
-        reward_model.prompts = {tuple(e): p for e, p in zip(encoded, prompts)}
     if max(len(e) for e in encoded) + cfg.max_new_tokens > policy.cfg.max_seq_len:
         raise UserError(f"--max_prompt_tokens + --max_new_tokens exceed the policy's context {policy.cfg.max_seq_len}")
     ptx = None
@@ -411,9 +411,10 @@ def ppo(cfg: PPOConfig) -> Path:
 class GoldReward:
     """The world's gold judge in the reward model's place (--gold_world): scale * score of each response."""
 
-    def __init__(self, world: World, tokenizer: Tokenizer, scale: float) -> None:
+    def __init__(self, world: World, tokenizer: Tokenizer, scale: float, prompts: dict[tuple[int, ...], Prompt]
+                 ) -> None:
         self.world, self.tokenizer, self.scale = world, tokenizer, scale
-        self.prompts: dict[tuple[int, ...], Prompt] = {}  # encoded prompt -> its record's prompt
+        self.prompts = prompts  # encoded prompt (as rolled out) -> its record's prompt, for the judge
 
     def scores(self, prompts: list[list[int]], rollout: Rollout) -> torch.Tensor:
         texts = [self.tokenizer.decode(r) for r in rollout.response_ids()]
