@@ -212,13 +212,13 @@ def split_by_conversation(rankings: list[dict], fraction: float, seed: int) -> t
     """(train, held out): about `fraction` of the conversations held out whole. Rankings that share their first
     user message (the ranked replies of one OpenAssistant tree at every depth, a prompt ranked twice) land on the
     same side, so no held-out pair has a sibling in training."""
-    def conversation(ranking: dict) -> str:
-        return next((m["content"] for m in prompt_messages(ranking["prompt"]) if m["role"] == "user"), "")
-
-    keys = sorted({conversation(r) for r in rankings})
+    conversations = [next((m["content"] for m in prompt_messages(r["prompt"]) if m["role"] == "user"), "")
+                     for r in rankings]
+    keys = sorted(set(conversations))
     order = np.random.default_rng(seed).permutation(len(keys))
     held = {keys[i] for i in order[: min(max(1, int(len(keys) * fraction)), len(keys) - 1)]}  # train on >= 1
-    return ([r for r in rankings if conversation(r) not in held], [r for r in rankings if conversation(r) in held])
+    return ([r for r, c in zip(rankings, conversations) if c not in held],
+            [r for r, c in zip(rankings, conversations) if c in held])
 
 
 def reward_model(cfg: RMConfig) -> Path:
