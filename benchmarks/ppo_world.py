@@ -35,13 +35,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LONG = {"iterations": 40, "batch_size": 64, "save_every": 10}
 
 
-REUSE = False  # --reuse: keep finished experiment runs (same settings) instead of training them again
+REUSE = False  # --reuse: keep finished experiment runs (same settings) from earlier invocations
+TRAINED: set[Path] = set()  # runs this invocation finished: an experiment that needs one again reuses it
 
 
 def train(run: Path, base, out: Path, gold: bool = False, **changes) -> Path:
     """PPO from the run's SFT model against its round-1 RM, or against the gold judge (the RM still starts the
     value model)."""
-    if REUSE and is_complete(out):
+    if (REUSE or out in TRAINED) and is_complete(out):
         return out
     shutil.rmtree(out, ignore_errors=True)
     rm = str(run / "round-1" / "rm")
@@ -50,6 +51,7 @@ def train(run: Path, base, out: Path, gold: bool = False, **changes) -> Path:
                               prompts=[str(run / "prompt_sets" / "ppo.jsonl")], progress=False, sample_every=0,
                               **reward, **changes)
     ppo(cfg)
+    TRAINED.add(out)
     return out
 
 
@@ -117,14 +119,13 @@ def main() -> None:
                                "within_20pct": float(np.mean([abs(k / target - 1) <= 0.2 for k in after]))}
     if "beta0" in args.only:  # 4
         results["beta0"] = {}
-        for beta in (base.kl_coef, 0.0):  # the first is the oracle experiment's rm-long run when it has one
+        for beta in (base.kl_coef, 0.0):  # the first is the oracle experiment's rm-long run
             name = "rm-long" if beta == base.kl_coef else f"beta-{beta:g}"
-            out = work / name if is_complete(work / name) else train(run, base, work / name, kl_coef=beta,
-                                                                          ptx_data=[], **LONG)
+            out = train(run, base, work / name, kl_coef=beta, ptx_data=[], **LONG)
             results["beta0"][f"{beta:g}"] = against_sft(run, out, args.limit, eval_seed=100)
     if "ptx" in args.only:  # 5
         out = train(run, base, work / "ptx", ptx_data=[str(run / "world" / "pretrain.txt")])
-        plain = work / "seed-0" if is_complete(work / "seed-0") else train(run, base, work / "seed-0", ptx_data=[])
+        plain = train(run, base, work / "seed-0", seed=0, ptx_data=[])
         results["ptx"] = {"ppo": against_sft(run, plain, args.limit, eval_seed=100),
                           "ppo-ptx": against_sft(run, out, args.limit, eval_seed=100)}
     results["seconds"] = time.time() - t0
