@@ -227,8 +227,9 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
             raise ConfigError(f"unexpected argument {arg!r}: overrides are written --FIELD=VALUE")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if key.startswith("no-") and _is_bool(cls, key[3:]):
-                key, value = key[3:], "false"
+            head, dot, last = key.rpartition(".")
+            if last.startswith("no-") and _is_bool(cls, head + dot + last[3:]):  # --no-x, --stage.no-x
+                key, value = head + dot + last[3:], "false"
             elif _is_bool(cls, key) and (i + 1 == len(args) or args[i + 1].startswith("--")):
                 value = "true"
             elif _is_list(cls, key) and i + 1 < len(args):

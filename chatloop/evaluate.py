@@ -1,10 +1,21 @@
 """`chatloop eval`: compare checkpoints on held-out prompts.
 
 For every checkpoint: answers sampled on the held-out prompts, scored by the synthetic world's gold judge
-(mean score, Likert, metadata-flag rates, share ending with a stop token), by the reward model if given, the
-KL to a reference checkpoint (mean over answers of the summed per-token log-ratio), and the pretraining
-validation loss (the alignment tax). Between checkpoints: gold win rates (the better gold score wins a prompt,
-a tie counts half) with 95% confidence intervals, and RM win rates. A table of samples side by side.
+(mean score, Likert, metadata-flag rates, share ending with a stop token; and the greedy answers' gold score),
+by the reward model if given, the KL to a reference checkpoint (mean over answers of the summed per-token
+log-ratio), and the pretraining validation loss (the alignment tax). Between checkpoints: gold win rates (the
+better gold score wins a prompt, a tie counts half; also without the ties, and how many there were) with 95%
+confidence intervals, and RM win rates. Gold scores per task kind. A table of samples side by side.
+
+With a reward model, the best-of-n policy is a row too: n answers of the reference checkpoint (the SFT model)
+per prompt, the one the RM scores highest kept (no training; its KL to the reference is the analytic
+log n - (n - 1)/n). Its n samples are also where the diagnostics of the loop come from (`diagnostics`):
+  imitation_ceiling     mean gold score of the demonstrations (what perfect imitation of them would score)
+  own_samples           the RM against the judge on pairs of the reference's own samples to one prompt (the
+                        pairs PPO exploits): accuracy on the pairs the judge does not tie, the share of gold
+                        ties and of identical texts among them
+  oracle_best_of_n      the judge's own pick of the n samples against the reference's answer (gold win rate):
+                        what a perfect RM's best-of-n reaches
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import torch.nn.functional as F
 
 from chatloop.checkpoint import load_model
 from chatloop.data.formats import prompt_messages, read_records
+from chatloop.data.importers import read_demonstrations
 from chatloop.data.world import World
 from chatloop.engine import generate
 from chatloop.errors import UserError
@@ -50,6 +62,13 @@ class EvalConfig:
     """Answer length budget."""
     temperature: float = 1.0
     """Sampling temperature of the answers (1: the policy as trained)."""
+    greedy: bool = True
+    """Also score every checkpoint's greedy answers by the gold judge (gold_score_greedy)."""
+    best_of: int = 4
+    """n of the best-of-n row (the RM picks one of n answers of the reference checkpoint); 0 or no reward model:
+    no such row."""
+    demonstrations: str = ""
+    """Demonstrations whose gold score is the imitation ceiling (empty: the world's demonstrations.jsonl)."""
     seed: int = 0
     """Sampler seed (the same for every checkpoint)."""
     out: str = ""
@@ -107,11 +126,15 @@ def gold_report(world: World, answers: Answers) -> tuple[dict[str, float], list[
 
 
 def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
-    """How often a beats b (ties count half), with a 95% normal-approximation interval."""
+    """How often a beats b (ties count half), with a 95% normal-approximation interval; and among the prompts
+    that are not ties (win_rate_no_ties, with the number of ties)."""
     wins = np.array([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
     p = float(wins.mean())
     half = 1.96 * float(wins.std(ddof=1)) / math.sqrt(len(wins)) if len(wins) > 1 else float("nan")
-    return {"win_rate": p, "ci_low": max(0.0, p - half), "ci_high": min(1.0, p + half), "n": len(wins)}
+    decided = wins[wins != 0.5]
+    return {"win_rate": p, "ci_low": max(0.0, p - half), "ci_high": min(1.0, p + half), "n": len(wins),
+            "ties": int(len(wins) - len(decided)),
+            "win_rate_no_ties": float(decided.mean()) if len(decided) else float("nan")}
 
 
 @torch.no_grad()
@@ -202,6 +225,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         if world is not None:
             gold, per_prompt[name]["gold"] = gold_report(world, answers)
             row.update(gold)
+            if cfg.greedy:
+                greedy = answer(model, tokenizer, prompts, cfg.max_new_tokens, 0.0, cfg.seed)
+                row["gold_score_greedy"] = gold_report(world, greedy)[0]["gold_score"]
         if reward_model is not None:
             per_prompt[name]["rm"] = rm_scores(reward_model, answers)
             row["rm_score"] = float(np.mean(per_prompt[name]["rm"]))
@@ -212,32 +238,125 @@ def evaluate(cfg: EvalConfig) -> dict:
         row["length"] = float(np.mean([len(t) for t in answers.texts]))
         report["models"][name] = row
         texts[name] = answers.texts
+    if reward_model is not None and cfg.best_of > 0:
+        base = cfg.reference or cfg.models[0]
+        base_name = names[cfg.models.index(base)] if base in cfg.models else Path(base).name
+        row_name, row, scores, diagnostics = best_of_n(cfg, base_name, base, prompts, world, reward_model, device,
+                                                       per_prompt.get(base_name, {}).get("gold"))
+        report["models"][row_name], per_prompt[row_name], report["diagnostics"] = row, scores, diagnostics
+        names = [*names, row_name]
     for i, name in enumerate(names):
         for baseline in names[:i]:  # every later checkpoint against every earlier one
             for kind in ("gold", "rm"):
-                if kind in per_prompt[name]:
+                if kind in per_prompt[name] and kind in per_prompt[baseline]:
                     report["win_rates"][f"{name} vs {baseline} ({kind})"] = win_rate(per_prompt[name][kind],
                                                                                      per_prompt[baseline][kind])
+    if world is not None:
+        report["gold_by_kind"] = gold_by_kind(world, prompts, {n: per_prompt[n]["gold"] for n in names})
+        demos = cfg.demonstrations or str(Path(cfg.world) / "demonstrations.jsonl")
+        if Path(demos).is_file():
+            report.setdefault("diagnostics", {})["imitation_ceiling"] = imitation_ceiling(world, demos)
     if world is not None and reward_model is not None:
-        report["rm_accuracy_vs_gold"] = rm_accuracy_vs_gold(per_prompt)
+        report["rm_accuracy_vs_gold"] = rm_accuracy_vs_gold({n: per_prompt[n] for n in names if n in texts})
     for i in range(min(8, len(prompts))):
-        report["samples"].append({"prompt": prompts[i], **{n: texts[n][i] for n in names}})
+        report["samples"].append({"prompt": prompts[i], **{n: texts[n][i] for n in texts}})
     print_report(report)
     if cfg.out:
         atomic_write_json(cfg.out, report)
     return report
 
 
+def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, world: World | None, reward_model: GPT,
+              device, base_gold: list[float] | None) -> tuple[str, dict, dict[str, list[float]], dict]:
+    """The best-of-n row: n answers of `base` per prompt (a seed of their own), the RM's pick of each prompt's; and
+    the diagnostics its samples give (the RM on pairs of the base's own samples, the judge's own best-of-n)."""
+    n = cfg.best_of
+    model = load_model(base, device=device).eval()
+    tokenizer = Tokenizer.load(base)
+    answers = answer(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new_tokens, cfg.temperature,
+                     cfg.seed + 1)
+    rm = np.array(rm_scores(reward_model, answers)).reshape(len(prompts), n)
+    picks = rm.argmax(1)
+    name = f"best-of-{n}"
+    row: dict[str, float] = {"rm_score": float(rm.max(1).mean()), "kl": math.log(n) - (n - 1) / n,
+                             "length": float(np.mean([len(answers.texts[i * n + j]) for i, j in enumerate(picks)]))}
+    scores: dict[str, list[float]] = {"rm": rm.max(1).tolist()}
+    diagnostics: dict = {"best_of_n": {"n": n, "base": base_name}}
+    if world is not None:
+        gold = np.array([world.judge(p, t, ended=e).score for p, t, e in
+                         zip(answers.prompts, answers.texts, answers.ended)]).reshape(len(prompts), n)
+        scores["gold"] = gold[np.arange(len(prompts)), picks].tolist()
+        row["gold_score"] = float(np.mean(scores["gold"]))
+        agree = ties = identical = pairs = 0
+        for i in range(len(prompts)):
+            for a in range(n):
+                for b in range(a + 1, n):
+                    pairs += 1
+                    identical += answers.texts[i * n + a] == answers.texts[i * n + b]
+                    if gold[i, a] == gold[i, b]:
+                        ties += 1
+                    else:
+                        agree += (gold[i, a] > gold[i, b]) == (rm[i, a] > rm[i, b])
+        diagnostics["own_samples"] = {"pairs": pairs, "gold_tie_share": ties / max(1, pairs),
+                                      "identical_share": identical / max(1, pairs),
+                                      "rm_accuracy": agree / (pairs - ties) if pairs > ties else float("nan")}
+        if base_gold is not None:
+            diagnostics["oracle_best_of_n"] = win_rate(gold.max(1).tolist(), base_gold)
+    return name, row, scores, diagnostics
+
+
+def gold_by_kind(world: World, prompts: list, gold: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Mean gold score per task kind (and the number of prompts of the kind) for every model."""
+    kinds = [task.kind if (task := world.parse(p)) is not None else "unparsed" for p in prompts]
+    table: dict[str, dict[str, float]] = {}
+    for kind in sorted(set(kinds)):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        table[kind] = {"prompts": len(rows), **{n: float(np.mean([g[i] for i in rows])) for n, g in gold.items()}}
+    return table
+
+
+def imitation_ceiling(world: World, path: str) -> float:
+    """Mean gold score of the demonstrations' answers: what a model that imitates them perfectly scores."""
+    scores = []
+    for messages in read_demonstrations(path):
+        *context, last = messages
+        scores.append(world.judge(context, last["content"]).score)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+MODEL_KEYS = ("gold_score", "gold_score_greedy", "likert", "ended", "rm_score", "kl", "pretrain_val_loss", "length")
+
+
 def print_report(report: dict) -> None:
     names = list(report["models"])
-    keys = [k for k in ("gold_score", "likert", "ended", "rm_score", "kl", "pretrain_val_loss", "length")
-            if any(k in report["models"][n] for n in names)]
+    keys = [k for k in MODEL_KEYS if any(k in report["models"][n] for n in names)]
     print(f"\n{'model':<14}" + "".join(f"{k:>18}" for k in keys))
     for n in names:
         print(f"{n:<14}" + "".join(f"{report['models'][n].get(k, float('nan')):>18.3f}" for k in keys))
     for pair, w in report["win_rates"].items():
-        print(f"win rate {pair}: {w['win_rate']:.3f} (95% CI {w['ci_low']:.3f}-{w['ci_high']:.3f}, n={w['n']})")
+        print(f"win rate {pair}: {w['win_rate']:.3f} (95% CI {w['ci_low']:.3f}-{w['ci_high']:.3f}, n={w['n']}; "
+              f"{w['win_rate_no_ties']:.3f} without its {w['ties']} ties)")
     if "rm_accuracy_vs_gold" in report:
         acc = report["rm_accuracy_vs_gold"]
         print(f"RM accuracy against the gold judge: {acc['accuracy']:.3f} on {acc['pairs']} pairs of answers; "
               + ", ".join(f"{pair} {row['accuracy']:.3f}" for pair, row in acc["by_pair"].items()))
+    for line in diagnostic_lines(report.get("diagnostics", {})):
+        print(line)
+
+
+def diagnostic_lines(diagnostics: dict) -> list[str]:
+    """The diagnostics as sentences (the eval's printout, `chatloop run`'s summary and the report card)."""
+    lines = []
+    if "imitation_ceiling" in diagnostics:
+        lines.append(f"imitation ceiling (the demonstrations' mean gold score): {diagnostics['imitation_ceiling']:.3f}")
+    own, bon = diagnostics.get("own_samples"), diagnostics.get("best_of_n", {})
+    if own:
+        lines.append(f"RM accuracy against the gold judge on pairs of {bon.get('base')}'s own samples "
+                     f"({bon.get('n')} per prompt): {own['rm_accuracy']:.3f} on the "
+                     f"{round(own['pairs'] * (1 - own['gold_tie_share']))} untied of {own['pairs']} pairs "
+                     f"({100 * own['gold_tie_share']:.0f}% gold ties, {100 * own['identical_share']:.0f}% identical)")
+    if "oracle_best_of_n" in diagnostics:
+        w = diagnostics["oracle_best_of_n"]
+        lines.append(f"the gold judge's own best-of-{bon.get('n')} vs {bon.get('base')}: {100 * w['win_rate']:.1f}% "
+                     f"[{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}] (what a perfect RM's pick reaches)")
+    return lines

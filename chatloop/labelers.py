@@ -307,10 +307,14 @@ class Labeler:
         return "tie" if abs(d) < self.tie_threshold else ("a" if d > 0 else "b")
 
     def rank(self, prompt: Prompt, responses: list[str], ended: list[bool] | None = None) -> list[int]:
-        """Ranks of K responses, 1 = best, equal ranks for ties."""
+        """Ranks of K responses, 1 = best, equal ranks for ties. Identical answers are one answer to a person:
+        perceived once, they always share a rank."""
         ended = ended or [True] * len(responses)
-        noisy = [self.perceive(self.world.judge(prompt, r, e).score) for r, e in zip(responses, ended)]
-        return dense_ranks(noisy, self.tie_threshold)
+        perceived: dict[tuple[str, bool], float] = {}
+        for r, e in zip(responses, ended):
+            if (r, e) not in perceived:
+                perceived[r, e] = self.perceive(self.world.judge(prompt, r, e).score)
+        return dense_ranks([perceived[r, e] for r, e in zip(responses, ended)], self.tie_threshold)
 
     def compare(self, prompt: Prompt, a: str, b: str, ended_a: bool = True, ended_b: bool = True) -> str:
         """Which of two responses is better: 'a', 'b' or 'tie'."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from chatloop.data.curate import CurateConfig, curate
 from chatloop.data.prompts import ExportConfig, IngestConfig, export, ingest
 from chatloop.data.world import WorldConfig, write_world
-from chatloop.evaluate import EvalConfig, evaluate
+from chatloop.evaluate import EvalConfig, diagnostic_lines, evaluate
 from chatloop.report import write_report
 from chatloop.sample import RankConfig, SampleConfig, rank, sample
 from chatloop.tokenizer import TokenizerConfig, train_tokenizer
@@ -174,7 +174,11 @@ def rl_rm_accuracy(accuracy: dict) -> float:
 def print_summary(root: Path, report: dict) -> None:
     print(f"\n== chatloop run: {root} ==")
     for name, row in report["models"].items():
-        parts = [f"gold {row.get('gold_score', float('nan')):.3f}", f"likert {row.get('likert', float('nan')):.2f}"]
+        parts = [f"gold {row.get('gold_score', float('nan')):.3f}"]
+        if "gold_score_greedy" in row:
+            parts.append(f"greedy {row['gold_score_greedy']:.3f}")
+        if "likert" in row:
+            parts.append(f"likert {row['likert']:.2f}")
         if "kl" in row:
             parts.append(f"KL {row['kl']:.2f}")
         if "pretrain_val_loss" in row:
@@ -182,16 +186,17 @@ def print_summary(root: Path, report: dict) -> None:
         print(f"  {name:<11} " + ", ".join(parts))
     for pair, w in report["win_rates"].items():
         if "(gold)" in pair:
-            print(f"  win rate {pair}: {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}]")
+            print(f"  win rate {pair}: {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}] "
+                  f"(ties half; {100 * w['win_rate_no_ties']:.1f}% without its {w['ties']} ties)")
     last = max(root.glob("round-*"), key=lambda d: int(d.name.split("-")[1]), default=root / "round-1")
     rm_eval = last / "rm" / "eval.json"
     if rm_eval.is_file():
-        accuracy = json.loads(rm_eval.read_text())["accuracy"]
-        print(f"  RM held-out accuracy ({last.name}, against labelers): {accuracy:.3f}")
+        rm = json.loads(rm_eval.read_text())
+        print(f"  RM held-out accuracy ({last.name}, against labelers): {rm['accuracy']:.3f} on {rm['pairs']} untied "
+              f"pairs ({rm.get('tied_pairs', 0)} tied)")
     if "rm_accuracy_vs_gold" in report:
         print(f"  RM accuracy against the gold judge (held-out prompts, SFT and RL answers): "
               f"{rl_rm_accuracy(report['rm_accuracy_vs_gold']):.3f}")
+    for line in diagnostic_lines(report.get("diagnostics", {})):
+        print(f"  {line}")
     print(f"  report: {root / 'report.md'}")
-
-
-

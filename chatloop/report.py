@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from chatloop.evaluate import MODEL_KEYS, diagnostic_lines
 from chatloop.io import atomic_write_text
 
 
@@ -89,14 +90,25 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
     plt.close(fig)
 
     lines = [f"# Report card: {root.name}", "", "## Models on held-out users' prompts", ""]
-    keys = [k for k in ("gold_score", "likert", "ended", "rm_score", "kl", "pretrain_val_loss", "length")
-            if any(k in row for row in report["models"].values())]
+    keys = [k for k in MODEL_KEYS if any(k in row for row in report["models"].values())]
     lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in report["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.3f}" for k in keys) + " |")
-    lines += ["", "## Win rates", "", "| comparison | win rate | 95% CI | n |", "|---|---|---|---|"]
+    lines += ["", "## Win rates", "", "Ties count half; the last two columns leave them out.", "",
+              "| comparison | win rate | 95% CI | n | ties | win rate without ties |", "|---|---|---|---|---|---|"]
     for pair, w in report["win_rates"].items():
-        lines.append(f"| {pair} | {w['win_rate']:.3f} | {w['ci_low']:.3f}-{w['ci_high']:.3f} | {w['n']} |")
+        lines.append(f"| {pair} | {w['win_rate']:.3f} | {w['ci_low']:.3f}-{w['ci_high']:.3f} | {w['n']} | "
+                     f"{w.get('ties', '')} | {w.get('win_rate_no_ties', float('nan')):.3f} |")
+    diagnostics = diagnostic_lines(report.get("diagnostics", {}))
+    if diagnostics:
+        lines += ["", "## Which stage limits the loop", ""] + [f"- {line}" for line in diagnostics]
+    by_kind = report.get("gold_by_kind", {})
+    if by_kind:
+        models = [n for n in report["models"] if any(n in row for row in by_kind.values())]
+        lines += ["", "## Gold score per task kind", "", "| kind | prompts | " + " | ".join(models) + " |",
+                  "|---" * (len(models) + 2) + "|"]
+        lines += [f"| {kind} | {row['prompts']} | " + " | ".join(f"{row[m]:.2f}" for m in models) + " |"
+                  for kind, row in by_kind.items()]
     rm_eval = last / "rm" / "eval.json"
     if rm_eval.is_file():
         acc = json.loads(rm_eval.read_text())

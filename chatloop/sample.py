@@ -1,8 +1,11 @@
 """`chatloop sample`: K answers per prompt from a checkpoint, the input that gets ranked;
 `chatloop rank`: the synthetic world's simulated labelers rank them (people do it in the labeling app).
 
-A samples record is `{"prompt", "responses": [K strings], "ended": [K bools], "model", "sampling", "seed"}`;
-`rank` turns each into a ranking record (`"ranks"` added, 1 = best, ties allowed) of one labeler.
+A samples record is `{"prompt", "responses": [K strings], "ended": [K bools], "model", "sampling", "seed",
+"k", "draws"}`: K distinct answers (InstructGPT ranks K distinct outputs; two copies of one text carry no
+preference), drawn again where a draw repeats an earlier answer, up to `max_draws` answers per wanted one; `k` is
+the K wanted, `draws` how many answers were sampled. `rank` turns each into a ranking record (`"ranks"` added,
+1 = best, ties allowed) of one labeler.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class SampleConfig:
     """Nucleus sampling threshold (1 keeps everything)."""
     seed: int = 0
     """Seed of the K draw and of the sampler."""
+    max_draws: int = 4
+    """Answers sampled per wanted one at most: a draw identical to an earlier answer to the same prompt is drawn
+    again until the prompt has K distinct answers or k x max_draws draws; a prompt with fewer than 2 distinct
+    answers is left out (counted)."""
     batch_size: int = 64
     """Sequences per engine call."""
     device: str = "auto"
@@ -81,27 +88,39 @@ def sample(cfg: SampleConfig) -> list[dict]:
     prompts = prompts[: cfg.limit] if cfg.limit else prompts
     rng = random.Random(cfg.seed)
     ks = [cfg.k or rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]
-    flat = [(i, p) for i, (p, k) in enumerate(zip(prompts, ks)) for _ in range(k)]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     budget = model.cfg.max_seq_len - cfg.max_new_tokens
-    texts, ended = [], []
-    for start in range(0, len(flat), cfg.batch_size):
-        chunk = flat[start : start + cfg.batch_size]
-        ids = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-budget:] for _, p in chunk]
-        rollout = generate(model, ids, cfg.max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
-                           temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
-        texts += [tokenizer.decode(r) for r in rollout.response_ids()]
-        ended += rollout.ended.tolist()
+    encoded = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-budget:] for p in prompts]
+    found: list[dict[str, bool]] = [{} for _ in prompts]  # per prompt: distinct answer text -> ended, in draw order
+    draws = [0] * len(prompts)
+    while True:
+        # Each round draws, for every prompt still short of K distinct answers, as many as it lacks (within budget).
+        flat = [i for i, k in enumerate(ks) for _ in range(min(k - len(found[i]), k * cfg.max_draws - draws[i]))]
+        if not flat:
+            break
+        for start in range(0, len(flat), cfg.batch_size):
+            chunk = flat[start : start + cfg.batch_size]
+            rollout = generate(model, [encoded[i] for i in chunk], cfg.max_new_tokens, tokenizer.pad_id,
+                               tokenizer.stop_ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+            for i, response, ended in zip(chunk, rollout.response_ids(), rollout.ended.tolist()):
+                draws[i] += 1
+                text = tokenizer.decode(response)
+                if text not in found[i] and len(found[i]) < ks[i]:
+                    found[i][text] = ended
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
-    records = []
-    at = 0
+    records, short = [], 0
     for i, (prompt, k) in enumerate(zip(prompts, ks)):
-        records.append({"id": f"s{i:06d}", "prompt": prompt, "responses": texts[at : at + k],
-                        "ended": ended[at : at + k], "model": str(cfg.model), "sampling": sampling,
-                        "seed": cfg.seed})
-        at += k
+        if len(found[i]) < 2:
+            short += 1
+            continue
+        records.append({"id": f"s{i:06d}", "prompt": prompt, "responses": list(found[i]),
+                        "ended": list(found[i].values()), "model": str(cfg.model), "sampling": sampling,
+                        "seed": cfg.seed, "k": k, "draws": draws[i]})
+    answers = sum(len(r["responses"]) for r in records)
+    full = sum(len(r["responses"]) == r["k"] for r in records)
     atomic_write_jsonl(cfg.out, records)
-    print(f"sample: {len(records)} prompts, {len(texts)} answers (K {min(ks)}-{max(ks)}) -> {cfg.out}")
+    print(f"sample: {len(records)} prompts, {answers} distinct answers from {sum(draws)} draws ({full} prompts with "
+          f"all K ({min(ks)}-{max(ks)}) distinct, {short} left out with fewer than 2) -> {cfg.out}")
     return records
 
 

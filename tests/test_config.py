@@ -12,6 +12,8 @@ from chatloop.train.pretrain import PretrainConfig
 class Inner:
     width: int = 4
     """How wide."""
+    on: bool = True
+    """A nested switch."""
 
 
 @dataclass
@@ -40,6 +42,7 @@ def test_defaults_yaml_and_overrides_in_order_of_precedence(tmp_path):
     assert cfg == Example(lr=0.5, name="cli", flag=True, mode="b", files=["a.txt", "b.txt"], limit=None,
                           inner=Inner(16))
     assert parse_args(Example, ["--no-flag", "--limit=3"]).limit == 3
+    assert parse_args(Example, ["--inner.no-on"]).inner.on is False  # a nested bool's --SECTION.no-FIELD
 
 
 @pytest.mark.parametrize(

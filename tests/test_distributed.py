@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from chatloop.checkpoint import load_model
 from tests import test_resume
-from tests.conftest import metric_rows, run_cli
+from tests.conftest import FP32, metric_rows, run_cli
 
 models = test_resume.models  # the fixture: a tiny base model, a reward model, demonstrations, rankings, prompts
 
@@ -63,7 +63,7 @@ def assert_same_step(one: dict[str, torch.Tensor], many: dict[str, torch.Tensor]
 
 PRETRAIN = ["--preset=tiny", "--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--seq_len=32",
             "--batch_size=4", "--grad_accum=2", "--progress=false", "--warmup_steps=0", "--lr=1e-3",
-            "--peak_flops=1e12", "--eval_batches=2", "--eval_every=1000"]
+            "--peak_flops=1e12", "--eval_batches=2", "--eval_every=1000", FP32]
 
 
 def pretrain_args(tokenizer_dir, corpus_file, out, *extra):
@@ -157,7 +157,7 @@ def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, models):
     root = models
     args = ["sft", f"--model={root / 'base'}", f"--data={root / 'demos.jsonl'}", "--seq_len=64", "--epochs=1",
             "--max_steps=1", "--batch_size=3", "--grad_accum=2", "--dropout=0", "--lr=1e-3", "--val_fraction=0.25",
-            "--packing=true", "--progress=false"]
+            "--packing=true", "--progress=false", FP32]
     single(*args, f"--out={tmp_path / 'one'}")
     torchrun(*args, f"--out={tmp_path / 'two'}")
     assert_same_step(weights(tmp_path / "one"), weights(tmp_path / "two"), weights(root / "base"))
@@ -166,7 +166,7 @@ def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, models):
 def test_one_rm_step_on_two_processes_equals_one_process(tmp_path, models):
     root = models
     args = ["rm", f"--model={root / 'base'}", f"--data={root / 'rankings.jsonl'}", "--max_steps=1",
-            "--batch_size=3", "--grad_accum=2", "--lr=1e-3", "--val_fraction=0.25", "--progress=false"]
+            "--batch_size=3", "--grad_accum=2", "--lr=1e-3", "--val_fraction=0.25", "--progress=false", FP32]
     single(*args, f"--out={tmp_path / 'one'}")
     torchrun(*args, f"--out={tmp_path / 'two'}")
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -181,7 +181,7 @@ def ppo_args(root: Path, corpus_file: Path, out: Path, *extra: str) -> list[str]
             "--iterations=1", "--batch_size=8", "--minibatches=2", "--ppo_epochs=2", "--max_new_tokens=8",
             "--top_k=1", "--lr=1e-3", "--warmup_steps=0", "--whiten_rewards=true", f"--ptx_data={corpus_file}",
             "--ptx_coef=1", "--ptx_ratio=1", "--ptx_seq_len=16", "--ema_decay=0.5", "--progress=false",
-            "--sample_every=0", f"--out={out}", *extra]
+            "--sample_every=0", f"--out={out}", FP32, *extra]
 
 
 @pytest.fixture(scope="module")

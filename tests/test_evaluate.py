@@ -11,6 +11,7 @@ def test_win_rate_counts_ties_half_and_brackets_itself():
     w = win_rate([1.0, 0.5, 0.0, 0.2], [0.0, 0.5, 1.0, 0.1])  # win, tie, loss, win
     assert w["win_rate"] == pytest.approx(2.5 / 4) and w["n"] == 4
     assert w["ci_low"] < w["win_rate"] < w["ci_high"]
+    assert w["ties"] == 1 and w["win_rate_no_ties"] == pytest.approx(2 / 3)  # the tie left out
 
 
 def test_rm_accuracy_against_gold_by_pair_skips_gold_ties():

@@ -70,6 +70,17 @@ def test_rank_orders_by_gold_and_ties_close_scores(world: World) -> None:
     assert not_ended == [2, 1]
 
 
+def test_identical_answers_always_share_a_rank_even_for_a_noisy_labeler(world: World) -> None:
+    """A person sees two copies of one answer as one answer: they tie, whatever the noise; the copies give no pair."""
+    prompt, task = _prompt(world, "bs_foods")
+    good, bad = (perturb(world, prompt, task, name, random.Random(0)) for name in ("ideal", "wrong_fact"))
+    noisy = Labeler("noisy", 2 * DEFAULT_NOISE, 0, world)
+    for _ in range(50):
+        ranks = noisy.rank(prompt, [good, bad, good, good, bad])
+        assert ranks[0] == ranks[2] == ranks[3] and ranks[1] == ranks[4]
+        assert len(ranking_pairs(ranks)) in (0, 6)  # only the 3 x 2 pairs of different texts (or a close call)
+
+
 def test_dense_ranks() -> None:
     assert dense_ranks([0.9, 0.1, 0.5, 0.89], 0.02) == [1, 3, 2, 1]
     assert dense_ranks([0.5, 0.5, 0.5], 0.0) == [1, 1, 1]

@@ -7,7 +7,7 @@ import pytest
 
 from chatloop.checkpoint import is_complete
 from chatloop.data.formats import read_records
-from tests.conftest import cli_command, kill_when, run_cli
+from tests.conftest import RUN_FP32, cli_command, kill_when, run_cli
 
 SHORT = [
     "--world.pretrain_mb=0.3", "--world.prompts=600", "--world.demonstrations=300", "--world.eval_prompts=40",
@@ -57,9 +57,9 @@ def test_kill_9_in_every_training_stage_then_the_same_command_ends_with_the_same
     """SIGKILL once inside each training stage (after its first saved state), rerunning the same command each
     time: the final evaluation equals an uninterrupted run's."""
     reference = tmp_path / "reference"
-    assert run_cli("run", f"--out={reference}", *SHORT, timeout=600).returncode == 0
+    assert run_cli("run", f"--out={reference}", *SHORT, *RUN_FP32, timeout=600).returncode == 0
     out = tmp_path / "killed"
-    command = cli_command("run", f"--out={out}", *SHORT, "--pretrain.save_every=10", "--sft.save_every=2",
+    command = cli_command("run", f"--out={out}", *SHORT, *RUN_FP32, "--pretrain.save_every=10", "--sft.save_every=2",
                           "--rm.save_every=1")
     for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx"):
         kill_when(command, (out / stage / "train_state" / "latest").exists, timeout=300)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from chatloop.checkpoint import is_complete, load_model
-from tests.conftest import cli_command, kill_when, metric_rows, run_cli
+from tests.conftest import FP32, cli_command, kill_when, metric_rows, run_cli
 
 TINY = ["--preset=tiny", "--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--seq_len=32",
         "--batch_size=8", "--progress=false", "--warmup_steps=5", "--lr=3e-3"]
@@ -40,7 +40,7 @@ def test_pretraining_learns_and_writes_a_complete_checkpoint(tmp_path, tokenizer
 
 def test_kill_9_then_the_same_command_continues_with_the_same_batches_and_losses(tmp_path, tokenizer_dir,
                                                                                   corpus_file):
-    common = ["--max_steps=60", "--save_every=7", "--log_every=1", "--eval_every=1000"]
+    common = ["--max_steps=60", "--save_every=7", "--log_every=1", "--eval_every=1000", FP32]
     reference = tmp_path / "reference"
     assert run_cli(*pretrain_args(tokenizer_dir, corpus_file, reference, *common)).returncode == 0
 

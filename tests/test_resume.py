@@ -10,7 +10,7 @@ import torch
 from chatloop.checkpoint import is_complete, save_model
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
-from tests.conftest import cli_command, kill_when, metric_rows, run_cli
+from tests.conftest import FP32, cli_command, kill_when, metric_rows, run_cli
 
 COLORS = ["red", "blue", "green", "brown"]
 
@@ -38,7 +38,7 @@ def models(tmp_path_factory, tokenizer_dir):
 
 
 def stage_args(stage: str, root: Path, out: Path) -> list[str]:
-    common = [f"--out={out}", "--progress=false", "--save_every=3", "--log_every=1"]
+    common = [f"--out={out}", "--progress=false", "--save_every=3", "--log_every=1", FP32]
     if stage == "sft":
         return ["sft", f"--model={root / 'base'}", f"--data={root / 'demos.jsonl'}", "--epochs=2", "--batch_size=8",
                 "--seq_len=64", "--lr=1e-3", *common]

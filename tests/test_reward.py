@@ -14,7 +14,7 @@ from chatloop.errors import UserError
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.reward import Group, encode_rankings, grouped_loss, reward_scores
-from tests.conftest import need, need_module, run_cli
+from tests.conftest import FP32, need, need_module, run_cli
 
 
 def test_grouped_loss_equals_the_mean_of_pairwise_losses_on_a_hand_computed_case():
@@ -130,7 +130,7 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     ref.write_text("".join(json.dumps(d) + "\n" for d in demos))
     out = tmp_path / "rm"
     result = run_cli("rm", f"--model={base}", f"--data={data}", f"--out={out}", f"--reference={ref}", "--epochs=3",
-                     "--lr=3e-3", "--batch_size=8", "--seq_len=64", "--progress=false")
+                     "--lr=3e-3", "--batch_size=8", "--seq_len=64", "--progress=false", FP32)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "eval.json").read_text())
     assert report["accuracy"] > 0.9 and report["accuracy_by_k"] == {"4": report["accuracy"]}

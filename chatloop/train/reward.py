@@ -10,7 +10,7 @@ Steps:
      prompts go through ONE forward pass (K passes per prompt, not 2*C(K,2)); the reward is read at each
      response's last real token; each prompt contributes the mean over its C(K,2) pairs (ties give none) of
      -log sigmoid(r_w - r_l), so every prompt weighs the same whatever its K.
-  6. Normalise: a bias so that the reference answers (demonstrations) score a mean of 0, and optionally a
+  6. Normalise (in fp32): a bias so that the reference answers (demonstrations) score a mean of 0, and optionally a
      gain so that their scores have std 1; the gain is folded into the head's weights, the bias is stored
      in config.json ("reward_bias") and applied by `reward_scores`.
   7. Evaluate on the held-out rankings and save the sequence-classification checkpoint.
@@ -106,6 +106,11 @@ class Group:
     ranks: list[int]
     pairs: list[tuple[int, int]]
 
+    @property
+    def ties(self) -> int:
+        """Pairs of responses ranked equal: no preference, so in neither the loss nor the accuracy."""
+        return len(self.ranks) * (len(self.ranks) - 1) // 2 - len(self.pairs)
+
 
 def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) -> list[Group]:
     """Tokenize each (prompt, response); rankings whose responses all tie (no pair) are dropped.
@@ -161,7 +166,8 @@ def grouped_loss(rewards: torch.Tensor, groups: list[Group]) -> tuple[torch.Tens
 
 @torch.no_grad()
 def evaluate_rm(model: GPT, groups: list[Group], pad_id: int, device, precision: str, batch_size: int) -> dict:
-    """Pairwise accuracy and log loss, split by K and by rank distance, and a calibration table."""
+    """Pairwise accuracy and log loss on the untied pairs (the tied ones are counted), split by K and by rank
+    distance, and a calibration table."""
     model.eval()
     by_k, by_distance = defaultdict(list), defaultdict(list)
     margins, log_losses = [], []
@@ -192,7 +198,7 @@ def evaluate_rm(model: GPT, groups: list[Group], pad_id: int, device, precision:
     return {
         "accuracy": float(right.mean()) if len(right) else float("nan"),
         "log_loss": float(np.mean(log_losses)) if log_losses else float("nan"),
-        "pairs": len(margins), "prompts": len(groups),
+        "pairs": len(margins), "tied_pairs": sum(g.ties for g in groups), "prompts": len(groups),
         "accuracy_by_k": {int(k): float(np.mean(v)) for k, v in sorted(by_k.items())},
         "accuracy_by_rank_distance": {int(d): float(np.mean(v)) for d, v in sorted(by_distance.items())},
         "calibration": calibration,
@@ -201,7 +207,7 @@ def evaluate_rm(model: GPT, groups: list[Group], pad_id: int, device, precision:
 
 def print_eval(report: dict) -> None:
     print(f"rm eval: accuracy {report['accuracy']:.3f}, log loss {report['log_loss']:.3f} on {report['pairs']} pairs "
-          f"of {report['prompts']} prompts")
+          f"of {report['prompts']} prompts ({report.get('tied_pairs', 0)} tied pairs left out)")
     print("  by K:             " + ", ".join(f"K={k}: {v:.3f}" for k, v in report["accuracy_by_k"].items()))
     print("  by rank distance: " + ", ".join(f"{d}: {v:.3f}" for d, v in report["accuracy_by_rank_distance"].items()))
     print("  calibration (confidence -> accuracy): " + ", ".join(
@@ -278,7 +284,8 @@ def reward_model(cfg: RMConfig) -> Path:
         print(f"rm: resuming from step {start_step} of {total_steps}")
     log = MetricsLog(out, resume_step=start_step if state is not None else None)
     print(f"rm: {len(train)} train / {len(val)} val ranked prompts "
-          f"({sum(len(g.pairs) for g in train)} comparisons), {total_steps} steps, {device} {precision}")
+          f"({sum(len(g.pairs) for g in train)} comparisons, {sum(g.ties for g in train)} tied pairs left out), "
+          f"{total_steps} steps, {device} {precision}")
 
     # step 5
     model.train()
@@ -338,8 +345,8 @@ def reward_model(cfg: RMConfig) -> Path:
         ref_sequences = [tokenizer.render_chat(c)[0][-cfg.seq_len:] for c in reference]
     else:
         ref_sequences = [g.sequences[g.ranks.index(min(g.ranks))] for g in train]
-    with torch.no_grad():
-        ref_scores = torch.cat([reward_scores(model, ref_sequences[i : i + 64], tokenizer.pad_id, device, precision)
+    with torch.no_grad():  # in fp32, the precision of the checkpoint as saved: a bf16 bias would be off by its noise
+        ref_scores = torch.cat([reward_scores(model, ref_sequences[i : i + 64], tokenizer.pad_id, device, "fp32")
                                 for i in range(0, len(ref_sequences), 64)])
         gain = 1.0 / max(ref_scores.std().item(), 1e-6) if cfg.normalize_gain else 1.0
         model.score.weight.mul_(gain)
