@@ -215,7 +215,7 @@ class Guard:
             except BadRequest as e:
                 return await self.error(scope, send, e, close=e.status == 413)
             try:
-                if kind == "json":
+                if kind == "json" and body:  # no body: the handler says what it expected
                     scope["chatloop.json"] = parse_json(body, self.limits)
                 elif kind == "form" and body:  # an empty body is an empty form whatever its type
                     content_type = dict(scope.get("headers", [])).get(b"content-type", b"")
