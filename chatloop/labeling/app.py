@@ -37,6 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatloop.errors import UserError
 from chatloop.labeling.store import (
@@ -207,7 +208,8 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
 
     def check_csrf(request: Request, supplied: Any) -> None:
         base = csrf_base(request)
-        if not base or not isinstance(supplied, str) or not hmac.compare_digest(csrf_for(base), supplied):
+        if not base or not isinstance(supplied, str) or not hmac.compare_digest(  # bytes: any text compares
+                csrf_for(base).encode(), supplied.encode("utf-8", "surrogatepass")):
             raise HTTPError(403, "CSRF token missing or wrong: reload the page and try again")
 
     def current_user(request: Request) -> Any:
@@ -239,6 +241,11 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
 
     def is_api(request: Request) -> bool:
         return request.url.path.startswith(root(request) + "/api/") or request.url.path.startswith("/api/")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own refusals (no such route, wrong method) in the app's format."""
+        return await http_error(request, HTTPError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, exc: HTTPError) -> Response:

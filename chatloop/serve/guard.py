@@ -53,7 +53,9 @@ class Limits:
     max_depth: int = 32
     """Deepest nesting of lists and objects in a JSON body."""
     max_items: int = 10_000
-    """Longest list or object in a JSON body, and most fields in a form."""
+    """Longest list or object in a JSON body."""
+    max_form_fields: int = 1000
+    """Most fields in a form (Starlette's form parser takes 1000)."""
     max_int: int = 2**63 - 1
     """Largest integer (in absolute value) in a JSON body: what SQLite and the JSON of other languages hold."""
 
@@ -135,8 +137,8 @@ def check_form(body: bytes, limits: Limits) -> None:
     except UnicodeDecodeError:
         raise BadRequest(400, "the form is not url-encoded (raw bytes above 0x7f)") from None
     fields = [f for f in re.split("[&;]", text) if f] if text else []
-    if len(fields) > limits.max_items:
-        raise BadRequest(400, f"the form has more than {limits.max_items} fields")
+    if len(fields) > limits.max_form_fields:
+        raise BadRequest(400, f"the form has more than {limits.max_form_fields} fields")
     for field in fields:
         name, _, value = field.partition("=")
         try:
