@@ -5,6 +5,7 @@ concurrent password guessing with real argon2 in a real `chatloop label serve` p
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import stat
 import subprocess
@@ -22,6 +23,12 @@ from tests.fuzz import form_bodies, json_bodies
 from tests.test_label import PASSWORD, Live, form_csrf, free_port, join, ranking_items
 
 MB = 1024 * 1024
+
+
+def run_async(coroutine):
+    """asyncio.run in a thread of its own: the browser tests' Playwright keeps an event loop in the main thread."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 @pytest.fixture
@@ -334,7 +341,7 @@ def test_40_concurrent_wrong_passwords_get_at_most_the_limit_of_401s_in_bounded_
                 return Counter(r.status_code for r in replies)
 
         started = time.monotonic()
-        statuses = asyncio.run(guesses())
+        statuses = run_async(guesses())
         elapsed = time.monotonic() - started
         peak = rss_mb(process.pid, "VmHWM")
         print(f"40 concurrent wrong logins: {dict(statuses)} in {elapsed:.2f} s; RSS {before:.0f} MB before, "
@@ -389,7 +396,7 @@ def test_password_hashes_run_a_bounded_number_at_a_time(tmp_path):
                                                  for i in range(12)))
                 return Counter(r.status_code for r in replies)
 
-        statuses = asyncio.run(logins())
+        statuses = run_async(logins())
         print(f"12 concurrent logins, 1 hash at a time ({one_hash * 1000:.0f} ms each): {dict(statuses)}")
         assert set(statuses) == {401, 429} and statuses[401] <= 6, statuses
         busy = httpx.Client(base_url=live.url)
