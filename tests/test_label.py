@@ -56,7 +56,7 @@ class Live:
         self.store = LabelStore(str(db), load_secret(secret_file))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(self.store, hasher=FAST_HASH, **app_args)
+        app = create_app(self.store, **{"hasher": FAST_HASH, **app_args})
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

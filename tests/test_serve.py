@@ -299,14 +299,31 @@ def test_a_full_queue_answers_429(model_dir, tmp_path):
         server.close()
 
 
+def wait_js(page, expression: str, timeout: float = 180) -> None:
+    """Poll a JavaScript expression until it holds: Playwright's wait_for_function evaluates its predicate with
+    eval, which the page's Content-Security-Policy forbids (page.evaluate goes through the debugger instead)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
+
+
 def test_chat_page_streams_a_reply_and_regenerates(live, browser):
+    response = httpx.get(live.url + "/")
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert response.headers["x-frame-options"] == "DENY" and "<script>" not in response.text
+    assert httpx.get(live.url + "/page.js").headers["content-type"].startswith("text/javascript")
     page = browser.new_page()
     page.set_default_timeout(180_000)  # a loaded machine
     try:
         page.goto(live.url + "/")
         page.fill("#key", "sk-alice")
         page.dispatch_event("#key", "change")
-        page.wait_for_function("document.getElementById('model').textContent === 'tiny-chat'")
+        wait_js(page, "document.getElementById('model').textContent === 'tiny-chat'")
+        # The key is kept for this tab only, never in localStorage.
+        assert page.evaluate("localStorage.length") == 0
+        assert page.evaluate("sessionStorage.getItem('chatloop-key')") == "sk-alice"
         page.fill("#system", "Answer in one line.")
         page.fill("#temperature", "0")
         page.fill("#max_tokens", "8")  # random bytes re-encode to more tokens: keep the conversation short
@@ -321,13 +338,13 @@ def test_chat_page_streams_a_reply_and_regenerates(live, browser):
         assert first and page.evaluate("window.updates") > 1
         assert page.inner_text(".msg.user") == "Where does the red fox run?"
         page.click("#regenerate")
-        page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 1 && "
-                               "document.querySelector('.msg.assistant').dataset.done === 'true'")
+        wait_js(page, "document.querySelectorAll('.msg.assistant').length === 1 && "
+                      "document.querySelector('.msg.assistant').dataset.done === 'true'")
         assert page.inner_text(".msg.assistant") == first  # greedy: the same answer again
         page.fill("#input", "And the dog?")
         page.click("#send")
-        page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done]').length === 2 || "
-                               "document.querySelector('.msg.error')")
+        wait_js(page, "document.querySelectorAll('.msg.assistant[data-done]').length === 2 || "
+                      "!!document.querySelector('.msg.error')")
         assert not page.query_selector(".msg.error"), page.inner_text(".msg.error")
         assert len(page.query_selector_all(".msg.user")) == 2
     finally:

@@ -1,7 +1,11 @@
 """The labeling web app: server-rendered pages for people, a JSON API for scripts, both over one LabelStore.
 
 Security model (docs/LABELING.md has the long form):
-- Accounts come from invites only; passwords are argon2-hashed; logins are rate limited per name and per client.
+- Every request passes chatloop.serve.guard first (body size, JSON depth, integer range, valid Unicode, form
+  encoding): a client's mistake is a 4xx in the app's format (JSON under /api/, a page otherwise), never a 500.
+- Accounts come from invites only; passwords are argon2-hashed, at most `max_hashes` at a time (off the event
+  loop); logins are rate limited per (name, client), per client and per name, the failure being counted before
+  the hash is checked, so concurrent guesses cannot overtake the limit.
 - A session is a random token in an HttpOnly, SameSite=Lax cookie (Secure with --secure_cookies); the database
   holds only its HMAC under the server secret.
 - Every POST carries a CSRF token (form field `csrf` or header `X-CSRF-Token`): the HMAC of the session token
@@ -15,6 +19,7 @@ Security model (docs/LABELING.md has the long form):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -32,30 +37,28 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatloop.errors import UserError
 from chatloop.labeling.store import (
     KINDS,
     LABEL_FLAGS,
+    MAX_OVERLAP,
     MIN_PASSWORD,
     ROLES,
     BadAnswer,
+    Conflict,
     LabelStore,
     NotFound,
     export_records,
     report,
 )
+from chatloop.serve.guard import Guard, Limits
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "chatloop_session"
 PRE_COOKIE = "chatloop_pre"
-SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                                 b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),  # invite links carry their token in the path
-]
+MAX_NAME, MAX_PASSWORD = 64, 1024  # longer can never log in: refused before any hash is computed
 FLAG_TEXT = {
     "fails_to_follow": "Fails to follow the instruction or task",
     "inappropriate_for_customer_assistant": "Inappropriate for a customer assistant",
@@ -73,25 +76,6 @@ FLAG_TEXT = {
 EXPORTS = ("rankings", "rankings_merged", "demonstrations", "ratings", "comparisons")
 
 
-class SecurityHeaders:
-    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware): security headers on every response."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS + (
-                    [] if scope["path"].startswith("/static/") else [(b"cache-control", b"no-store")])
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 class RateLimit:
     """At most `limit` failures per key in a sliding window of `window_s` seconds (kept in this process)."""
 
@@ -105,8 +89,68 @@ class RateLimit:
             q.popleft()
         return len(q) >= self.limit
 
-    def fail(self, key: str, now: float) -> None:
+    def take(self, key: str, now: float) -> None:
         self.failures[key].append(now)
+
+    def give_back(self, key: str, at: float) -> None:
+        q = self.failures.get(key)
+        if q is not None and at in q:
+            q.remove(at)
+
+    def sweep(self, now: float) -> None:
+        """Forget keys without a failure in the window (random names must not grow memory)."""
+        for key in [k for k, q in self.failures.items() if not q or q[-1] < now - self.window_s]:
+            del self.failures[key]
+
+
+class LoginThrottle:
+    """Failed-login limits that hold under concurrency, and a bound on concurrent password hashes.
+
+    A login attempt first *reserves* a failure under three keys, atomically (no await between the check and
+    the reservation, and the event loop runs one coroutine at a time): (name, client) up to `limit`, the
+    client up to 4x `limit` (one client trying many names), the name up to 20x `limit` over all clients (a
+    bound on guessing from many addresses). Only then is the hash checked; a right password gives the
+    reservation back. So 40 concurrent guesses for one name from one client get at most `limit` 401s, and the
+    real user, from another address, is not locked out by them. Hashes run in threads, at most `max_hashes`
+    at once (argon2 takes 64 MiB each); a login that waits longer than `wait_s` for one gets 429.
+    """
+
+    def __init__(self, limit: int, window_s: float, max_hashes: int, wait_s: float) -> None:
+        self.pair, self.client = RateLimit(limit, window_s), RateLimit(limit * 4, window_s)
+        self.name = RateLimit(limit * 20, window_s)
+        self.max_hashes, self.wait_s = max_hashes, wait_s
+        self._hashes: asyncio.Semaphore | None = None  # made in the server's event loop
+        self._reservations = 0
+
+    def reserve(self, name: str, client: str, now: float) -> list[tuple[RateLimit, str, float]]:
+        keys = [(self.pair, f"{client} {name}"), (self.client, client), (self.name, name)]
+        if any(limit.blocked(key, now) for limit, key in keys):
+            raise HTTPError(429, "too many failed logins: wait a few minutes")
+        for limit, key in keys:
+            limit.take(key, now)
+        self._reservations += 1
+        if self._reservations % 1000 == 0:
+            for limit, _ in keys:
+                limit.sweep(now)
+        return [(limit, key, now) for limit, key in keys]
+
+    @staticmethod
+    def release(reservation: list[tuple[RateLimit, str, float]]) -> None:
+        for limit, key, at in reservation:
+            limit.give_back(key, at)
+
+    async def hash_work(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in a worker thread, at most max_hashes at once; HTTPError 429 after waiting wait_s."""
+        if self._hashes is None:
+            self._hashes = asyncio.Semaphore(self.max_hashes)
+        try:
+            await asyncio.wait_for(self._hashes.acquire(), self.wait_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(429, "the server is busy checking passwords: try again in a moment") from None
+        try:  # the thread finishes even if the request is cancelled (anyio shields it), then the slot is freed
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self._hashes.release()
 
 
 class HTTPError(Exception):
@@ -116,16 +160,36 @@ class HTTPError(Exception):
 
 
 def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: float = 1800,
-               login_limit: int = 5, login_window_s: float = 300, hasher: PasswordHasher | None = None) -> FastAPI:
-    """The app over `store`. `hasher` is argon2 with its library defaults unless given (tests pass cheaper ones)."""
+               login_limit: int = 5, login_window_s: float = 300, hasher: PasswordHasher | None = None,
+               public_url: str = "", max_body_bytes: int = 1_000_000, max_hashes: int = 2,
+               hash_wait_s: float = 5.0) -> FastAPI:
+    """The app over `store`. `hasher` is argon2 with its library defaults unless given (tests pass cheaper ones).
+    `public_url` is where people reach the app (invite links start with it; relative links when empty)."""
     app = FastAPI(title="chatloop label", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(SecurityHeaders)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True)
     env.globals.update(flag_text=FLAG_TEXT, flags=LABEL_FLAGS)
+
+    def app_path(scope: dict) -> str:
+        path, prefix = scope["path"], scope.get("root_path", "").rstrip("/")
+        return path[len(prefix):] if prefix and path.startswith(prefix + "/") else path
+
+    def guard_error(scope: dict, status: int, message: str, param: str | None, code: str | None
+                    ) -> tuple[bytes, bytes]:
+        if app_path(scope).startswith("/api/"):
+            return json.dumps({"error": message}).encode(), b"application/json"
+        html = env.get_template("error.html").render(root=scope.get("root_path", "").rstrip("/"), csrf="",
+                                                     user=None, title=str(status), message=message)
+        return html.encode(), b"text/html; charset=utf-8"
+
+    app.add_middleware(
+        Guard, limits=Limits(max_body_bytes=max_body_bytes), error_body=guard_error,
+        body_kind=lambda scope: "json" if app_path(scope).startswith("/api/") else "form",
+        extra_headers=lambda scope: [] if app_path(scope).startswith("/static/") else [(b"cache-control",
+                                                                                          b"no-store")])
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     ph = hasher or PasswordHasher()
     dummy_hash = ph.hash(secrets.token_urlsafe(16))  # verified against when the name is unknown (same timing)
-    by_name, by_client = RateLimit(login_limit, login_window_s), RateLimit(login_limit * 4, login_window_s)
+    throttle = LoginThrottle(login_limit, login_window_s, max_hashes, hash_wait_s)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -144,7 +208,8 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
 
     def check_csrf(request: Request, supplied: Any) -> None:
         base = csrf_base(request)
-        if not base or not isinstance(supplied, str) or not hmac.compare_digest(csrf_for(base), supplied):
+        if not base or not isinstance(supplied, str) or not hmac.compare_digest(  # bytes: any text compares
+                csrf_for(base).encode(), supplied.encode("utf-8", "surrogatepass")):
             raise HTTPError(403, "CSRF token missing or wrong: reload the page and try again")
 
     def current_user(request: Request) -> Any:
@@ -177,6 +242,11 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     def is_api(request: Request) -> bool:
         return request.url.path.startswith(root(request) + "/api/") or request.url.path.startswith("/api/")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own refusals (no such route, wrong method) in the app's format."""
+        return await http_error(request, HTTPError(exc.status_code, str(exc.detail)))
+
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, exc: HTTPError) -> Response:
         if is_api(request):
@@ -185,12 +255,14 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
             return redirect(request, "/login")
         return page(request, "error.html", exc.status, title=str(exc.status), message=exc.message)
 
-    async def login(request: Request, name: str, password: str) -> Any:
+    async def login(request: Request, name: Any, password: Any) -> Any:
         """The user for a right name and password, else HTTPError 401 (or 429 after too many failures)."""
-        now = time.time()
+        if not isinstance(name, str) or not isinstance(password, str):
+            raise HTTPError(400, "name, password: expected strings")
         client = request.client.host if request.client else "?"
-        if by_name.blocked(name, now) or by_client.blocked(client, now):
-            raise HTTPError(429, "too many failed logins: wait a few minutes")
+        reservation = throttle.reserve(name[:MAX_NAME + 1], client, time.time())  # before any hash: atomic
+        if len(name) > MAX_NAME or len(password) > MAX_PASSWORD:
+            raise HTTPError(401, "wrong name or password")  # no such account can exist: no hash needed
         user = store.user_by_name(name)
 
         def verify() -> bool:
@@ -199,12 +271,16 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
             except (VerificationError, InvalidHashError):
                 return False
 
-        if not await run_in_threadpool(verify):
-            by_name.fail(name, now)
-            by_client.fail(client, now)
-            raise HTTPError(401, "wrong name or password")
+        try:
+            right = await throttle.hash_work(verify)
+        except HTTPError:
+            throttle.release(reservation)  # busy: no guess was checked
+            raise
+        if not right:
+            raise HTTPError(401, "wrong name or password")  # the reserved failure stays
+        throttle.release(reservation)
         if ph.check_needs_rehash(user.password_hash):
-            store.set_password_hash(user.id, await run_in_threadpool(ph.hash, password))
+            store.set_password_hash(user.id, await throttle.hash_work(ph.hash, password))
         return user
 
     def start_session(request: Request, response: Response, user_id: str) -> str:
@@ -264,8 +340,11 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         if error:
             return page(request, "invite.html", 400, title="Welcome", invite=invite, error=error,
                         min_password=MIN_PASSWORD)
+        if len(password) > MAX_PASSWORD:
+            return page(request, "invite.html", 400, title="Welcome", invite=invite, min_password=MIN_PASSWORD,
+                        error=f"choose a password of at most {MAX_PASSWORD} characters")
         try:
-            uid = store.accept_invite(token, await run_in_threadpool(ph.hash, password))
+            uid = store.accept_invite(token, await throttle.hash_work(ph.hash, password))
         except NotFound:
             raise HTTPError(404, "this invite was used already") from None
         response = redirect(request, "/admin" if invite["role"] == "admin" else "/")
@@ -309,6 +388,8 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
             raise HTTPError(404, "no such task") from None
         except BadAnswer as e:
             return task_page(request, user, aid, 400, str(e))
+        except Conflict as e:
+            return task_page(request, user, aid, 409, str(e))
         return redirect(request, f"/next?batch={view['batch']}")
 
     @app.post("/a/{aid}")
@@ -323,9 +404,9 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
 
     # -- admin pages -------------------------------------------------------------------------------------------
 
-    def admin_page(request: Request, user: Any, **ctx: Any) -> Response:
-        return page(request, "admin.html", title="Admin", user=user, r=report(store), audit=store.audit_log(50),
-                    roles=ROLES, kinds=KINDS, exports=EXPORTS, **ctx)
+    def admin_page(request: Request, user: Any, status: int = 200, **ctx: Any) -> Response:
+        return page(request, "admin.html", status, title="Admin", user=user, r=report(store),
+                    audit=store.audit_log(50), roles=ROLES, kinds=KINDS, exports=EXPORTS, **ctx)
 
     @app.get("/admin")
     async def admin(request: Request) -> Response:
@@ -339,24 +420,26 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         try:
             token = store.create_invite(str(form.get("name", "")), str(form.get("role", "labeler")), user.name)
         except UserError as e:
-            return admin_page(request, user, error=str(e).removeprefix("--name: ").removeprefix("--role: "))
-        return admin_page(request, user, invite_url=f"{str(request.base_url).rstrip('/')}/invite/{token}")
+            return admin_page(request, user, 400, error=str(e).removeprefix("--name: ").removeprefix("--role: "))
+        # Never from the request's Host header (a forged Host would put an attacker's site in the link).
+        base = public_url.rstrip("/") if public_url else root(request)
+        return admin_page(request, user, invite_url=f"{base}/invite/{token}", invite_relative=not public_url)
 
     @app.post("/admin/batches/{bid}")
     async def admin_batch(request: Request, bid: str) -> Response:
         user = need_user(request, "admin")
         form = await request.form()
         check_csrf(request, form.get("csrf"))
-        try:
-            overlap = int(str(form.get("overlap", "")))
-        except ValueError:
-            return admin_page(request, user, error="overlap: expected a whole number")
+        text = str(form.get("overlap", "")).strip()
+        overlap = int(text) if text.isdigit() and len(text) <= 6 else 0
+        if not 1 <= overlap <= MAX_OVERLAP:
+            return admin_page(request, user, 400, error=f"overlap: expected a whole number from 1 to {MAX_OVERLAP}")
         try:
             store.update_batch(bid, user.name, overlap=overlap, active=form.get("active") == "on")
         except NotFound:
             raise HTTPError(404, "no such batch") from None
         except UserError as e:
-            return admin_page(request, user, error=str(e))
+            return admin_page(request, user, 400, error=str(e))
         return redirect(request, "/admin")
 
     @app.get("/admin/export/{name}.jsonl")
@@ -374,10 +457,7 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     # -- JSON API (scripts, benchmarks) ---------------------------------------------------------------------
 
     async def body(request: Request) -> dict[str, Any]:
-        try:
-            obj = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HTTPError(400, "expected a JSON object") from None
+        obj = request.scope.get("chatloop.json")  # parsed and checked by the guard
         if not isinstance(obj, dict):
             raise HTTPError(400, "expected a JSON object")
         return obj
@@ -397,7 +477,7 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     async def api_login(request: Request) -> Response:
         check_csrf(request, request.headers.get("x-csrf-token"))
         obj = await body(request)
-        user = await login(request, str(obj.get("name", "")), str(obj.get("password", "")))
+        user = await login(request, obj.get("name", ""), obj.get("password", ""))
         response = JSONResponse({})
         csrf = start_session(request, response, user.id)
         response.body = response.render({"csrf": csrf, "user": {"name": user.name, "role": user.role}})
@@ -440,12 +520,17 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         user = need_user(request)
         check_csrf(request, request.headers.get("x-csrf-token"))
         obj = await body(request)
+        reason = obj.get("reason", "")
+        if not isinstance(reason, str):
+            raise HTTPError(400, "reason: expected text")
         try:
-            store.skip(user, aid, str(obj.get("reason", "")))
+            store.skip(user, aid, reason)
         except NotFound:
             raise HTTPError(404, "no such assignment") from None
         except BadAnswer as e:
             raise HTTPError(400, str(e)) from None
+        except Conflict as e:
+            raise HTTPError(409, str(e)) from None
         return JSONResponse({"skipped": True})
 
     @app.get("/api/admin/report")

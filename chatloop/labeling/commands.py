@@ -59,6 +59,13 @@ class ServeConfig:
     """Failed logins per name within login_window_s before further attempts get 429 (4x per client address)."""
     login_window_s: float = 300.0
     """Window of the login rate limit, in seconds."""
+    public_url: str = ""
+    """Where people reach the app, e.g. https://label.example.org (invite links start with it; never taken
+    from a request's Host header). Empty: the admin page shows invite links as paths."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body read (413 beyond; a longer streamed body is cut off at this size)."""
+    max_hashes: int = 2
+    """Password hashes computed at once (argon2: 64 MiB each); further logins wait briefly, then get 429."""
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -66,9 +73,15 @@ def serve(cfg: ServeConfig) -> None:
 
     from chatloop.labeling.app import create_app
 
+    for name in ("login_limit", "max_body_bytes", "max_hashes"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
+    if cfg.public_url and not cfg.public_url.startswith(("http://", "https://")):
+        raise UserError(f"--public_url: expected an http:// or https:// address, got {cfg.public_url!r}")
     store = open_store(cfg.db, cfg.secret_file)
     app = create_app(store, secure_cookies=cfg.secure_cookies, lease_s=cfg.lease_minutes * 60,
-                     login_limit=cfg.login_limit, login_window_s=cfg.login_window_s)
+                     login_limit=cfg.login_limit, login_window_s=cfg.login_window_s, public_url=cfg.public_url,
+                     max_body_bytes=cfg.max_body_bytes, max_hashes=cfg.max_hashes)
     print(f"label: serving {store.db} on http://{cfg.host}:{cfg.port}{cfg.root_path}/")
     uvicorn.run(app, host=cfg.host, port=cfg.port, root_path=cfg.root_path, proxy_headers=cfg.proxy_headers,
                 forwarded_allow_ips=cfg.forwarded_allow_ips, log_level="warning")

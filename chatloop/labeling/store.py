@@ -23,6 +23,7 @@ scoped by the current user: another labeler's assignment is "not found". A submi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -85,6 +86,7 @@ RECLAIM_S = 1.0  # expired leases are looked for at most this often (a lease las
 SESSION_CACHE_S = 5.0  # a session lookup is reused this long (a deactivated account stops within it)
 INVITE_S = 7 * 86400
 MIN_PASSWORD = 10
+MAX_OVERLAP = 1000  # labelers per task: far above any real overlap, and small enough for every database
 
 metadata = MetaData()
 
@@ -228,6 +230,10 @@ class BadAnswer(Exception):
     """A submitted answer that does not fit the task; the message says which field and what was expected."""
 
 
+class Conflict(Exception):
+    """An action the assignment's state no longer allows (skipping a task already done)."""
+
+
 def new_id() -> str:
     return secrets.token_urlsafe(12)
 
@@ -302,7 +308,11 @@ class LabelStore:
         self._reclaimed_at = -math.inf  # when expired leases were last returned to the queue
         self.is_sqlite = url.get_backend_name() == "sqlite"
         if self.is_sqlite and url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url.database)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Created owner-only (it holds password hashes); SQLite gives its -wal and -shm files the same mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.engine: Engine = open_engine(url, self.db, metadata, meta, "users", STORE_FORMAT, "a labeling store",
                                           on_connect=_connect_sqlite, on_begin=_begin_sqlite, write=True)
         self.writer = self.engine.execution_options(write=True)
@@ -414,8 +424,8 @@ class LabelStore:
         """A batch of tasks; each item is {"prompt", "payload", "hidden", "author", "gold"} (task_item builds it)."""
         if kind not in KINDS:
             raise UserError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-        if overlap < 1:
-            raise UserError(f"--overlap: expected at least 1 labeler per task, got {overlap}")
+        if not 1 <= overlap <= MAX_OVERLAP:
+            raise UserError(f"--overlap: expected 1 to {MAX_OVERLAP} labelers per task, got {overlap}")
         if not items:
             raise UserError(f"{source}: no tasks to create")
         bid = new_id()
@@ -436,8 +446,8 @@ class LabelStore:
     def update_batch(self, bid: str, actor: str, *, overlap: int | None = None, active: bool | None = None) -> None:
         values: dict[str, Any] = {}
         if overlap is not None:
-            if overlap < 1:
-                raise UserError(f"overlap: expected at least 1, got {overlap}")
+            if not 1 <= overlap <= MAX_OVERLAP:
+                raise UserError(f"overlap: expected 1 to {MAX_OVERLAP}, got {overlap}")
             values["overlap"] = overlap
         if active is not None:
             values["active"] = active
@@ -584,6 +594,8 @@ class LabelStore:
                                                                   assignments.c.user_id == user.id)).first()
             if row is None:
                 raise NotFound("assignment")
+            if row.status == "done":
+                raise Conflict("this task is done already: its label is kept and it cannot be skipped")
             if row.status in ("leased", "expired"):
                 conn.execute(update(assignments).where(assignments.c.id == aid).values(
                     status="skipped", skip_reason=reason[:2000]))
@@ -670,10 +682,16 @@ def check_answer(kind: str, prompt: Any, payload: dict[str, Any], shown: list[in
         if not isinstance(likert, int) or isinstance(likert, bool) or not 1 <= likert <= 7:
             raise BadAnswer("likert: expected an integer from 1 to 7")
         flags = answer.get("flags", [])
+        named = list(flags) if isinstance(flags, dict) else flags  # {"name": true/false} or ["name", ...]
+        if (not isinstance(named, list) or not all(isinstance(f, str) for f in named)
+                or isinstance(flags, dict) and not all(isinstance(on, bool) for on in flags.values())):
+            raise BadAnswer(f"flags: expected a list of names from {', '.join(LABEL_FLAGS)}")
+        unknown = sorted({f for f in named if f not in LABEL_FLAGS})
+        if unknown:
+            raise BadAnswer(f"flags: unknown {', '.join(map(repr, unknown))} (expected names from "
+                            f"{', '.join(LABEL_FLAGS)})")
         if isinstance(flags, dict):
-            flags = [name for name, on in flags.items() if on is True]
-        if not isinstance(flags, list) or any(f not in LABEL_FLAGS for f in flags):
-            raise BadAnswer(f"flags: expected names from {', '.join(LABEL_FLAGS)}")
+            flags = [name for name, on in flags.items() if on]
         return {"likert": likert, "flags": sorted(set(flags))}
     if kind == "demonstration":
         text = answer.get("answer")

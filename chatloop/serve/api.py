@@ -12,6 +12,11 @@ time, the model and the sampling settings) to the request log (JSONL) and the pr
 `chatloop prompts curate` picks it up: InstructGPT's flywheel, in which users' prompts become the next
 training set. A key marked `nolog` opts out. Errors have OpenAI's shape, `{"error": {"message", "type",
 "param", "code"}}`, with the status OpenAI uses (400 bad request, 401 key, 404 model, 413 body, 429 queue).
+
+Every request passes chatloop.serve.guard first (body size, JSON depth, integer range, valid Unicode), and no
+client can hold the event loop: a prompt whose UTF-8 length cannot fit `max_prompt_tokens` (more bytes than
+that many of the longest token) is refused without tokenizing it, and the rest are tokenized in worker threads,
+a few at a time.
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ from chatloop.data.formats import validate_prompt_value
 from chatloop.data.prompts import DEFAULT_DB, PromptStore
 from chatloop.errors import UserError
 from chatloop.serve.batcher import Batcher, Job, QueueFull, Sampling, TextStream
+from chatloop.serve.guard import Guard, Limits
 from chatloop.tokenizer import Tokenizer
 
-PAGE = Path(__file__).with_name("page.html")
+HERE = Path(__file__).parent
+PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),
+              "/page.css": ("page.css", "text/css")}
+TOKENIZE_THREADS = 2  # prompts tokenized at once (each in a worker thread); the others wait their turn
 
 
 @dataclass
@@ -70,7 +79,11 @@ class ServeConfig:
     max_temperature: float = 2.0
     """Highest temperature accepted."""
     max_body_bytes: int = 1_000_000
-    """Largest request body accepted (413 beyond)."""
+    """Largest request body accepted (413 beyond; a longer streamed body is cut off at this size)."""
+    max_messages: int = 256
+    """Most messages in one chat request."""
+    max_stop: int = 16
+    """Most stop strings in one request (OpenAI takes 4), each at most 1000 characters."""
     max_batch: int = 16
     """Requests decoded together: the rows of the batcher's cache."""
     max_queue: int = 64
@@ -179,6 +192,9 @@ class Message(BaseModel):
         return "".join(str(part.get("text", "")) for part in self.content)
 
 
+MAX_STOP_CHARS = 1000
+
+
 class CommonParams(BaseModel):
     model_config = ConfigDict(extra="allow")  # other OpenAI parameters (penalties, seed, ...) are ignored
 
@@ -227,6 +243,30 @@ class Server:
             cfg, batcher, tokenizer, keys, log, name)
         self.context = batcher.model.cfg.max_seq_len
         self.created = int(time.time())
+        # A token stands for at most this many bytes of text (special tokens included), so a prompt of more
+        # than max_prompt_tokens x this many bytes has more tokens than that: no need to tokenize it to know.
+        hf = tokenizer.hf
+        pieces = hf.decode_batch([[i] for i in range(hf.get_vocab_size())], skip_special_tokens=False)
+        self.token_bytes = max([4, *(len(p.encode("utf-8", "surrogatepass")) for p in pieces)])
+        self._tokenizing: asyncio.Semaphore | None = None  # made in the server's event loop
+
+    async def tokenize(self, fn: Any, text_bytes: int, param: str) -> list[int]:
+        """fn() (the tokenizer) off the event loop, a few at a time; an obviously too long prompt never gets there."""
+        limit = min(self.cfg.max_prompt_tokens, self.context - 1)
+        if text_bytes > limit * self.token_bytes:
+            raise APIError(400, f"The prompt is {text_bytes} bytes long: more than {limit} tokens, the most this "
+                           "server takes.", param=param, code="context_length_exceeded")
+        if self._tokenizing is None:
+            self._tokenizing = asyncio.Semaphore(TOKENIZE_THREADS)
+        async with self._tokenizing:
+            return await run_in_threadpool(fn)
+
+    def check_stops(self, params: CommonParams) -> list[str]:
+        stops = params.stops()
+        if len(stops) > self.cfg.max_stop or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop: expected at most {self.cfg.max_stop} strings of at most {MAX_STOP_CHARS} "
+                           "characters", param="stop")
+        return stops
 
     def authorize(self, request: Request) -> Key:
         header = request.headers.get("authorization", "")
@@ -239,21 +279,9 @@ class Server:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return key
 
-    async def body(self, request: Request) -> dict[str, Any]:
-        limit = self.cfg.max_body_bytes
-        declared = request.headers.get("content-length")
-        too_big = APIError(413, f"Request body too large: at most {limit} bytes.", code="request_too_large")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise too_big
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise too_big
-        try:
-            obj = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request ({e}).") from None
+    @staticmethod
+    def body(request: Request) -> dict[str, Any]:
+        obj = request.scope.get("chatloop.json")  # read within max_body_bytes, parsed and checked by the guard
         if not isinstance(obj, dict):
             raise APIError(400, "The request body must be a JSON object.")
         return obj
@@ -262,7 +290,7 @@ class Server:
         """The caller's key and the validated body (APIError otherwise)."""
         key = self.authorize(request)
         try:
-            return key, cls.model_validate(await self.body(request))
+            return key, cls.model_validate(self.body(request))
         except ValidationError as e:
             raise validation_error(e) from None
 
@@ -374,9 +402,18 @@ def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def guard_error(scope: dict, status: int, message: str, param: str | None, code: str | None) -> tuple[bytes, bytes]:
+    """The guard's refusals in OpenAI's format."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return json.dumps(body).encode(), b"application/json"
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="chatloop", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(Guard, limits=Limits(max_body_bytes=server.cfg.max_body_bytes), error_body=guard_error,
+                       body_kind=lambda scope: "json" if scope["path"].startswith("/v1/") else None)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, e: APIError) -> JSONResponse:
@@ -386,13 +423,19 @@ def create_app(server: Server) -> FastAPI:
     async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
         return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
 
-    @app.exception_handler(Exception)
-    async def internal_error(_request: Request, e: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+    # An exception that escapes a handler is logged and answered by the guard (a generic 500, no exception text).
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> str:
-        return PAGE.read_text(encoding="utf-8")
+    def page_file(path: str) -> Any:
+        name, media_type = PAGE_FILES[path]
+        text = (HERE / name).read_text(encoding="utf-8")
+
+        async def serve_file() -> HTMLResponse:  # the guard adds the CSP (no inline script) and frame rules
+            return HTMLResponse(text, media_type=media_type, headers={"cache-control": "no-cache"})
+
+        return serve_file
+
+    for path in PAGE_FILES:
+        app.get(path, response_class=HTMLResponse)(page_file(path))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -408,15 +451,19 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         key, params = await server.parse(request, ChatParams)
+        if len(params.messages) > server.cfg.max_messages:
+            raise APIError(400, f"messages: expected at most {server.cfg.max_messages} messages", param="messages")
+        stop = server.check_stops(params)
         messages = [{"role": m.role, "content": m.text()} for m in params.messages]
         try:
             validate_prompt_value(messages, "request", "messages")
         except UserError as e:
             raise APIError(400, str(e).removeprefix("request: "), param="messages") from None
-        ids = server.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+        size = sum(len(m["content"].encode("utf-8")) for m in messages)
+        ids = await server.tokenize(lambda: server.tokenizer.render_chat(messages, add_generation_prompt=True)[0],
+                                    size, "messages")
         sampling = server.sampling(params, len(ids), params.max_completion_tokens or params.max_tokens, "messages")
         request_id, job, events = await server.start(key, "chat.completions", messages, ids, params, sampling)
-        stop = params.stops()
         created = int(time.time())
         head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": server.name}
 
@@ -451,14 +498,14 @@ def create_app(server: Server) -> FastAPI:
             if len(prompt) != 1:
                 raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
+        stop = server.check_stops(params)
         try:
             validate_prompt_value(prompt, "request")
         except UserError as e:
             raise APIError(400, str(e).removeprefix("request: "), param="prompt") from None
-        ids = server.tokenizer.encode(prompt)
+        ids = await server.tokenize(lambda: server.tokenizer.encode(prompt), len(prompt.encode("utf-8")), "prompt")
         sampling = server.sampling(params, len(ids), params.max_tokens, "prompt")
         request_id, job, events = await server.start(key, "completions", prompt, ids, params, sampling)
-        stop = params.stops()
         created = int(time.time())
         head = {"id": request_id, "object": "text_completion", "created": created, "model": server.name}
 
@@ -487,7 +534,8 @@ def build(cfg: ServeConfig) -> Server:
 
     if not cfg.model:
         raise UserError("--model: give a checkpoint directory")
-    for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes", "max_batch", "max_queue"):
+    for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes", "max_batch", "max_queue", "max_messages",
+                 "max_stop"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name}: expected a positive integer, got {getattr(cfg, name)}")
     if not 0 <= cfg.min_temperature <= cfg.max_temperature:
