@@ -121,7 +121,7 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
         lines += [f"| {pair} | {row['accuracy']:.3f} | {row['pairs']} |" for pair, row in acc["by_pair"].items()]
     lines += ["", "![losses](plots/losses.png)", "", "![ppo](plots/ppo.png)", "",
               "![reward vs KL](plots/reward_vs_kl.png) ![win rates](plots/win_rates.png)", "", "## Samples", ""]
-    names = list(report["models"])
+    names = [n for n in report["models"] if all(n in s for s in report["samples"])]  # best-of-n has no sample row
     lines += ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 
     def cell(text) -> str:

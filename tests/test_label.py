@@ -228,6 +228,16 @@ def test_answers_are_checked_and_stored_in_task_order_whatever_order_they_were_s
             check_answer(kind, "p", {**payload, "response": "r", "a": "1", "b": "2"}, list(range(4)), bad)
 
 
+def test_a_ranking_batch_from_samples_shows_each_distinct_answer_once():
+    """Two copies of one sampled answer are one answer to a labeler: shown once, so they can never be ranked apart."""
+    item = task_item("ranking", {"prompt": "p", "responses": ["a", "b", "a", "c", "b"],
+                                 "ended": [True, False, True, True, False]}, "samples.jsonl:1")
+    assert item["payload"] == {"responses": ["a", "b", "c"]}
+    assert item["hidden"]["ended"] == [True, False, True] and item["hidden"]["duplicates_removed"] == 2
+    with pytest.raises(UserError, match="at least 2 distinct answers, got 1"):
+        task_item("ranking", {"prompt": "p", "responses": ["same", "same", "same"]}, "samples.jsonl:2")
+
+
 def test_agreement_with_others_and_with_the_consensus_on_a_hand_made_case():
     # One task, K = 3. a = b exactly; c swaps the last two. Pairs (0,1), (0,2), (1,2).
     by_task = {"t": {"a": [1, 2, 3], "b": [1, 2, 3], "c": [1, 3, 2]}}

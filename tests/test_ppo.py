@@ -8,8 +8,8 @@ import torch
 from chatloop.checkpoint import save_model
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
-from chatloop.train.ppo import AdaptiveKLController, PPOConfig, gae, make_batch, masked_mean, whiten
-from tests.conftest import run_cli
+from chatloop.train.ppo import AdaptiveKLController, PPOConfig, gae, leave_one_out, make_batch, masked_mean, whiten
+from tests.conftest import FP32, run_cli
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -25,6 +25,12 @@ def test_gae_matches_a_hand_computed_example():
     advantages, returns = gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(advantages, torch.tensor([[a0, a1, a2, 0.0]]))
     torch.testing.assert_close(returns, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.4, 0.0]]))
+
+
+def test_leave_one_out_subtracts_the_mean_of_the_prompts_other_samples():
+    scores = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two prompts, three samples each
+    assert torch.allclose(leave_one_out(scores, 3), torch.tensor([-1.5, 0.0, 1.5, -3.0, -3.0, 6.0]))
+    assert torch.equal(leave_one_out(scores, 1), scores)
 
 
 def test_masked_padding_changes_no_statistic():
@@ -95,13 +101,22 @@ def test_reward_is_the_score_at_the_last_token_and_kl_is_zero_against_itself(tin
         assert (batch.rewards[i, last[i] + 1 :] == 0).all()
 
 
+def test_with_two_samples_per_prompt_each_score_is_taken_against_the_other(tiny_rl):
+    root, tok = tiny_rl
+    _, _, batch, _ = batch_for(root, tok, no_eos_score=-3.0, samples_per_prompt=2)
+    last = batch.rollout.mask.sum(1).long() - 1
+    terminal = batch.rewards[torch.arange(len(last)), last]
+    pairs = batch.scores.view(-1, 2)
+    assert torch.allclose(terminal.view(-1, 2), pairs - pairs.flip(1), atol=1e-5)  # zero RM: only the penalties
+
+
 def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward(tiny_rl, tmp_path):
     root, tok = tiny_rl
     out = tmp_path / "ppo"
     result = run_cli("ppo", f"--policy={root / 'sft'}", f"--reward_model={root / 'rm_zero'}",
                      f"--prompts={root / 'prompts.jsonl'}", f"--out={out}", "--iterations=4", "--batch_size=16",
                      "--minibatches=2", "--ppo_epochs=2", "--max_new_tokens=16", "--max_prompt_tokens=40",
-                     "--kl_coef=0.1", "--lr=1e-4", "--warmup_steps=0", "--progress=false", "--sample_every=2")
+                     "--kl_coef=0.1", "--lr=1e-4", "--warmup_steps=0", "--progress=false", "--sample_every=2", FP32)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4

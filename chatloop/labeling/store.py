@@ -739,6 +739,15 @@ def task_item(kind: str, record: dict[str, Any], where: str) -> dict[str, Any]:
                 isinstance(r, str) for r in responses):
             raise UserError(f"{where}: field 'responses': expected a list of {K_MIN}-{K_MAX} strings "
                             "(InstructGPT ranks K = 4..9)")
+        # Copies of one answer are one answer to a labeler (ranking them apart would be noise): shown once.
+        keep = [i for i, text in enumerate(responses) if responses.index(text) == i]
+        if len(keep) < K_MIN:
+            raise UserError(f"{where}: field 'responses': expected at least {K_MIN} distinct answers, got {len(keep)}")
+        if len(keep) < len(responses):
+            if isinstance(hidden.get("ended"), list) and len(hidden["ended"]) == len(responses):
+                hidden["ended"] = [hidden["ended"][i] for i in keep]
+            hidden["duplicates_removed"] = len(responses) - len(keep)
+            responses = [responses[i] for i in keep]
         payload = {"responses": responses}
     elif kind == "rating":
         if not isinstance(record.get("response"), str):

@@ -4,11 +4,15 @@ Models: the policy starts from the SFT model; the frozen reference is the same S
 separate and starts from the reward model; the reward model is frozen. Dropout is off in all four.
 
 Steps of one iteration:
-  1. Take the next `batch_size` prompts of the seeded prompt order (the iteration number is the position).
-  2. Roll out: sample one response per prompt with the engine (temperature 1, no top-k/top-p by default),
-     truncated at the stop token.
+  1. Take the next `batch_size / samples_per_prompt` prompts of the seeded prompt order (the iteration number is
+     the position), each `samples_per_prompt` times.
+  2. Roll out: sample one response per copy of a prompt with the engine (temperature 1, no top-k/top-p by
+     default), truncated at the stop token.
   3. Score: the reward model at the last real token (normalised), or with --gold_world the synthetic world's
-     gold judge (an oracle); a response without a stop token gets `no_eos_score` instead (Huang et al.).
+     gold judge (an oracle); a response without a stop token gets `no_eos_score` instead (Huang et al.). With
+     several samples per prompt, each score less the mean score of its prompt's other samples (RLOO's
+     leave-one-out baseline, as OpenRLHF offers): what is left is how much better this answer is than the
+     policy's usual answer to the same prompt, not how easy the prompt is.
   4. Recompute, with full forward passes, the policy's and the reference's per-token log-probs of the
      temperature-scaled distribution, and the value model's values.
   5. Per-token rewards: -kl_coef * (logp - ref_logp) on every response token, plus the score on the last.
@@ -99,7 +103,10 @@ class PPOConfig(TrainConfig):
     iterations: int = 100
     """PPO iterations (each: batch_size episodes, then the updates)."""
     batch_size: int = 64
-    """Episodes (prompts, one response each) per iteration (InstructGPT: 512)."""
+    """Episodes (responses) per iteration (InstructGPT: 512)."""
+    samples_per_prompt: int = 1
+    """Responses per prompt in a batch (1: InstructGPT's one episode per prompt). Above 1, each score is taken
+    relative to the mean of its prompt's other samples (a leave-one-out baseline) before the KL penalty and GAE."""
     minibatches: int = 4
     """Minibatches per PPO epoch (InstructGPT: 8 of 64)."""
     ppo_epochs: int = 4
@@ -260,6 +267,9 @@ def ppo(cfg: PPOConfig) -> Path:
         raise UserError("--gold_world needs --value_model (a reward-model checkpoint to start the value model from)")
     if cfg.batch_size % cfg.minibatches:
         raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
+    if cfg.samples_per_prompt < 1 or cfg.batch_size % cfg.samples_per_prompt:
+        raise UserError(f"--samples_per_prompt={cfg.samples_per_prompt}: expected a divisor of --batch_size="
+                        f"{cfg.batch_size}")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -338,10 +348,11 @@ def ppo(cfg: PPOConfig) -> Path:
             group["lr"] = (cfg.value_lr or cfg.lr) * lr / cfg.lr
 
         # step 1
-        epoch, within = divmod(iteration * cfg.batch_size, len(prompts))
+        per_batch = cfg.batch_size // cfg.samples_per_prompt
+        epoch, within = divmod(iteration * per_batch, len(prompts))
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(prompts))
         idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(len(prompts))])
-        batch_prompts = [encoded[i] for i in idx[within : within + cfg.batch_size]]
+        batch_prompts = [encoded[i] for i in idx[within : within + per_batch] for _ in range(cfg.samples_per_prompt)]
 
         # step 2-6 (under torchrun each rank rolls out its share of the prompts with its own random stream)
         generator.manual_seed(cfg.seed * 1_000_003 + iteration + 7_919_000_003 * distributed.rank())
@@ -422,6 +433,15 @@ class GoldReward:
                              for p, t, e in zip(prompts, texts, rollout.ended.tolist())])
 
 
+def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """(B,) scores of consecutive groups of `group` samples of one prompt, each less the mean of its group's others
+    (unchanged for group 1)."""
+    if group == 1:
+        return scores
+    grouped = scores.view(-1, group)
+    return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group - 1)).flatten()
+
+
 def lr_for(iteration: int, cfg: PPOConfig) -> float:
     """Linear warmup from lr/10 over warmup_steps iterations, then constant (or linear decay to 0)."""
     if iteration < cfg.warmup_steps:
@@ -463,7 +483,7 @@ def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer,
     kl_per_token = (old_logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl_per_token
     last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(last)), last] += scores
+    rewards[torch.arange(len(last)), last] += leave_one_out(scores, cfg.samples_per_prompt)
     if cfg.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
     # step 6

@@ -1,0 +1,79 @@
+"""The default loop over seeds: is PPO's win over SFT a property of the config, or of one lucky run?
+
+For each seed (the world and every stage's seed: `chatloop run --seed S`), the whole default loop, then the
+ceiling beside it: PPO from the same SFT model with the world's gold judge as its reward (`--gold_world`, a
+perfect RM; the run's RM still starts the value model), at the config's PPO budget, evaluated against SFT on
+the same held-out prompts. Results go to benchmarks/results/loop_seeds.json; a finished run is reused.
+
+    python benchmarks/loop_seeds.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--work runs/seeds]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from chatloop.config import parse_args
+from chatloop.evaluate import EvalConfig, evaluate
+from chatloop.pipeline import RunConfig, rl_rm_accuracy, run
+from chatloop.train.ppo import ppo
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"ppo vs sft": 0.62, "mean ppo vs sft": 0.65}
+
+
+def gold_ceiling(root: Path, cfg: RunConfig) -> dict:
+    """PPO against the gold judge from the run's SFT model, at the run's PPO settings, against SFT."""
+    out = root / "ceiling"
+    rm = str(root / f"round-{cfg.rounds}" / "rm")
+    ppo(dataclasses.replace(cfg.ppo, out=str(out), policy=str(root / "sft"), reference=str(root / "sft"),
+                            reward_model="", gold_world=str(root / "world"), value_model=rm, ptx_data=[],
+                            prompts=[str(root / "prompt_sets" / "ppo.jsonl")], seed=cfg.seed, progress=False))
+    report = evaluate(EvalConfig(models=[str(root / "sft"), str(out)], names=["sft", "gold-ppo"],
+                                 prompts=str(root / "world" / "eval_prompts.jsonl"), world=str(root / "world"),
+                                 limit=cfg.eval_prompts, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed,
+                                 greedy=False, best_of=0))
+    return report["win_rates"]["gold-ppo vs sft (gold)"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", default="runs/seeds", help="one run directory per seed goes here")
+    args = parser.parse_args()
+    results: dict = {"config": args.config, "seeds": {}}
+    for seed in args.seeds:
+        root = Path(args.work) / f"seed-{seed}"
+        cfg = parse_args(RunConfig, ["--config", args.config, f"--seed={seed}", f"--out={root}"])
+        for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo):
+            stage.progress = False
+        t0 = time.time()
+        report = run(cfg)
+        seconds = time.time() - t0
+        wins = {pair.removesuffix(" (gold)"): w for pair, w in report["win_rates"].items() if pair.endswith("(gold)")}
+        results["seeds"][seed] = {
+            "seconds": seconds, "models": report["models"], "diagnostics": report.get("diagnostics", {}),
+            "win_rates": {pair: wins[pair] for pair in ("sft vs pretrained", "ppo vs sft", "ppo-ptx vs sft",
+                                                        "best-of-4 vs sft") if pair in wins},
+            "rm_vs_gold_rl_pairs": rl_rm_accuracy(report["rm_accuracy_vs_gold"]),
+            "gold_ppo_vs_sft": gold_ceiling(root, cfg),
+        }
+        print(f"seed {seed}: ppo vs sft {wins['ppo vs sft']['win_rate']:.3f}, ceiling "
+              f"{results['seeds'][seed]['gold_ppo_vs_sft']['win_rate']:.3f} ({seconds:.0f} s)")
+    rates = [s["win_rates"]["ppo vs sft"]["win_rate"] for s in results["seeds"].values()]
+    results["ppo_vs_sft"] = {"each": rates, "mean": float(np.mean(rates)), "min": float(np.min(rates)),
+                             "met": bool(min(rates) >= TARGETS["ppo vs sft"]
+                                         and np.mean(rates) >= TARGETS["mean ppo vs sft"])}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "loop_seeds.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results["ppo_vs_sft"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
