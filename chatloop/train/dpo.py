@@ -195,11 +195,11 @@ def collate(groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, tor
 def answer_logps(model: GPT, ids: torch.Tensor, labels: torch.Tensor, device, precision: str) -> torch.Tensor:
     """(N,) log-prob of each row's answer (summed over its tokens): one forward pass over all rows. Right
     padding under a causal mask leaves real tokens untouched, so no attention mask is needed (fast path)."""
-    with autocast(device, precision):
-        logits = model(ids)
     flat = labels.flatten()
-    where = (flat != -100).nonzero().squeeze(1)  # the log-softmax runs on answer positions only
-    nll = F.cross_entropy(logits.flatten(0, 1)[where].float(), flat[where], reduction="none")
+    where = (flat != -100).nonzero().squeeze(1)  # the unembedding and log-softmax run on answer positions only
+    with autocast(device, precision):
+        logits = model(ids, only_at=where)
+    nll = F.cross_entropy(logits.float(), flat[where], reduction="none")
     return torch.zeros(ids.shape[0], device=ids.device).index_add(0, where // ids.shape[1], -nll)
 
 
