@@ -98,6 +98,7 @@ def test_a_hand_computed_three_response_example_matches_the_grouped_loss(tokeniz
     loss_a = (nll(r[0][1] - r[0][0]) + nll(r[0][1] - r[0][2]) + nll(r[0][0] - r[0][2])) / 3
     loss_b = nll(r[1][1] - r[1][0])
     assert loss.item() == pytest.approx((loss_a + loss_b) / 2, abs=1e-5)  # each prompt weighs the same
+    assert group_loss(torch.tensor(r[0]), groups[0], "pairwise").item() == pytest.approx(loss_a, abs=1e-5)
     margins = [r[0][1] - r[0][0], r[0][1] - r[0][2], r[0][0] - r[0][2], r[1][1] - r[1][0]]
     assert stats["pairs"] == 4 and stats["correct"] == sum(m > 0 for m in margins)
     assert stats["margin"] == pytest.approx(sum(margins), abs=1e-5)

@@ -223,30 +223,27 @@ STATS = ("pairs", "correct", "margin", "chosen_reward", "rejected_reward", "chos
 
 def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, groups: list[Group], beta: float, kind: str
              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The mean over the groups of their loss, and sums over their pairs / answers of the logged statistics."""
+    """The mean over the groups of their loss, and sums over their pairs / answers of the logged statistics.
+    The pairs of all groups are indexed at once, so the statistics cost one device-to-host copy, not one per group."""
     rewards = beta * (logps - ref_logps)
-    losses = []
-    stats = dict.fromkeys(STATS, 0.0)
-    at = 0
-    for g in groups:
-        k = len(g.sequences)
-        r, lp = rewards[at : at + k], logps[at : at + k]
-        at += k
-        losses.append(group_loss(r, g, kind))
-        with torch.no_grad():
-            w = torch.tensor([p[0] for p in g.pairs], device=r.device)
-            l_ = torch.tensor([p[1] for p in g.pairs], device=r.device)
-            margin = r[w] - r[l_]
-            stats["pairs"] += len(g.pairs)
-            stats["correct"] += int((margin > 0).sum())
-            stats["margin"] += margin.sum().item()
-            stats["chosen_reward"] += r[w].sum().item()
-            stats["rejected_reward"] += r[l_].sum().item()
-            stats["chosen_logp"] += lp[w].sum().item()
-            stats["rejected_logp"] += lp[l_].sum().item()
-            stats["responses"] += k
-            stats["log_ratio"] += (r / beta).sum().item()
-    return torch.stack(losses).mean(), stats
+    offsets = np.cumsum([0] + [len(g.sequences) for g in groups]).tolist()
+    w = torch.tensor([at + p[0] for at, g in zip(offsets, groups) for p in g.pairs], device=rewards.device)
+    l_ = torch.tensor([at + p[1] for at, g in zip(offsets, groups) for p in g.pairs], device=rewards.device)
+    margin = rewards[w] - rewards[l_]
+    if kind == "pairwise":
+        # The mean over groups of the mean over each group's pairs: each pair weighs 1 / (its group's pairs).
+        share = torch.tensor([1 / len(g.pairs) for g in groups for _ in g.pairs], device=rewards.device)
+        loss = (-F.logsigmoid(margin) * share).sum() / len(groups)
+    else:
+        loss = torch.stack([group_loss(rewards[at : at + len(g.sequences)], g, kind)
+                            for at, g in zip(offsets, groups)]).mean()
+    with torch.no_grad():
+        sums = torch.stack([(margin > 0).sum().float(), margin.sum(), rewards[w].sum(), rewards[l_].sum(),
+                            logps[w].sum(), logps[l_].sum(), (rewards / beta).sum()]).tolist()
+    stats = {"pairs": float(len(w)), "responses": float(offsets[-1]),
+             **dict(zip(("correct", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp",
+                         "log_ratio"), sums))}
+    return loss, {k: stats[k] for k in STATS}
 
 
 def summarize(stats: dict[str, float], prefix: str) -> dict[str, float]:
