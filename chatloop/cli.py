@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "sample": ("chatloop.sample", "SampleConfig", "sample", "sample K answers per prompt (to be ranked)"),
     "rank": ("chatloop.sample", "RankConfig", "rank", "rank samples with the world's simulated labelers"),
     "rm": ("chatloop.train.reward", "RMConfig", "reward_model", "train a reward model from K-wise rankings"),
+    "dpo": ("chatloop.train.dpo", "DPOConfig", "dpo", "DPO on K-wise rankings (no reward model, no sampling)"),
     "ppo": ("chatloop.train.ppo", "PPOConfig", "ppo", "PPO / PPO-ptx against the reward model"),
     "eval": ("chatloop.evaluate", "EvalConfig", "evaluate", "compare checkpoints on held-out prompts"),
     "run": ("chatloop.pipeline", "RunConfig", "run", "the whole loop from one config (default: configs/tiny.yaml)"),

@@ -362,9 +362,17 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        only_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) -> logits (B, T, V) for the lm head, or scalars (B, T) for the scalar head."""
+        """(B, T) -> logits (B, T, V) for the lm head, or scalars (B, T) for the scalar head.
+
+        only_at: (M,) indices into the flattened B*T positions: the head runs on those only and the result is
+        (M, V) or (M,). A loss on a few positions (DPO's answer tokens) skips the unembedding of the others, a
+        quarter of a tiny model's FLOPs; it goes through forward, so DDP and FSDP wrappers see it.
+        """
         x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if only_at is not None:
+            x = x.flatten(0, 1)[only_at]
         if self.score is not None:
             return self.score(x).squeeze(-1)
         return self.lm_head(x)
