@@ -12,8 +12,10 @@ resumes, so the run can be killed at any point and restarted with the same comma
   6. sample      K = k_min..k_max answers per ranking prompt, from SFT (round 1) or the newest policy
   7. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
   8. rm          reward model from all rankings so far, starting from SFT
-  9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it
- 10. eval        pretrained vs SFT vs PPO vs PPO-ptx on held-out users' prompts; report.md with plots
+  9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it; with `dpo`,
+                 DPO from SFT on all rankings so far (no RM, no sampling): the baseline people compare PPO with
+ 10. eval        pretrained vs SFT vs PPO vs PPO-ptx (vs DPO) on held-out users' prompts, and best-of-4 by the RM;
+                 report.md with plots
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from chatloop.evaluate import EvalConfig, diagnostic_lines, evaluate
 from chatloop.report import write_report
 from chatloop.sample import RankConfig, SampleConfig, rank, sample
 from chatloop.tokenizer import TokenizerConfig, train_tokenizer
+from chatloop.train.dpo import DPOConfig, dpo
 from chatloop.train.ppo import PPOConfig, ppo
 from chatloop.train.pretrain import PretrainConfig, pretrain
 from chatloop.train.reward import RMConfig, reward_model
@@ -72,6 +75,10 @@ class RunConfig:
     """Reward model (paths are set by the run)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO and PPO-ptx (paths are set by the run; ptx_coef and ptx_ratio apply to the PPO-ptx run)."""
+    dpo: bool = False
+    """Also train DPO from SFT on the rankings (each round, beside PPO), as a baseline in the report card."""
+    dpo_train: DPOConfig = field(default_factory=DPOConfig)
+    """DPO's settings, when `dpo` is on (paths are set by the run)."""
 
 
 def _with(cfg, **changes):
@@ -129,6 +136,8 @@ def run(cfg: RunConfig) -> dict:
             ppo(_with(cfg.ppo, out=str(rd / "ppo-ptx"), policy=str(policy), reference=str(sft_dir),
                       reward_model=str(rm_dir), prompts=ppo_prompts, ptx_data=[str(world_dir / "pretrain.txt")],
                       seed=cfg.seed))
+        if cfg.dpo:
+            dpo(_with(cfg.dpo_train, out=str(rd / "dpo"), policy=str(sft_dir), data=list(rankings), seed=cfg.seed))
         policy = ppo_dir
 
     # step 10
@@ -136,6 +145,8 @@ def run(cfg: RunConfig) -> dict:
     models = [("pretrained", pt_dir), ("sft", sft_dir), ("ppo", last / "ppo")]
     if cfg.ptx:
         models.append(("ppo-ptx", last / "ppo-ptx"))
+    if cfg.dpo:
+        models.append(("dpo", last / "dpo"))
     eval_path = root / "eval.json"
     if not eval_path.is_file():
         evaluate(EvalConfig(models=[str(m) for _, m in models], names=[n for n, _ in models],

@@ -89,6 +89,23 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
     fig.savefig(plots / "win_rates.png", dpi=90)
     plt.close(fig)
 
+    # Every row against SFT: what each method bought (gold win rate) for how far it moved (KL).
+    against = {n: report["win_rates"].get(f"{n} vs sft (gold)") for n in report["models"]}
+    points = [(n, report["models"][n]["kl"], w["win_rate"]) for n, w in against.items()
+              if w is not None and "kl" in report["models"][n]]
+    if points:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for name, kl, rate in points:
+            ax.scatter([kl], [rate], s=30)
+            ax.annotate(name, (kl, rate), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(0.5, color="grey", linestyle="--")
+        ax.set_xlabel("KL to SFT (nats)")
+        ax.set_ylabel("gold win rate vs SFT")
+        ax.set_title("what each method buys for its KL")
+        fig.tight_layout()
+        fig.savefig(plots / "win_rate_vs_kl.png", dpi=90)
+        plt.close(fig)
+
     lines = [f"# Report card: {root.name}", "", "## Models on held-out users' prompts", ""]
     keys = [k for k in MODEL_KEYS if any(k in row for row in report["models"].values())]
     lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -120,7 +137,8 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
                   "held-out prompts that the judge does not tie:", "", "| pair | accuracy | pairs |", "|---|---|---|"]
         lines += [f"| {pair} | {row['accuracy']:.3f} | {row['pairs']} |" for pair, row in acc["by_pair"].items()]
     lines += ["", "![losses](plots/losses.png)", "", "![ppo](plots/ppo.png)", "",
-              "![reward vs KL](plots/reward_vs_kl.png) ![win rates](plots/win_rates.png)", "", "## Samples", ""]
+              "![reward vs KL](plots/reward_vs_kl.png) ![win rates](plots/win_rates.png)", "",
+              *(["![win rate vs KL](plots/win_rate_vs_kl.png)", ""] if points else []), "## Samples", ""]
     names = [n for n in report["models"] if all(n in s for s in report["samples"])]  # best-of-n has no sample row
     lines += ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 

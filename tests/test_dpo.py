@@ -142,7 +142,8 @@ def test_one_policy_pass_per_answer_and_the_reference_once_per_prompt(tokenizer_
 
 
 def dpo_args(root, out, *extra, precision="fp32"):
-    """Exactness tests (resume, 1 vs 2 processes) pin fp32; the learning test takes what `auto` picks."""
+    """Exactness tests (resume, 1 vs 2 processes) pin fp32 (as conftest.FP32 does); the learning test takes what
+    `auto` picks."""
     return ["dpo", f"--policy={root / 'base'}", f"--data={root / 'rankings.jsonl'}", "--seq_len=64",
             "--batch_size=8", "--lr=1e-3", f"--precision={precision}", "--progress=false", f"--out={out}", *extra]
 

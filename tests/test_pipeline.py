@@ -20,13 +20,14 @@ SHORT = [
     "--ppo.max_new_tokens=16", "--ppo.progress=false", "--ppo.sample_every=1", "--ppo.save_every=1",
     "--eval_prompts=40",
 ]
+DPO = ["--dpo", "--dpo_train.progress=false", "--dpo_train.lr=1e-4"]  # DPO beside PPO, as a baseline
 
 
 def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("run", f"--out={out}", *SHORT, timeout=600)
+    result = run_cli("run", f"--out={out}", *SHORT, *DPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx"):
+    for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx", "round-1/dpo"):
         assert is_complete(out / stage), stage
         assert (out / stage / "metrics.jsonl").is_file()
     # The users' prompts went through the prompt store: curated, split by user, disjoint RM and PPO sets.
@@ -42,20 +43,18 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     assert len(rankings) == 16 and all(4 <= len(r["responses"]) <= 5 for r in rankings)
     assert json.loads((out / "round-1" / "rm" / "eval.json").read_text())["pairs"] > 0
     report = json.loads((out / "eval.json").read_text())
-    assert set(report["models"]) == {"pretrained", "sft", "ppo", "ppo-ptx", "best-of-4"}
+    assert set(report["models"]) == {"pretrained", "sft", "ppo", "ppo-ptx", "dpo", "best-of-4"}
     assert "sft vs pretrained (gold)" in report["win_rates"] and report["rm_accuracy_vs_gold"]["pairs"] > 0
-    print(json.dumps({k: report["win_rates"][k]["win_rate"] for k in report["win_rates"]}),
-          json.dumps(report["diagnostics"]), report["rm_accuracy_vs_gold"]["accuracy"])
     # What even this shortened run shows every time: fine-tuning on the demonstrations beats the pretrained model.
     assert report["win_rates"]["sft vs pretrained (gold)"]["ci_low"] > 0.5
     assert {"best-of-4", "sft"} <= set(report["models"]) and report["gold_by_kind"]
     assert report["diagnostics"]["own_samples"]["pairs"] == 40 * 6
-    for name in ("losses", "ppo", "reward_vs_kl", "win_rates"):
+    for name in ("losses", "ppo", "reward_vs_kl", "win_rates", "win_rate_vs_kl"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert "| sft vs pretrained (gold) |" in (out / "report.md").read_text()
     assert "win rate ppo vs sft (gold)" in result.stdout
     # Finished stages are skipped: the same command again only re-reads them.
-    again = run_cli("run", f"--out={out}", *SHORT, timeout=300)
+    again = run_cli("run", f"--out={out}", *SHORT, *DPO, timeout=300)
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
