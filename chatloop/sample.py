@@ -96,6 +96,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
     while True:
         # Each round draws, for every prompt still short of K distinct answers, as many as it lacks (within budget).
         flat = [i for i, k in enumerate(ks) for _ in range(min(k - len(found[i]), k * cfg.max_draws - draws[i]))]
+        flat.sort(key=lambda i: len(encoded[i]))  # an engine batch pads its prompts to the longest one
         if not flat:
             break
         for start in range(0, len(flat), cfg.batch_size):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from chatloop.checkpoint import save_model
+from chatloop.checkpoint import load_model, save_model
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.ppo import AdaptiveKLController, PPOConfig, gae, leave_one_out, make_batch, masked_mean, whiten
@@ -74,13 +74,11 @@ def tiny_rl(tmp_path_factory, tokenizer_dir):
     return root, tok
 
 
-def batch_for(root, tok, kl_coef=0.05, **kw):
-    from chatloop.checkpoint import load_model
-
+def batch_for(root, tok, kl_coef=0.05, critic=True, **kw):
     policy = load_model(root / "sft", dropout=0.0)
     reference = load_model(root / "sft").eval()
     rm = load_model(root / "rm_zero").eval()
-    value = load_model(root / "rm_zero", head="scalar")
+    value = load_model(root / "rm_zero", head="scalar") if critic else None
     cfg = PPOConfig(max_new_tokens=16, **kw)
     prompts = [tok.render_chat([{"role": "user", "content": f"The {c} dog?"}], True)[0] for c in ("red", "blue") * 8]
     g = torch.Generator().manual_seed(0)
@@ -110,6 +108,30 @@ def test_with_two_samples_per_prompt_each_score_is_taken_against_the_other(tiny_
     assert torch.allclose(terminal.view(-1, 2), pairs - pairs.flip(1), atol=1e-5)  # zero RM: only the penalties
 
 
+def test_without_a_critic_each_tokens_advantage_is_the_return_that_follows_it(tiny_rl):
+    """--no-critic: no values; the return at token t is the sum of the rewards from t on (the leave-one-out score at
+    the last token, KL penalties before it), and the advantages are those returns whitened over the batch."""
+    root, tok = tiny_rl
+    policy, value, batch, cfg = batch_for(root, tok, kl_coef=0.3, critic=False, no_eos_score=-3.0,
+                                          samples_per_prompt=2, lam=1.0)
+    assert value is None and (batch.values == 0).all()
+    with torch.no_grad():  # a policy that differs from the reference, so the KL penalties are not all zero
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference = load_model(root / "sft").eval()
+    rm = load_model(root / "rm_zero").eval()
+    prompts = [tok.render_chat([{"role": "user", "content": f"The {c} dog?"}], True)[0] for c in ("red", "blue") * 8]
+    batch = make_batch(policy, reference, rm, None, prompts, tok, cfg, 0.3, torch.Generator().manual_seed(1),
+                       torch.device("cpu"), "fp32")
+    mask = batch.rollout.mask.float()
+    assert batch.rewards[mask.bool()].abs().sum() > 0
+    to_go = batch.rewards.flip(1).cumsum(1).flip(1) * mask
+    assert torch.allclose(batch.returns, to_go, atol=1e-5)
+    mean = to_go.sum() / mask.sum()
+    std = (((to_go - mean) ** 2 * mask).sum() / (mask.sum() - 1)).sqrt()
+    assert torch.allclose(batch.advantages, (to_go - mean) / std * mask, atol=1e-4)
+
+
 def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward(tiny_rl, tmp_path):
     root, tok = tiny_rl
     out = tmp_path / "ppo"
@@ -126,6 +148,16 @@ def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward
         assert row["objective/kl"] >= -0.05  # untruncated sampling: the KL estimate is not negative
         assert abs(row["objective/kl"]) < 1.0  # nothing to gain: the policy stays at the reference
     assert (out / "samples.jsonl").is_file() and (out / "chatloop.json").is_file()
+    # Without a critic: the same, no value metrics, and no value model in the saved state.
+    out = tmp_path / "ppo-no-critic"
+    result = run_cli("ppo", f"--policy={root / 'sft'}", f"--reward_model={root / 'rm_zero'}",
+                     f"--prompts={root / 'prompts.jsonl'}", f"--out={out}", "--iterations=2", "--batch_size=16",
+                     "--samples_per_prompt=4", "--minibatches=2", "--max_new_tokens=16", "--max_prompt_tokens=40",
+                     "--no-critic", "--lr=1e-4", "--warmup_steps=0", "--progress=false", FP32)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert not any(k.startswith(("value/", "loss/value")) for row in rows for k in row)
 
 
 def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):

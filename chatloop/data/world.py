@@ -821,9 +821,10 @@ class PromptSample:
 
 
 def _sample_prompt(world: World, rng: random.Random, user: str, source: str, cfg: WorldConfig,
-                   decorate: bool) -> PromptSample:
-    """One prompt as a user (source "api") or a labeler (plain, few_shot, user_based) writes it."""
-    category = rng.choices(list(INSTRUCTGPT_MIX), weights=list(INSTRUCTGPT_MIX.values()))[0]
+                   decorate: bool, category: str | None = None) -> PromptSample:
+    """One prompt as a user (source "api") or a labeler (plain, few_shot, user_based) writes it; of `category`
+    if given, else of one drawn from InstructGPT's mix."""
+    category = category or rng.choices(list(INSTRUCTGPT_MIX), weights=list(INSTRUCTGPT_MIX.values()))[0]
     if category == "chat":
         messages, task = world.chat_prompt(rng, cfg.harmful)
         sample = PromptSample(messages, task, category, source)
@@ -911,7 +912,8 @@ class WorldConfig:
     eval_users: int = 40
     """Held-out users for eval_prompts.jsonl (none of them appears anywhere else)."""
     eval_prompts: int = 300
-    """Number of held-out prompts (clean: no PII, no repeats, none equal to a training prompt)."""
+    """Number of held-out prompts (clean, no PII; the training prompts' mix of kinds; new texts where a kind has
+    room)."""
     demonstrations: int = 3000
     """Number of labeler demonstrations (SFT data) in demonstrations.jsonl."""
     imperfect: float = 0.25
@@ -1012,17 +1014,23 @@ def build_world_files(cfg: WorldConfig, world: World) -> tuple[dict[str, Any], d
                               for i, ((u, s), t) in enumerate(zip(samples, times))]
     train_keys = {_prompt_key(s.prompt) for _, s in samples}
 
-    # Held-out users' prompts: clean, and never the exact text of a training prompt.
+    # Held-out users' prompts: clean, and asking for what users ask (the same mix of kinds as the training
+    # prompts). Where a kind leaves room, the text is a new one (no training prompt's, no earlier eval prompt's);
+    # a kind with few texts ("Hi!", a story about one of 30 creatures) keeps a text that training has too, since
+    # dropping it would leave the kinds a tiny model finds easy out of the evaluation.
     eval_rng = random.Random(f"chatloop-world:{seed}:eval")
     eval_users = [f"u{cfg.users + i:05d}" for i in range(cfg.eval_users)]
     eval_records = []
     eval_times = _timestamps(eval_rng, cfg.eval_prompts, start + timedelta(days=180))
     for i in range(cfg.eval_prompts):
         user = eval_rng.choice(eval_users)
-        for _ in range(50):
-            sample = _sample_prompt(world, eval_rng, user, "api", cfg, decorate=False)
+        sample = _sample_prompt(world, eval_rng, user, "api", cfg, decorate=False)
+        for _ in range(200):
             if _prompt_key(sample.prompt) not in train_keys:
                 break
+            other = _sample_prompt(world, eval_rng, user, "api", cfg, decorate=False, category=sample.category)
+            if other.task.kind == sample.task.kind:
+                sample = other
         train_keys.add(_prompt_key(sample.prompt))
         eval_records.append(_record(sample, user, f"e{i:05d}", eval_times[i]))
     files["eval_prompts.jsonl"] = eval_records

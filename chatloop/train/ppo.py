@@ -1,7 +1,8 @@
 """`chatloop ppo`: PPO (and PPO-ptx) against the reward model (RECIPE.md §4, §5, §7).
 
 Models: the policy starts from the SFT model; the frozen reference is the same SFT model; the value model is
-separate and starts from the reward model; the reward model is frozen. Dropout is off in all four.
+separate and starts from the reward model (or, with --no-critic, there is none); the reward model is frozen.
+Dropout is off in all of them.
 
 Steps of one iteration:
   1. Take the next `batch_size / samples_per_prompt` prompts of the seeded prompt order (the iteration number is
@@ -14,14 +15,15 @@ Steps of one iteration:
      leave-one-out baseline, as OpenRLHF offers): what is left is how much better this answer is than the
      policy's usual answer to the same prompt, not how easy the prompt is.
   4. Recompute, with full forward passes, the policy's and the reference's per-token log-probs of the
-     temperature-scaled distribution, and the value model's values.
+     temperature-scaled distribution, and the value model's values (zero without a critic).
   5. Per-token rewards: -kl_coef * (logp - ref_logp) on every response token, plus the score on the last.
      Optionally whiten the rewards without shifting their mean.
   6. Generalised advantage estimation (gamma, lam) backwards over the response; returns = advantages +
-     values; advantages whitened over the batch's real tokens.
+     values; advantages whitened over the batch's real tokens. Without a critic (values 0, lam 1) a token's
+     advantage is the return that follows it: RLOO's (and GRPO's) estimate, with PPO's clipped update.
   7. PPO: `ppo_epochs` passes over `minibatches` shuffled minibatches: the clipped policy loss, the clipped
-     value loss, and for PPO-ptx ptx_coef times the language-model loss on pretraining windows, accumulated
-     into the same optimizer step. (At the first minibatch of an iteration the ratio is exactly 1.)
+     value loss (with a critic), and for PPO-ptx ptx_coef times the language-model loss on pretraining windows,
+     accumulated into the same optimizer step. (At the first minibatch of an iteration the ratio is exactly 1.)
   8. Update the adaptive KL controller with the batch's KL, and the EMA of the policy weights.
   9. Log every metric of RECIPE.md §7; print samples every `sample_every` iterations; save the state.
 Finally the policy (its EMA if enabled) is saved as the stage's checkpoint.
@@ -36,7 +38,7 @@ Logged metrics (docs/METRICS.md says what healthy runs look like):
   policy/clipfrac         share of tokens whose ratio was clipped
   policy/ratio_mean, policy/ratio_var
   loss/policy, loss/value, loss/ptx
-  value/clipfrac          share of tokens whose value was clipped
+  value/clipfrac          share of tokens whose value was clipped (value metrics only with a critic)
   value/explained_variance  1 - Var(returns - values) / Var(returns)
   returns/mean, returns/var
   response/length         mean response tokens; response/eos_fraction: share ending with a stop token
@@ -91,6 +93,10 @@ class PPOConfig(TrainConfig):
     """The reward-model checkpoint (frozen); the value model starts from it unless value_model is given."""
     value_model: str = ""
     """Checkpoint for the value model; empty means the reward model (Stiennon et al.)."""
+    critic: bool = True
+    """Learn a value model for GAE (InstructGPT). Off: no value model; each token's advantage is the return that
+    follows it (the response's score, less its prompt's other samples' mean with samples_per_prompt > 1, less the
+    KL penalties still to come), as RLOO and GRPO do: half the update's compute, and no critic's noise."""
     gold_world: str = ""
     """A synthetic world's directory: reward each episode with gold_scale times its gold-judge score instead of a
     reward model. An oracle for experiments (Gao et al.'s gold reward): what PPO reaches with a perfect RM.
@@ -263,7 +269,7 @@ def ppo(cfg: PPOConfig) -> Path:
         return out
     if not cfg.policy or not (cfg.reward_model or cfg.gold_world) or not cfg.prompts:
         raise UserError("--policy (SFT checkpoint), --reward_model (or --gold_world) and --prompts are required")
-    if cfg.gold_world and not cfg.value_model:
+    if cfg.gold_world and cfg.critic and not cfg.value_model:
         raise UserError("--gold_world needs --value_model (a reward-model checkpoint to start the value model from)")
     if cfg.batch_size % cfg.minibatches:
         raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
@@ -290,7 +296,7 @@ def ppo(cfg: PPOConfig) -> Path:
         if reward_model.score is None:
             raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
     value_model = load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar", dropout=0.0,
-                             grad_checkpoint=cfg.grad_checkpoint)
+                             grad_checkpoint=cfg.grad_checkpoint) if cfg.critic else None
     # Under torchrun: the trained models go through DDP/FSDP2 for their updates; frozen ones are sharded
     # only under FSDP; the EMA is sharded like the policy. One process: all as they are.
     world = distributed.world_size()
@@ -299,14 +305,14 @@ def ppo(cfg: PPOConfig) -> Path:
                         f"must be divisible by the number of processes ({world})")
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
     train_policy = distributed.wrap(policy, cfg.parallel, device)
-    train_value = distributed.wrap(value_model, cfg.parallel, device)
+    train_value = distributed.wrap(value_model, cfg.parallel, device) if value_model is not None else None
     for frozen in (reference, reward_model, ema):
         if isinstance(frozen, torch.nn.Module):
             distributed.wrap(frozen, cfg.parallel, device, frozen=True)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                    weight_decay=cfg.weight_decay)
     value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps, weight_decay=cfg.weight_decay)
+                                  eps=cfg.eps, weight_decay=cfg.weight_decay) if value_model is not None else None
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     if max(len(e) for e in encoded) + cfg.max_new_tokens > policy.cfg.max_seq_len:
@@ -323,8 +329,9 @@ def ppo(cfg: PPOConfig) -> Path:
     state = load_state(out, device)
     if state is not None:
         distributed.load_model_state(policy, state["policy"])
-        distributed.load_model_state(value_model, state["value"])
-        distributed.load_optimizer_state(policy, policy_opt, state["policy_opt"])
+        if value_model is not None:
+            distributed.load_model_state(value_model, state["value"])
+            distributed.load_optimizer_state(policy, policy_opt, state["policy_opt"])
         distributed.load_optimizer_state(value_model, value_opt, state["value_opt"])
         kl_ctl.value = state["kl_coef"]
         if ema is not None:
@@ -344,7 +351,7 @@ def ppo(cfg: PPOConfig) -> Path:
         lr = lr_for(iteration, cfg)
         for group in policy_opt.param_groups:
             group["lr"] = lr
-        for group in value_opt.param_groups:
+        for group in value_opt.param_groups if value_opt is not None else []:
             group["lr"] = (cfg.value_lr or cfg.lr) * lr / cfg.lr
 
         # step 1
@@ -385,7 +392,7 @@ def ppo(cfg: PPOConfig) -> Path:
             "objective/rlhf_reward": (batch.scores - (kl_ctl.value if cfg.adaptive_kl else cfg.kl_coef)
                                       * batch.kl).mean().item(),
             **stats,
-            "value/explained_variance": explained_variance(batch.values, returns, mask),
+            **({"value/explained_variance": explained_variance(batch.values, returns, mask)} if cfg.critic else {}),
             "returns/mean": masked_mean(returns, mask).item(), "returns/var": masked_var(returns, mask).item(),
             "response/length": mask.sum(1).mean().item(),
             "response/eos_fraction": batch.rollout.ended.float().mean().item(),
@@ -401,9 +408,10 @@ def ppo(cfg: PPOConfig) -> Path:
         if done % cfg.save_every == 0 or done == cfg.iterations:
             extra = {"ema": distributed.model_state(ema)} if ema is not None else {}
             save_state(out, done, {"policy": distributed.model_state(policy),
-                                   "value": distributed.model_state(value_model),
+                                   **({"value": distributed.model_state(value_model)} if value_model else {}),
                                    "policy_opt": distributed.optimizer_state(policy, policy_opt),
-                                   "value_opt": distributed.optimizer_state(value_model, value_opt),
+                                   **({"value_opt": distributed.optimizer_state(value_model, value_opt)}
+                                      if value_model else {}),
                                    "kl_coef": kl_ctl.value, **extra}, cfg.keep_states)
         bar.update(1)
     bar.close()
@@ -473,7 +481,8 @@ def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer,
     # step 4
     old_logprobs, entropy = response_logprobs(policy, tokens, attention, P, cfg.temperature, device, precision)
     ref_logprobs, _ = response_logprobs(reference, tokens, attention, P, cfg.temperature, device, precision)
-    values = response_values(value_model, tokens, attention, P, device, precision)
+    values = (response_values(value_model, tokens, attention, P, device, precision) if value_model is not None
+              else torch.zeros_like(old_logprobs))
     old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
     if distributed.active():  # each rank rolled out its share: the rest runs on the whole batch, on every rank
         rollout, (scores,), (old_logprobs, ref_logprobs, values, entropy) = distributed.gather_rollout(
@@ -533,6 +542,15 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
             policy_opt.step()
 
+            with torch.no_grad():
+                dlogp = (logp - batch.old_logprobs[sel]) * mask
+                sums["policy/approxkl"].append(0.5 * masked_mean(dlogp**2, mask).item())
+                sums["policy/clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask).item())
+                sums["policy/ratio_mean"].append(masked_mean(ratio, mask).item())
+                sums["policy/ratio_var"].append(masked_var(ratio, mask).item())
+                sums["loss/policy"].append(pg_loss.item())
+            if value_model is None:
+                continue
             values = response_values(value_model, tokens, attention, r.prompt_len, device, precision)
             old_values, returns = batch.values[sel], batch.returns[sel]
             clipped = old_values + (values - old_values).clamp(-cfg.cliprange_value, cfg.cliprange_value)
@@ -542,17 +560,9 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
             (cfg.vf_coef * vf_loss * share).backward()
             torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip or float("inf"))
             value_opt.step()
-
-            with torch.no_grad():
-                dlogp = (logp - batch.old_logprobs[sel]) * mask
-                sums["policy/approxkl"].append(0.5 * masked_mean(dlogp**2, mask).item())
-                sums["policy/clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask).item())
-                sums["policy/ratio_mean"].append(masked_mean(ratio, mask).item())
-                sums["policy/ratio_var"].append(masked_var(ratio, mask).item())
-                sums["loss/policy"].append(pg_loss.item())
-                sums["loss/value"].append(vf_loss.item())
-                sums["value/clipfrac"].append(
-                    masked_mean(((values - old_values).abs() > cfg.cliprange_value).float(), mask).item())
+            sums["loss/value"].append(vf_loss.item())
+            sums["value/clipfrac"].append(
+                masked_mean(((values.detach() - old_values).abs() > cfg.cliprange_value).float(), mask).item())
     stats = distributed.mean_dict({k: float(np.mean(v)) for k, v in sums.items() if v})
     stats["policy/first_ratio_mean"] = sums["policy/ratio_mean"][0]
     stats["policy/first_approxkl"] = sums["policy/approxkl"][0]

@@ -48,6 +48,7 @@ from chatloop.train.trainer import (
     TrainConfig,
     autocast,
     config_record,
+    length_grouped_order,
     load_state,
     lr_at,
     make_optimizer,
@@ -293,9 +294,10 @@ def reward_model(cfg: RMConfig) -> Path:
                unit="step", dynamic_ncols=True)
     last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
     prompts_per_step = cfg.batch_size * cfg.grad_accum
+    lengths = [max(len(s) for s in g.sequences) for g in train]
     for step in range(start_step, total_steps):
         epoch, within = divmod(step, per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+        order = length_grouped_order(lengths, cfg.seed, epoch, cfg.batch_size)
         chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
         lr = lr_at(step, schedule)
         for group in optimizer.param_groups:
