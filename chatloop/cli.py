@@ -42,6 +42,8 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
                      "write labels as the records chatloop sft / rm read"),
     "label stats": ("chatloop.labeling.commands", "StatsConfig", "stats",
                     "progress, throughput, agreement and gold accuracy"),
+    "label simulate": ("chatloop.labeling.simulate", "SimulateConfig", "simulate",
+                       "simulated labelers (or screening applicants) of a world work the open batches"),
     "label plan": ("chatloop.labeling.commands", "PlanConfig", "plan_cmd", "labelers needed against days to finish"),
     "serve": ("chatloop.serve.api", "ServeConfig", "serve", "OpenAI-compatible API and chat page; logs prompts"),
     "chat": ("chatloop.serve.chat", "ChatConfig", "chat", "chat with a checkpoint in the terminal"),

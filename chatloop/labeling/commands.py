@@ -226,8 +226,9 @@ def _compare_items(cfg: BatchConfig, records: list[dict[str, Any]], out: Path) -
         answers = [texts[m][i] for m in models]
         samples.append({"prompt": r["prompt"], "responses": answers, "models": models})
         task = ({"a": answers[0], "b": answers[1]} if kind == "comparison" else {"responses": answers})
-        items.append(task_item(kind, {"prompt": r["prompt"], **task, "models": models, "user_id": r.get("user_id"),
-                                      **({"id": r["id"]} if "id" in r else {})}, f"{out}:{i + 1}"))
+        items.append(task_item(kind, {"prompt": r["prompt"], **task, "models": models, "compare": list(cfg.compare),
+                                      "user_id": r.get("user_id"), **({"id": r["id"]} if "id" in r else {})},
+                               f"{out}:{i + 1}"))
     atomic_write_jsonl(out, samples)
     return items
 

@@ -953,7 +953,7 @@ def task_item(kind: str, record: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(record.get("prompt"), (str, list)):
         raise UserError(f"{where}: field 'prompt': missing (expected text or a list of messages)")
     validate_prompt_value(record["prompt"], where)
-    hidden = {k: record[k] for k in ("model", "models", "ended", "sampling", "id", "category", "source")
+    hidden = {k: record[k] for k in ("model", "models", "compare", "ended", "sampling", "id", "category", "source")
               if k in record}
     if kind == "demonstration":
         payload: dict[str, Any] = {}
@@ -1255,9 +1255,7 @@ def export_records(store: LabelStore) -> tuple[dict[str, list[dict[str, Any]]], 
             if answer.get("none_acceptable"):
                 record["none_acceptable"] = True
             if isinstance(r["hidden"].get("models"), list):  # one answer of each model (label batch --compare)
-                record["models"] = r["hidden"]["models"]
-                if r["hidden"].get("same_answer"):
-                    record["same_answer"] = r["hidden"]["same_answer"]
+                record.update({k: r["hidden"][k] for k in ("models", "same_answer", "compare") if r["hidden"].get(k)})
             out["rankings"].append(record)
             merged[r["task_id"]].append(record)
         elif kind == "demonstration":
@@ -1269,7 +1267,7 @@ def export_records(store: LabelStore) -> tuple[dict[str, list[dict[str, Any]]], 
         elif kind == "comparison":
             record = {"prompt": prompt, "a": payload["a"], "b": payload["b"], "winner": answer["winner"], **meta}
             if isinstance(r["hidden"].get("models"), list):
-                record["models"] = r["hidden"]["models"]
+                record.update({k: r["hidden"][k] for k in ("models", "compare") if r["hidden"].get(k)})
             out["comparisons"].append(record)
     for task_id, group in merged.items():
         k = len(group[0]["responses"])
