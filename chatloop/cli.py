@@ -33,6 +33,8 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
                        "dedup, cap per user, remove PII, tag categories, split by user"),
     "prompts export": ("chatloop.data.prompts", "ExportConfig", "export",
                        "write the SFT/RM/PPO/val/test prompt sets of a curation"),
+    "prompts feedback": ("chatloop.data.feedback", "FeedbackConfig", "export_feedback",
+                         "the chat page's thumbs and regenerations as rankings for chatloop rm"),
     "prompts stats": ("chatloop.data.prompts", "StatsConfig", "stats", "counts of the prompt store"),
     "label serve": ("chatloop.labeling.commands", "ServeConfig", "serve", "run the labelers' web app"),
     "label batch": ("chatloop.labeling.commands", "BatchConfig", "batch",

@@ -412,8 +412,8 @@ def human_win_rates(paths: list[str], names: list[str] | None = None, models: li
     """Win rates by people per model pair, from A/B verdicts and from rankings, overall and per labeler.
 
     A pair reads "later vs earlier": the order of `names`/`models` when both are there (chatloop eval's), else
-    the order the batch compared them in (the records' `compare`, `label batch --compare A B`: B vs A), else the
-    record's own order. Ties count half. Returns {"ab" | "rankings": {pair: {"overall", "labelers"}}}.
+    the order in which the records first compare them (their `compare`: `label batch --compare A B` gives
+    "B vs A"; else their `models`). Ties count half. Returns {"ab" | "rankings": {pair: {"overall", "labelers"}}}.
     """
     names, models = names or [Path(m).name for m in models or []], models or []
     comparisons, rankings = human_records(paths)
