@@ -20,7 +20,7 @@ from chatloop.labeling.store import (
     task_item,
 )
 from tests.conftest import run_cli
-from tests.test_label import make_user
+from tests.test_label import Live, join, make_user
 
 GOLD_RANKING = [  # the answers' numbers are their gold ranks: "1st" is best
     {"prompt": f"screen {i}", "responses": ["3rd", "1st", "4th", "2nd"], "gold": {"ranks": [3, 1, 4, 2]}}
@@ -199,3 +199,32 @@ def test_screening_labels_stay_out_of_the_exports_and_the_cli_makes_and_reports_
     assert counts["rankings"] == 0  # a candidate's test is not training data
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["left_out"]["screening"] == 3
+
+
+def test_only_an_admin_reviews_with_a_csrf_token_and_a_score_from_1_to_7(tmp_path):
+    live = Live(tmp_path / "label.db", tmp_path / "label.secret")
+    try:
+        items = [task_item("demonstration", {"prompt": "Say hi."}, "t")]
+        screen = live.store.create_batch("screen", "demonstration", items, overlap=1, source="t", actor="t",
+                                         screening={"demonstration": 5})
+        ann, root = join(live, "ann"), join(live, "root", "admin")
+        view = ann.get("/api/next").json()["assignment"]
+        assert view["batch"] == screen
+        assert ann.post(f"/api/assignments/{view['id']}", json={"answer": "Hi there!"}).status_code == 200
+        assert "reviewing your" in ann.get("/").text and ann.get("/api/next").json()["assignment"] is None
+        admin_page = root.get("/admin").text
+        assert "Hi there!" in admin_page and "Screening demonstrations to review" in admin_page
+        (pending,) = live.store.pending_reviews()
+        url, csrf = f"/admin/reviews/{pending['label_id']}", root.headers["X-CSRF-Token"]
+        assert ann.post(url, data={"csrf": ann.headers["X-CSRF-Token"], "score": "7"}).status_code == 403
+        assert root.post(url, data={"score": "7"}).status_code == 403  # no CSRF token
+        for bad in ("8", "0", "seven", ""):
+            assert root.post(url, data={"csrf": csrf, "score": bad}).status_code == 400, bad
+        assert root.post("/admin/reviews/nope", data={"csrf": csrf, "score": "5"}).status_code == 404
+        assert root.post(url, data={"csrf": csrf, "score": "6"}).status_code == 303
+        assert root.post(url, data={"csrf": csrf, "score": "1"}).status_code == 409  # decided: not reopened
+        assert live.store.qualification(live.store.user_by_name("ann")) == "qualified"
+        report_json = root.get("/api/admin/report").json()
+        assert report_json["screening"][0]["candidates"]["ann"]["scores"] == {"demonstration": 6.0}
+    finally:
+        live.stop()
