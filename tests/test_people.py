@@ -141,6 +141,19 @@ def test_screening_rankings_held_out_labelers_ppo_and_a_blind_ab_batch_give_the_
     assert sum(v["n"] for v in per.values()) == len(verdicts) and set(per) <= set(qualified)
 
 
+def test_held_out_labelers_are_split_off_and_a_name_nobody_has_is_caught(capsys):
+    from chatloop.errors import UserError
+    from chatloop.train.reward import check_held_out, split_by_labeler
+
+    rankings = [{"labeler_id": name, "i": i} for i, name in enumerate(["ann", "bob", "ann", "cyd"])]
+    others, held = split_by_labeler(rankings, ["ann"])
+    assert [r["i"] for r in others] == [1, 3] and [r["i"] for r in held] == [0, 2]
+    check_held_out(["ann", "dee"], rankings)
+    assert "no rankings by held-out labeler(s) dee" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no rankings by dee"):
+        check_held_out(["dee"], rankings)
+
+
 def test_human_win_rates_from_ab_verdicts_and_rankings_by_hand(tmp_path):
     prompt = "p"
     comparisons = [{"prompt": prompt, "a": "x", "b": "y", "winner": w, "models": m, "labeler_id": who,

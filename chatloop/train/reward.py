@@ -233,18 +233,23 @@ def split_by_conversation(rankings: list[dict], fraction: float, seed: int) -> t
             [r for r, c in zip(rankings, conversations) if c in held])
 
 
-def split_by_labeler(rankings: list[dict], names: list[str], also: list[dict] | None = None
-                     ) -> tuple[list[dict], list[dict]]:
-    """(the other labelers' rankings, the named labelers' rankings); a name with no ranking here nor in `also`
-    is an error (a misspelt name would otherwise hold out nobody)."""
+def split_by_labeler(rankings: list[dict], names: list[str]) -> tuple[list[dict], list[dict]]:
+    """(the other labelers' rankings, the named labelers' rankings)."""
     held = set(names)
-    present = {r.get("labeler_id") for r in [*rankings, *(also or [])]}
-    missing = held - present
-    if missing:
-        raise UserError(f"--val_labelers: no rankings by {', '.join(sorted(missing))} (labelers in the data: "
-                        f"{', '.join(sorted(str(x) for x in present)[:20])})")
     return ([r for r in rankings if r.get("labeler_id") not in held],
             [r for r in rankings if r.get("labeler_id") in held])
+
+
+def check_held_out(names: list[str], rankings: list[dict]) -> None:
+    """Names without a ranking are named on stdout; if none of them has one, it is an error (a misspelt name
+    would hold out nobody)."""
+    present = {r.get("labeler_id") for r in rankings}
+    missing = set(names) - present
+    if missing == set(names):
+        raise UserError(f"--val_labelers: no rankings by {', '.join(sorted(missing))} (labelers in the data: "
+                        f"{', '.join(sorted(str(x) for x in present)[:20])})")
+    if missing:
+        print(f"rm: no rankings by held-out labeler(s) {', '.join(sorted(missing))}")
 
 
 def first_user_message(ranking: dict) -> str:
@@ -283,8 +288,9 @@ def reward_model(cfg: RMConfig) -> Path:
     val_given = [r for p in cfg.val_data for r in read_rankings(p, cfg.skip_invalid, skipped)]
     held_r: list[dict] = []
     if cfg.val_labelers:  # their rankings never train the RM, whichever file they are in
-        rankings, held_r = split_by_labeler(rankings, cfg.val_labelers, also=val_given)
-        val_given, held_val = split_by_labeler(val_given, cfg.val_labelers, also=held_r)
+        check_held_out(cfg.val_labelers, rankings + val_given)
+        rankings, held_r = split_by_labeler(rankings, cfg.val_labelers)
+        val_given, held_val = split_by_labeler(val_given, cfg.val_labelers)
         held_r += held_val
     if cfg.val_data:
         train_r, val_r = rankings, val_given
