@@ -211,7 +211,8 @@ def test_only_an_admin_reviews_with_a_csrf_token_and_a_score_from_1_to_7(tmp_pat
         view = ann.get("/api/next").json()["assignment"]
         assert view["batch"] == screen
         assert ann.post(f"/api/assignments/{view['id']}", json={"answer": "Hi there!"}).status_code == 200
-        assert "reviewing your" in ann.get("/").text and ann.get("/api/next").json()["assignment"] is None
+        assert "reviewing your" in ann.get("/").text
+        assert ann.get("/api/next").json() == {"assignment": None, "qualification": "review"}
         admin_page = root.get("/admin").text
         assert "Hi there!" in admin_page and "Screening demonstrations to review" in admin_page
         (pending,) = live.store.pending_reviews()

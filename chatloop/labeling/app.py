@@ -507,7 +507,9 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     async def api_next(request: Request, batch: str | None = None) -> Response:
         user = need_user(request)
         aid = store.next_assignment(user, batch or None, lease_s)
-        return JSONResponse({"assignment": store.assignment(user, aid) if aid else None})
+        if aid is None:  # why there is nothing: e.g. a screening failed or waiting for review
+            return JSONResponse({"assignment": None, "qualification": store.qualification(user)})
+        return JSONResponse({"assignment": store.assignment(user, aid)})
 
     @app.get("/api/assignments/{aid}")
     async def api_assignment(request: Request, aid: str) -> Response:

@@ -477,7 +477,8 @@ class LabelStore:
                                                 created_at=time.time()))
             rows = [{"id": new_id(), "batch_id": bid, "seq": i, "prompt": _dumps(it["prompt"]),
                      "payload": _dumps(it["payload"]), "hidden": _dumps(it.get("hidden") or {}),
-                     "author": it.get("author"), "gold": None if it.get("gold") is None else _dumps(it["gold"])}
+                     "author": None if screening is not None else it.get("author"),  # a test is taken whole
+                     "gold": None if it.get("gold") is None else _dumps(it["gold"])}
                     for i, it in enumerate(items)]
             for start in range(0, len(rows), 2000):
                 conn.execute(insert(tasks), rows[start : start + 2000])
@@ -489,7 +490,8 @@ class LabelStore:
 
     def mark_screening(self, bid: str, thresholds: dict[str, float], actor: str) -> None:
         """Make a batch that nobody has labeled yet a screening (qualification) test with these pass thresholds
-        (screening_metrics); every task must have a gold answer, except demonstrations (an admin reviews them)."""
+        (SCREENING_METRICS); every task must have a gold answer, except demonstrations (an admin reviews them).
+        Every candidate takes every task, whoever wrote its prompt."""
         with self.write() as conn:
             row = conn.execute(select(batches.c.kind).where(batches.c.id == bid)).first()
             if row is None:
@@ -502,6 +504,7 @@ class LabelStore:
             golds = [None if g is None else _loads(g) for g in
                      conn.execute(select(tasks.c.gold).where(tasks.c.batch_id == bid)).scalars()]
             check_screening(row.kind, thresholds, golds)
+            conn.execute(update(tasks).where(tasks.c.batch_id == bid).values(author=None))
             self._mark_screening(conn, bid, row.kind, thresholds, actor)
 
     def _mark_screening(self, conn: Connection, bid: str, kind: str, thresholds: dict[str, float], actor: str) -> None:
