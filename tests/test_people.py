@@ -1,7 +1,8 @@
 """The human workflow end to end on the synthetic world, without people: applicants take a screening test
-(the too-noisy ones fail), the qualified rank samples, the reward model trains with labelers held out, PPO
-trains against it, an A/B batch compares SFT and PPO blind, and `chatloop eval --human` turns the verdicts
-into win rates equal to the simulated labelers' own count. Also the human win-rate arithmetic by hand."""
+(the too-noisy ones fail), the qualified write demonstrations (SFT trains on them) and rank SFT's samples, the
+reward model trains with labelers held out, PPO trains against it, an A/B batch compares SFT and PPO blind,
+and `chatloop eval --human` turns the verdicts into win rates equal to the simulated labelers' own count.
+Also the human win-rate arithmetic by hand."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from chatloop.model import GPT, preset
 from chatloop.report import human_section, rm_accuracy_lines
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.ppo import PPOConfig, ppo
+from chatloop.train.sft import SFTConfig, sft
 from tests.conftest import FP32, run_cli
 
 CANDIDATES, TOO_NOISY = 8, 2
@@ -41,25 +43,25 @@ def test_make_labelers_is_unchanged_and_the_candidate_pool_has_a_few_far_too_noi
 
 @pytest.fixture(scope="module")
 def people(tmp_path_factory, tokenizer_dir):
-    """A world directory, prompts of its users, and a tiny SFT-like policy that answers them."""
+    """A world directory, prompts of its users, and a tiny (random) pretrained model."""
     root = tmp_path_factory.mktemp("people")
     world = World.generate(0)
     (root / "world").mkdir()
     (root / "world" / "world.json").write_text(json.dumps(world.to_json()))
     rng = random.Random(0)
-    texts = [world.render_core(world.sample_task(rng, 0.05), rng) for _ in range(40)]
-    for name, part in (("rm", texts[:24]), ("eval", texts[24:])):
+    texts = [world.render_core(world.sample_task(rng, 0.05), rng) for _ in range(56)]
+    for name, part in (("sft", texts[40:]), ("rm", texts[:24]), ("eval", texts[24:40])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": t, "user_id": f"user{i % 5}"}) + "\n"
                                                     for i, t in enumerate(part)))
     tok = Tokenizer.load(tokenizer_dir)
     torch.manual_seed(0)
     cfg = preset("tiny", {"vocab_size": tok.vocab_size, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_model": 32,
                           "max_seq_len": 512})
-    save_model(GPT(cfg), root / "sft", tok)
+    save_model(GPT(cfg), root / "pretrained", tok)
     return root, world
 
 
-def test_screening_rankings_held_out_labelers_ppo_and_a_blind_ab_batch_give_the_simulated_win_rate(people):
+def test_the_human_path_from_screening_to_human_win_rates_on_the_simulated_world(people):
     root, world = people
     db, secret = root / "label.db", root / "label.secret"
     common = [f"--db={db}", f"--secret_file={secret}"]
@@ -69,14 +71,14 @@ def test_screening_rankings_held_out_labelers_ppo_and_a_blind_ab_batch_give_the_
     screen.write_text("".join(json.dumps(r) + "\n" for r in screening_items(world, "ranking", 30, k=6)))
     made = run_cli("label", "batch", "--kind=ranking", f"--data={screen}", "--screening", "ranking=0.675", *common)
     assert made.returncode == 0, made.stderr
-    batch(BatchConfig(kind="ranking", model=[str(root / "sft")], prompts=str(root / "rm.jsonl"), k=4, overlap=1,
-                      max_new_tokens=12, db=str(db), secret_file=str(secret)))
+    batch(BatchConfig(kind="demonstration", prompts=str(root / "sft.jsonl"), db=str(db), secret_file=str(secret)))
     simulated = run_cli("label", "simulate", f"--world={root / 'world'}", f"--candidates={CANDIDATES}",
                         f"--too_noisy={TOO_NOISY}", *common)
     assert simulated.returncode == 0, simulated.stderr
     pool = candidate_pool(world, CANDIDATES, TOO_NOISY)
     store = LabelStore(str(db), load_secret(secret))
     users = enroll(store, [x.id for x in pool])
+    team = [(x, users[x.id]) for x in pool]
     state = {x.id: store.qualification(users[x.id]) for x in pool}
     assert {name for name, s in state.items() if s == "failed"} == {x.id for x in pool if x.noise > 1}
     qualified = sorted(name for name, s in state.items() if s == "qualified")
@@ -85,8 +87,18 @@ def test_screening_rankings_held_out_labelers_ppo_and_a_blind_ab_batch_give_the_
     stats = run_cli("label", "stats", *common)
     assert all(f"{x.id}: {'failed' if x.noise > 1 else 'passed'}; ranking" in stats.stdout for x in pool)
 
-    # Rankings of the SFT policy's samples, by the qualified only; the RM holds two of them out.
+    # The qualified wrote the demonstrations (label simulate did every open batch): SFT trains on them.
     labels = root / "labels"
+    export(ExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
+    demonstrations = [json.loads(line) for line in (labels / "demonstrations.jsonl").read_text().splitlines()]
+    assert len(demonstrations) == 16 and {d["labeler_id"] for d in demonstrations} <= set(qualified)
+    sft(SFTConfig(model=str(root / "pretrained"), data=[str(labels / "demonstrations.jsonl")], out=str(root / "sft"),
+                  epochs=2, batch_size=4, seq_len=256, lr=1e-3, progress=False, precision="fp32", device="cpu"))
+
+    # Rankings of the SFT policy's samples, by the qualified only; the RM holds two of them out.
+    batch(BatchConfig(kind="ranking", model=[str(root / "sft")], prompts=str(root / "rm.jsonl"), k=4, overlap=1,
+                      max_new_tokens=12, db=str(db), secret_file=str(secret)))
+    work(store, team)
     export(ExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
     rankings = read_rankings(labels / "rankings.jsonl")
     assert len(rankings) == 24 and {r["labeler_id"] for r in rankings} <= set(qualified)
@@ -109,7 +121,6 @@ def test_screening_rankings_held_out_labelers_ppo_and_a_blind_ab_batch_give_the_
                   max_prompt_tokens=400, warmup_steps=0, progress=False, precision="fp32", device="cpu"))
     ab = batch(BatchConfig(compare=[str(root / "sft"), str(root / "ppo")], prompts=str(root / "eval.jsonl"),
                            overlap=2, max_new_tokens=12, db=str(db), secret_file=str(secret)))
-    team = [(x, users[x.id]) for x in pool]
     verdicts = work(store, team, ab)
     assert len(verdicts) == 16 * 2 and {v["labeler"] for v in verdicts} <= set(qualified)
     store.close()
