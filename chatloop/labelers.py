@@ -395,9 +395,9 @@ def candidate_pool(world: World, n: int = 10, too_noisy: int = 3, noise: float =
                    tie_threshold: float = DEFAULT_TIE) -> list[Labeler]:
     """Applicants for a screening test, "candidate-01"..: n - too_noisy at the calibrated noise (spread evenly
     over noise * (1 +- spread)) and `too_noisy` far noisier ones (noisy_noise, same spread: they rank close to
-    chance), in a seeded order,
-    so a screening has some to turn away. Each also gets every metadata flag wrong with probability
-    flag_noise x its noise level. Opt-in: the loop's labelers are make_labelers' (calibrated to InstructGPT)."""
+    chance), in a seeded order, so a screening has some to turn away. Each also gets every metadata flag wrong
+    with probability flag_noise x its noise level. Opt-in: the loop's labelers are make_labelers' (calibrated
+    to InstructGPT's agreement), which this leaves as they are."""
     if not 0 <= too_noisy <= n or n < 1:
         raise UserError(f"candidates: expected 1 or more, of which 0 to all too noisy; got {n} and {too_noisy}")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from chatloop.data.curate import CurateConfig, curate
 from chatloop.data.prompts import ExportConfig, IngestConfig, export, ingest
 from chatloop.data.world import WorldConfig, write_world
+from chatloop.errors import UserError
 from chatloop.evaluate import EvalConfig, add_human, diagnostic_lines, evaluate, human_win_rates
 from chatloop.report import write_report
 from chatloop.sample import RankConfig, SampleConfig, rank, sample
@@ -94,6 +95,7 @@ def _with(cfg, **changes):
 
 def run(cfg: RunConfig) -> dict:
     root = Path(cfg.out or f"runs/{cfg.name}")
+    held_out = cfg.rm.val_labelers or held_out_labelers(cfg)  # checked before any stage runs
     root.mkdir(parents=True, exist_ok=True)
     world_dir = root / "world"
     # step 1
@@ -134,7 +136,7 @@ def run(cfg: RunConfig) -> dict:
         rm_dir = rd / "rm"
         reward_model(_with(cfg.rm, out=str(rm_dir), model=str(sft_dir), data=list(rankings),
                            reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed,
-                           val_labelers=cfg.rm.val_labelers or held_out_labelers(cfg)))
+                           val_labelers=held_out))
         # step 9
         ppo_prompts = [str(prompt_sets / "ppo.jsonl")]
         ppo_dir = rd / "ppo"
@@ -172,6 +174,9 @@ def run(cfg: RunConfig) -> dict:
 
 def held_out_labelers(cfg: RunConfig) -> list[str]:
     """The ids of the last `held_out_labelers` simulated labelers (make_labelers names them labeler-01..)."""
+    if not 0 <= cfg.held_out_labelers < cfg.labelers:
+        raise UserError(f"--held_out_labelers: expected 0 to {cfg.labelers - 1} of the {cfg.labelers} labelers, "
+                        f"got {cfg.held_out_labelers}")
     return [f"labeler-{i:02d}" for i in range(cfg.labelers - cfg.held_out_labelers + 1, cfg.labelers + 1)]
 
 
