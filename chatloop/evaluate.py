@@ -5,7 +5,9 @@ For every checkpoint: answers sampled on the held-out prompts, scored by the syn
 by the reward model if given, the KL to a reference checkpoint (mean over answers of the summed per-token
 log-ratio), and the pretraining validation loss (the alignment tax). Between checkpoints: gold win rates (the
 better gold score wins a prompt, a tie counts half; also without the ties, and how many there were) with 95%
-confidence intervals, and RM win rates. Gold scores per task kind. A table of samples side by side.
+confidence intervals, and RM win rates. Gold scores per task kind. A table of samples side by side. With
+--human, people's A/B verdicts and rankings (label exports) give human win rates, per labeler and overall,
+beside the gold judge's and the RM's rows (rows "PAIR (human)" and "PAIR (human, rankings)").
 
 With a reward model, the best-of-n policy is a row too: n answers of the reference checkpoint (the SFT model)
 per prompt, the one the RM scores highest kept (no training; its KL to the reference is the analytic
@@ -29,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from chatloop.checkpoint import load_model
-from chatloop.data.formats import prompt_messages, read_records
+from chatloop.data.formats import prompt_messages, read_records, validate
 from chatloop.data.importers import read_demonstrations
 from chatloop.data.world import World
 from chatloop.engine import generate
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_json, iter_texts
+from chatloop.io import atomic_write_json, iter_texts, read_jsonl
 from chatloop.model import GPT, last_token_values
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import resolve_device
@@ -75,6 +77,12 @@ class EvalConfig:
     """Write the report as JSON here (optional)."""
     device: str = "auto"
     """"auto", "cpu" or "cuda"."""
+    human: list[str] = field(default_factory=list)
+    """Labels of people (`chatloop label export` directories, or comparison / ranking JSONL files) whose A/B
+    verdicts and rankings of answers of several models become human win rates with 95% CIs, per model pair,
+    overall and per labeler, beside the gold judge's and the RM's rows (`--models` optional then). Models are
+    matched to --models by path or directory name; a pair reads "later vs earlier" (--models order, else the
+    order of `label batch --compare`)."""
 
 
 @dataclass
@@ -203,8 +211,15 @@ def rm_accuracy_vs_gold(per_prompt: dict[str, dict[str, list[float]]]) -> dict:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    if cfg.human and not cfg.models:  # people's verdicts only: no checkpoint to run
+        report = {"models": {}, "win_rates": {}, "samples": []}
+        add_human(report, human_win_rates(cfg.human, cfg.names, cfg.models))
+        print_report(report)
+        if cfg.out:
+            atomic_write_json(cfg.out, report)
+        return report
     if not cfg.models or not cfg.prompts:
-        raise UserError("--models (one or more checkpoints) and --prompts are required")
+        raise UserError("--models (one or more checkpoints) and --prompts are required (or --human alone)")
     device = resolve_device(cfg.device)
     names = cfg.names or [Path(m).name for m in cfg.models]
     if len(names) != len(cfg.models):
@@ -260,6 +275,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["rm_accuracy_vs_gold"] = rm_accuracy_vs_gold({n: per_prompt[n] for n in names if n in texts})
     for i in range(min(8, len(prompts))):
         report["samples"].append({"prompt": prompts[i], **{n: texts[n][i] for n in texts}})
+    if cfg.human:
+        add_human(report, human_win_rates(cfg.human, names, cfg.models))
     print_report(report)
     if cfg.out:
         atomic_write_json(cfg.out, report)
@@ -324,13 +341,157 @@ def imitation_ceiling(world: World, path: str) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+# -- people's verdicts ----------------------------------------------------------------------------------------
+
+
+def human_records(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """(A/B comparison records, ranking records) of label exports: a directory's comparisons.jsonl and
+    rankings.jsonl, or JSONL files (a record with "a" and "b" is a comparison, one with "responses" a ranking)."""
+    comparisons, rankings = [], []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files = [path / name for name in ("comparisons.jsonl", "rankings.jsonl") if (path / name).is_file()]
+            if not files:
+                raise UserError(f"--human: {path} has neither comparisons.jsonl nor rankings.jsonl "
+                                "(expected a `chatloop label export` directory)")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise UserError(f"--human: no such file or directory: {path}")
+        for file in files:
+            for lineno, obj in read_jsonl(file):
+                kind = "comparison" if "a" in obj and "b" in obj else "ranking"
+                record = validate(kind, obj, f"{file}:{lineno}")
+                (comparisons if kind == "comparison" else rankings).append(record)
+    return comparisons, rankings
+
+
+def _model_names(models: set[str], names: list[str], paths: list[str]) -> dict[str, str]:
+    """Each model string of the labels -> its display name: the --names/--models name of the same checkpoint
+    (same resolved path, or the name itself, or its directory name), else its directory name when unique."""
+    by_path = {str(Path(p).resolve()): n for n, p in zip(names, paths)}
+    short = {m: Path(m).name or m for m in models}
+    out = {}
+    for m in models:
+        resolved = str(Path(m).resolve())
+        if resolved in by_path:
+            out[m] = by_path[resolved]
+        elif m in names or short[m] in names:
+            out[m] = m if m in names else short[m]
+        else:
+            out[m] = short[m] if list(short.values()).count(short[m]) == 1 else m
+    return out
+
+
+def _outcomes(comparisons: list[dict], rankings: list[dict]) -> list[tuple[str, str, str, float, str]]:
+    """(source, model x, model y, x's outcome 1 / 0.5 / 0, labeler) for every pair of models people judged: an
+    A/B verdict, or two answers of different models in one ranking (a copy of another model's answer ties)."""
+    out = []
+    for r in comparisons:
+        models = r.get("models")
+        if isinstance(models, list) and len(models) == 2 and models[0] != models[1]:
+            out.append(("ab", models[0], models[1], {"a": 1.0, "b": 0.0, "tie": 0.5}[r["winner"]],
+                        r.get("labeler_id", "?")))
+    for r in rankings:
+        models = r.get("models")
+        if not isinstance(models, list) or len(models) != len(r["responses"]):
+            continue  # the answers of one model (a sampled ranking batch): no pair of models
+        rank = {m: r["ranks"][i] for i, m in enumerate(models)}
+        rank.update({m: rank[twin] for m, twin in (r.get("same_answer") or {}).items() if twin in rank})
+        names = list(rank)
+        for i, x in enumerate(names):
+            for y in names[i + 1 :]:
+                if x != y:
+                    outcome = 1.0 if rank[x] < rank[y] else 0.5 if rank[x] == rank[y] else 0.0
+                    out.append(("rankings", x, y, outcome, r.get("labeler_id", "?")))
+    return out
+
+
+def human_win_rates(paths: list[str], names: list[str] | None = None, models: list[str] | None = None) -> dict:
+    """Win rates by people per model pair, from A/B verdicts and from rankings, overall and per labeler.
+
+    A pair reads "later vs earlier": the order of `names`/`models` when both are there (chatloop eval's), else
+    the order in which the records first compare them (their `compare`: `label batch --compare A B` gives
+    "B vs A"; else their `models`). Ties count half. Returns {"ab" | "rankings": {pair: {"overall", "labelers"}}}.
+    """
+    names, models = names or [Path(m).name for m in models or []], models or []
+    comparisons, rankings = human_records(paths)
+    outcomes = _outcomes(comparisons, rankings)
+    if not outcomes:
+        raise UserError(f"--human: no verdict between two models in {', '.join(paths)} (A/B records need "
+                        "'models'; rankings need one model per answer: `chatloop label batch --compare`)")
+    display = _model_names({m for o in outcomes for m in o[1:3]}, names, models)
+    order: dict[str, int] = {}
+    for r in [*comparisons, *rankings]:
+        for m in r.get("compare") or r.get("models") or []:
+            if isinstance(m, str):
+                order.setdefault(display.get(m, m), len(order))
+
+    def position(name: str) -> tuple[int, int]:
+        return (0, names.index(name)) if name in names else (1, order.get(name, 0))
+
+    grouped: dict[str, dict[str, dict[str, list[float]]]] = {"ab": {}, "rankings": {}}
+    for source, x, y, outcome, labeler in outcomes:
+        x, y = display[x], display[y]
+        if position(x) < position(y):  # the later model first: its win rate
+            x, y, outcome = y, x, 1.0 - outcome
+        pair = grouped[source].setdefault(f"{x} vs {y}", {})
+        pair.setdefault("*", []).append(outcome)
+        pair.setdefault(labeler, []).append(outcome)
+    result: dict = {}
+    for source, pairs in grouped.items():
+        for pair, by in pairs.items():
+            result.setdefault(source, {})[pair] = {
+                "overall": _verdict_rate(by.pop("*")), "labelers": {n: _verdict_rate(v) for n, v in sorted(by.items())}}
+    return result
+
+
+def _verdict_rate(outcomes: list[float]) -> dict[str, float]:
+    """win_rate of outcomes (1 win, 0.5 tie, 0 loss) with its interval, plus the count of wins."""
+    return {**win_rate(outcomes, [0.5] * len(outcomes)), "wins": sum(o == 1.0 for o in outcomes)}
+
+
+HUMAN_ROWS = {"ab": "human", "rankings": "human, rankings"}
+
+
+def add_human(report: dict, human: dict) -> None:
+    """Put the human win rates into the report: report["human"], and rows "PAIR (human)" (A/B verdicts) and
+    "PAIR (human, rankings)" in report["win_rates"], each right after the gold judge's and the RM's rows of
+    its pair."""
+    report["human"] = human
+    rows = {f"{pair} ({HUMAN_ROWS[source]})": (pair, w["overall"]) for source, pairs in human.items()
+            for pair, w in pairs.items()}
+    merged: dict = {}
+    keys = list(report["win_rates"])
+    for i, key in enumerate(keys):
+        merged[key] = report["win_rates"][key]
+        pair = key.rsplit(" (", 1)[0]
+        if i + 1 == len(keys) or keys[i + 1].rsplit(" (", 1)[0] != pair:
+            merged.update({k: w for k, (p, w) in rows.items() if p == pair})
+    merged.update({k: w for k, (_, w) in rows.items() if k not in merged})
+    report["win_rates"] = merged
+
+
+def human_lines(human: dict) -> list[str]:
+    """Each human win rate per labeler, as sentences (the eval's printout)."""
+    lines = []
+    for source, pairs in human.items():
+        for pair, w in pairs.items():
+            per = ", ".join(f"{n} {100 * v['win_rate']:.0f}% (n={v['n']})" for n, v in w["labelers"].items())
+            lines.append(f"human win rate {pair} ({'A/B verdicts' if source == 'ab' else 'rankings'}) by labeler: "
+                         f"{per}")
+    return lines
+
+
 MODEL_KEYS = ("gold_score", "gold_score_greedy", "likert", "ended", "rm_score", "kl", "pretrain_val_loss", "length")
 
 
 def print_report(report: dict) -> None:
     names = list(report["models"])
     keys = [k for k in MODEL_KEYS if any(k in report["models"][n] for n in names)]
-    print(f"\n{'model':<14}" + "".join(f"{k:>18}" for k in keys))
+    if names:
+        print(f"\n{'model':<14}" + "".join(f"{k:>18}" for k in keys))
     for n in names:
         print(f"{n:<14}" + "".join(f"{report['models'][n].get(k, float('nan')):>18.3f}" for k in keys))
     for pair, w in report["win_rates"].items():
@@ -341,6 +502,8 @@ def print_report(report: dict) -> None:
         print(f"RM accuracy against the gold judge: {acc['accuracy']:.3f} on {acc['pairs']} pairs of answers; "
               + ", ".join(f"{pair} {row['accuracy']:.3f}" for pair, row in acc["by_pair"].items()))
     for line in diagnostic_lines(report.get("diagnostics", {})):
+        print(line)
+    for line in human_lines(report.get("human", {})):
         print(line)
 
 

@@ -14,6 +14,7 @@ Later stages use this module as a library:
     world = World.load("runs/world")
     labelers = make_labelers(world, 8, seed=0)
     ranks = labelers[0].rank(prompt, responses)          # [1, 3, 2, 2], 1 = best
+    applicants = candidate_pool(world, 10, too_noisy=3)  # a screening test's applicants, some far too noisy
     records = rank_samples(world, labelers, prompts, samples, model="sft")
     rate, comparisons = win_rate(labelers, prompts, policy_answers, baseline_answers)
 """
@@ -283,14 +284,16 @@ class Labeler:
     """
 
     def __init__(self, id: str, noise: float, seed: int, world: World, *, imperfect: float = 0.25,
-                 tie_threshold: float = DEFAULT_TIE):
-        if noise < 0 or not 0 <= imperfect <= 1 or tie_threshold < 0:
-            raise UserError(f"labeler {id}: expected noise >= 0, imperfect in [0, 1] and tie_threshold >= 0")
+                 tie_threshold: float = DEFAULT_TIE, flag_noise: float = 0.0):
+        if noise < 0 or not 0 <= imperfect <= 1 or tie_threshold < 0 or not 0 <= flag_noise <= 1:
+            raise UserError(f"labeler {id}: expected noise >= 0, imperfect and flag_noise in [0, 1] and "
+                            "tie_threshold >= 0")
         self.id = id
         self.noise = noise
         self.world = world
         self.imperfect = imperfect
         self.tie_threshold = tie_threshold
+        self.flag_noise = flag_noise  # chance of getting each metadata flag wrong (0: the judge's flags)
         self.rng = random.Random(f"chatloop-labeler:{seed}:{id}")
 
     def __repr__(self) -> str:
@@ -325,7 +328,10 @@ class Labeler:
         """A 1-7 Likert rating (noisy) and the metadata flags (as the judge sets them)."""
         verdict = self.world.judge(prompt, response, ended)
         noisy = min(1.0, max(0.0, self.perceive(verdict.score)))
-        return 1 + math.floor(6 * noisy + 0.5), dict(verdict.flags)
+        flags = dict(verdict.flags)
+        if self.flag_noise:  # drawn only then: the noise stream of labelers without flag noise is unchanged
+            flags = {name: on != (self.rng.random() < self.flag_noise) for name, on in flags.items()}
+        return 1 + math.floor(6 * noisy + 0.5), flags
 
     def demonstrate(self, prompt: Prompt) -> str:
         """This labeler's answer to a prompt: ideal, or flawed with probability `imperfect`."""
@@ -382,6 +388,26 @@ def make_labelers(world: World, n: int = 8, noise: float = DEFAULT_NOISE, seed: 
     levels = [noise * (1 + spread * (2 * i / (n - 1) - 1)) if n > 1 else noise for i in range(n)]
     return [Labeler(f"labeler-{i + 1:02d}", level, seed, world, imperfect=imperfect,
                     tie_threshold=tie_threshold) for i, level in enumerate(levels)]
+
+
+def candidate_pool(world: World, n: int = 10, too_noisy: int = 3, noise: float = DEFAULT_NOISE,
+                   noisy_noise: float = 3.0, spread: float = 0.2, flag_noise: float = 0.1, seed: int = 0,
+                   tie_threshold: float = DEFAULT_TIE) -> list[Labeler]:
+    """Applicants for a screening test, "candidate-01"..: n - too_noisy at the calibrated noise (spread evenly
+    over noise * (1 +- spread)) and `too_noisy` far noisier ones (noisy_noise, same spread: they rank close to
+    chance), in a seeded order, so a screening has some to turn away. Each also gets every metadata flag wrong
+    with probability flag_noise x its noise level. Opt-in: the loop's labelers are make_labelers' (calibrated
+    to InstructGPT's agreement), which this leaves as they are."""
+    if not 0 <= too_noisy <= n or n < 1:
+        raise UserError(f"candidates: expected 1 or more, of which 0 to all too noisy; got {n} and {too_noisy}")
+
+    def levels(count: int, centre: float) -> list[float]:
+        return [centre * (1 + spread * (2 * i / (count - 1) - 1)) if count > 1 else centre for i in range(count)]
+
+    pool = levels(n - too_noisy, noise) + levels(too_noisy, noisy_noise)
+    random.Random(f"chatloop-candidates:{seed}").shuffle(pool)
+    return [Labeler(f"candidate-{i + 1:02d}", level, seed, world, tie_threshold=tie_threshold,
+                    flag_noise=min(1.0, flag_noise * level)) for i, level in enumerate(pool)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ resumes, so the run can be killed at any point and restarted with the same comma
   then for each round r = 1..rounds (round-r/):
   6. sample      K = k_min..k_max answers per ranking prompt, from SFT (round 1) or the newest policy
   7. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
-  8. rm          reward model from all rankings so far, starting from SFT
+  8. rm          reward model from all rankings so far, starting from SFT (with held_out_labelers: never on
+                 those labelers' rankings, and its accuracy on them)
   9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it; with `dpo`,
                  DPO from SFT on all rankings so far (no RM, no sampling): the baseline people compare PPO with
  10. eval        pretrained vs SFT vs PPO vs PPO-ptx (vs DPO) on held-out users' prompts, and best-of-4 by the RM;
@@ -28,7 +29,8 @@ from pathlib import Path
 from chatloop.data.curate import CurateConfig, curate
 from chatloop.data.prompts import ExportConfig, IngestConfig, export, ingest
 from chatloop.data.world import WorldConfig, write_world
-from chatloop.evaluate import EvalConfig, diagnostic_lines, evaluate
+from chatloop.errors import UserError
+from chatloop.evaluate import EvalConfig, add_human, diagnostic_lines, evaluate, human_win_rates
 from chatloop.report import write_report
 from chatloop.sample import RankConfig, SampleConfig, rank, sample
 from chatloop.tokenizer import TokenizerConfig, train_tokenizer
@@ -59,6 +61,12 @@ class RunConfig:
     """Simulated labelers."""
     noise: float = 0.3
     """Labelers' noise (0.3: ~73% inter-labeler agreement)."""
+    held_out_labelers: int = 0
+    """Simulated labelers (the last N of `labelers`) whose rankings the RM never trains on: its accuracy on them
+    is the second of InstructGPT's two numbers (`rm.val_labelers` names them instead)."""
+    human: list[str] = field(default_factory=list)
+    """Label exports of people's A/B verdicts and rankings (chatloop eval --human): human win rates in the
+    report card beside the gold judge's and the RM's."""
     eval_prompts: int = 200
     """Held-out prompts the final evaluation uses."""
     vocab_size: int = 2048
@@ -87,6 +95,7 @@ def _with(cfg, **changes):
 
 def run(cfg: RunConfig) -> dict:
     root = Path(cfg.out or f"runs/{cfg.name}")
+    held_out = cfg.rm.val_labelers or held_out_labelers(cfg)  # checked before any stage runs
     root.mkdir(parents=True, exist_ok=True)
     world_dir = root / "world"
     # step 1
@@ -126,7 +135,8 @@ def run(cfg: RunConfig) -> dict:
         # step 8
         rm_dir = rd / "rm"
         reward_model(_with(cfg.rm, out=str(rm_dir), model=str(sft_dir), data=list(rankings),
-                           reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed))
+                           reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed,
+                           val_labelers=held_out))
         # step 9
         ppo_prompts = [str(prompt_sets / "ppo.jsonl")]
         ppo_dir = rd / "ppo"
@@ -155,9 +165,19 @@ def run(cfg: RunConfig) -> dict:
                             pretrain_val=str(world_dir / "pretrain_val.txt"), limit=cfg.eval_prompts,
                             max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed, out=str(eval_path)))
     report = json.loads(eval_path.read_text())
+    if cfg.human:  # read afresh every time: people's labels keep coming
+        add_human(report, human_win_rates(cfg.human, [n for n, _ in models], [str(m) for _, m in models]))
     write_report(root, report, rounds=cfg.rounds, ptx=cfg.ptx)
     print_summary(root, report)
     return report
+
+
+def held_out_labelers(cfg: RunConfig) -> list[str]:
+    """The ids of the last `held_out_labelers` simulated labelers (make_labelers names them labeler-01..)."""
+    if not 0 <= cfg.held_out_labelers < cfg.labelers:
+        raise UserError(f"--held_out_labelers: expected 0 to {cfg.labelers - 1} of the {cfg.labelers} labelers, "
+                        f"got {cfg.held_out_labelers}")
+    return [f"labeler-{i:02d}" for i in range(cfg.labelers - cfg.held_out_labelers + 1, cfg.labelers + 1)]
 
 
 def curated_prompts(root: Path, world_dir: Path, seed: int) -> Path:
@@ -196,15 +216,20 @@ def print_summary(root: Path, report: dict) -> None:
             parts.append(f"pretrain loss {row['pretrain_val_loss']:.3f}")
         print(f"  {name:<11} " + ", ".join(parts))
     for pair, w in report["win_rates"].items():
-        if "(gold)" in pair:
+        if "(gold)" in pair or "(human" in pair:
             print(f"  win rate {pair}: {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}] "
                   f"(ties half; {100 * w['win_rate_no_ties']:.1f}% without its {w['ties']} ties)")
     last = max(root.glob("round-*"), key=lambda d: int(d.name.split("-")[1]), default=root / "round-1")
     rm_eval = last / "rm" / "eval.json"
     if rm_eval.is_file():
         rm = json.loads(rm_eval.read_text())
-        print(f"  RM held-out accuracy ({last.name}, against labelers): {rm['accuracy']:.3f} on {rm['pairs']} untied "
-              f"pairs ({rm.get('tied_pairs', 0)} tied)")
+        if "accuracy" in rm:
+            print(f"  RM held-out accuracy ({last.name}, against labelers): {rm['accuracy']:.3f} on {rm['pairs']} "
+                  f"untied pairs ({rm.get('tied_pairs', 0)} tied)")
+        if "held_out_labelers" in rm:
+            h = rm["held_out_labelers"]
+            print(f"  RM accuracy on held-out labelers ({', '.join(h['labelers'])}): {h['accuracy']:.3f} on "
+                  f"{h['pairs']} pairs (InstructGPT: 69.6% against 72.4% on its training labelers)")
     if "rm_accuracy_vs_gold" in report:
         print(f"  RM accuracy against the gold judge (held-out prompts, SFT and RL answers): "
               f"{rl_rm_accuracy(report['rm_accuracy_vs_gold']):.3f}")

@@ -129,8 +129,8 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
     rm_eval = last / "rm" / "eval.json"
     if rm_eval.is_file():
         acc = json.loads(rm_eval.read_text())
-        lines += ["", f"Reward model held-out accuracy against the labelers' rankings: **{acc['accuracy']:.3f}** on "
-                  f"{acc['pairs']} pairs (log loss {acc['log_loss']:.3f})."]
+        lines += [""] + rm_accuracy_lines(acc)
+    lines += human_section(report.get("human", {}))
     if "rm_accuracy_vs_gold" in report:
         acc = report["rm_accuracy_vs_gold"]
         lines += ["", "Reward model accuracy against the gold judge, on pairs of the checkpoints' answers to the "
@@ -149,3 +149,35 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
     for s in report["samples"]:
         lines.append(f"| {cell(s['prompt'])} | " + " | ".join(cell(s[n]) for n in names) + " |")
     atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
+
+
+def rm_accuracy_lines(acc: dict) -> list[str]:
+    """The RM's held-out accuracy against the labelers: on held-out conversations of its training labelers, and
+    (with held-out labelers) on labelers whose labels it never saw: InstructGPT's 72.4% and 69.6%."""
+    lines = []
+    if "accuracy" in acc:
+        lines.append(f"Reward model held-out accuracy against the labelers' rankings: **{acc['accuracy']:.3f}** on "
+                     f"{acc['pairs']} pairs (log loss {acc['log_loss']:.3f}).")
+    if "held_out_labelers" in acc:
+        h = acc["held_out_labelers"]
+        lines += ["", "| reward model accuracy on | accuracy | pairs | InstructGPT |", "|---|---|---|---|"]
+        if "accuracy" in acc:
+            lines.append(f"| training labelers, held-out conversations | {acc['accuracy']:.3f} | {acc['pairs']} "
+                         "| 72.4% |")
+        lines.append(f"| held-out labelers ({', '.join(h['labelers'])}) | {h['accuracy']:.3f} | {h['pairs']} "
+                     "| 69.6% |")
+    return lines
+
+
+def human_section(human: dict) -> list[str]:
+    """Human win rates per labeler (the overall rows are in the win-rate table beside the gold judge's)."""
+    if not human:
+        return []
+    lines = ["", "## Human win rates per labeler", "",
+             "| comparison | from | labeler | win rate | 95% CI | n | wins | ties |", "|---" * 8 + "|"]
+    for source, pairs in human.items():
+        for pair, w in pairs.items():
+            for name, v in {"all": w["overall"], **w["labelers"]}.items():
+                lines.append(f"| {pair} | {'A/B' if source == 'ab' else 'rankings'} | {name} | {v['win_rate']:.3f} | "
+                             f"{v['ci_low']:.3f}-{v['ci_high']:.3f} | {v['n']} | {v['wins']} | {v['ties']} |")
+    return lines

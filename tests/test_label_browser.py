@@ -148,3 +148,65 @@ def test_ranking_by_dragging_none_acceptable_and_skipping_with_a_reason(browser,
     page.keyboard.press("Enter")
     page.wait_for_selector("text=Nothing left for you here")
     assert store.batch_list()[0]["skipped"] == 1 and len(store.label_rows()) == 1
+
+
+def rank_as(page, best_first: list[str]) -> None:
+    """Order the ranking's cards from the keyboard: each text in turn is focused and put at its place."""
+    for place, text in enumerate(best_first, 1):
+        at = page.locator("#ranking .card .text").all_inner_texts().index(text)
+        page.locator("#ranking .card").nth(at).focus()
+        page.keyboard.press(str(place))
+    assert page.locator("#ranking .card .text").all_inner_texts() == best_first
+    page.keyboard.press("Control+Enter")
+
+
+def test_a_candidate_fails_the_screening_and_sees_no_work_another_passes_and_ranks_the_admin_sees_both(browser, live):
+    store = live.store
+    gold = ["best", "good", "poor", "worst"]
+    screen = store.create_batch("Screening test", "ranking", [
+        task_item("ranking", {"prompt": f"Which answer is best? ({i})", "responses": ["poor", "best", "worst", "good"],
+                              "gold": {"ranks": [3, 1, 4, 2]}}, "t") for i in range(2)],
+        overlap=1, source="test", actor="root", screening={"ranking": 0.7})
+    work = store.create_batch("Production rankings", "ranking", [
+        task_item("ranking", {"prompt": "Rank these.", "responses": ["w", "x", "y", "z"]}, "t")],
+        overlap=2, source="test", actor="root")
+
+    carl = accept_invite(browser, live, "carl", "labeler")
+    assert "take the screening test" in carl.inner_text("#screening-state")
+    assert "Screening test" in carl.inner_text("table") and "Production" not in carl.inner_text("main")
+    carl.click("#start-any")
+    for _ in range(2):
+        carl.wait_for_selector("#ranking")
+        rank_as(carl, list(reversed(gold)))  # every pair the wrong way round
+    carl.wait_for_selector("#screening-state")
+    assert "did not pass" in carl.inner_text("#screening-state")
+    carl.goto(f"{live.url}/")
+    assert "did not pass" in carl.inner_text("#screening-state") and carl.locator("table").count() == 0
+    carl.goto(f"{live.url}/next?batch={work}")  # the production batch by its id: nothing either
+    assert "did not pass" in carl.inner_text("main") and carl.locator("#ranking").count() == 0
+
+    dina = accept_invite(browser, live, "dina", "labeler")
+    dina.click("#start-any")
+    for _ in range(2):
+        dina.wait_for_selector("#ranking")
+        rank_as(dina, gold)
+    dina.wait_for_selector("text=Nothing left for you here")
+    dina.goto(f"{live.url}/")
+    assert dina.locator("#screening-state").count() == 0 and "Production rankings" in dina.inner_text("table")
+    dina.click("#start-any")
+    dina.wait_for_selector("#ranking")
+    assert dina.inner_text(".prompt").endswith("Rank these.")
+    rank_as(dina, ["z", "y", "x", "w"])
+    dina.wait_for_selector("text=Nothing left for you here")
+    assert [(r["labeler"], r["batch"]) for r in store.label_rows() if not r["screening"]] == [
+        ("dina", "Production rankings")]
+
+    admin = accept_invite(browser, live, "root", "admin")
+    table = admin.locator(f"#screening-{screen}")
+    carl_row, dina_row = table.locator("tr[data-candidate=carl]"), table.locator("tr[data-candidate=dina]")
+    assert "0.0%" in carl_row.inner_text() and "failed" in carl_row.locator(".decision").inner_text()
+    assert "100.0%" in dina_row.inner_text() and "passed" in dina_row.locator(".decision").inner_text()
+    assert "2 / 0 / 2" in carl_row.inner_text() and "2 / 0 / 2" in dina_row.inner_text()
+    audit = admin.locator("table").last.locator("tbody tr").all_inner_texts()  # the decisions, in the audit log
+    decisions = [row for row in audit if "\tscreening\t" in row]
+    assert len(decisions) == 2 and any("carl" in r and '"passed": false' in r for r in decisions), decisions

@@ -161,6 +161,14 @@ def test_fuzzed_forms_and_odd_urls_get_4xx_pages_and_never_500(fuzz_live):
         [{"csrf": csrf_admin, "overlap": "2", "active": "on"}], 100, 6), False, problems, statuses)
     post_all(admin, "/admin/invite", form_bodies([{"csrf": csrf_admin, "name": "newbie", "role": "labeler"}], 100, 7),
              False, problems, statuses)
+    screen = live.store.create_batch("screen", "demonstration", [task_item("demonstration", {"prompt": "Hi?"}, "t")],
+                                     overlap=1, source="t", actor="t", screening={"demonstration": 6})
+    candidate = join(live, "candidate")
+    assert candidate.post(f"/api/assignments/{lease(candidate, screen)['id']}", json={"answer": "Hello."}).json()
+    live.store.update_batch(screen, "t", active=False)  # the review stays open; nobody else is gated
+    (review,) = live.store.pending_reviews()
+    post_all(admin, f"/admin/reviews/{review['label_id']}", form_bodies([{"csrf": csrf_admin, "score": "5"}], 100, 10),
+             False, problems, statuses)
     token = live.store.create_invite("invited", "labeler", "test")
     guest = httpx.Client(base_url=live.url, timeout=30)
     guest_csrf = form_csrf(guest.get(f"/invite/{token}").text)

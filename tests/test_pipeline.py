@@ -25,7 +25,7 @@ DPO = ["--dpo", "--dpo_train.progress=false", "--dpo_train.lr=1e-4"]  # DPO besi
 
 def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("run", f"--out={out}", *SHORT, *DPO, timeout=600)
+    result = run_cli("run", f"--out={out}", *SHORT, *DPO, "--held_out_labelers=2", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx", "round-1/dpo"):
         assert is_complete(out / stage), stage
@@ -41,7 +41,11 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
                              for r in ppo_prompts}
     rankings = read_records(out / "round-1" / "rankings.jsonl", "ranking")
     assert len(rankings) == 16 and all(4 <= len(r["responses"]) <= 5 for r in rankings)
-    assert json.loads((out / "round-1" / "rm" / "eval.json").read_text())["pairs"] > 0
+    rm_eval = json.loads((out / "round-1" / "rm" / "eval.json").read_text())
+    assert rm_eval["pairs"] > 0  # held-out conversations of the training labelers
+    held = rm_eval["held_out_labelers"]  # and the labelers the RM never saw: InstructGPT's two numbers
+    assert held["labelers"] == ["labeler-07", "labeler-08"] and held["pairs"] > 0
+    assert held["prompts"] == sum(r["labeler_id"] in held["labelers"] for r in rankings)
     report = json.loads((out / "eval.json").read_text())
     assert set(report["models"]) == {"pretrained", "sft", "ppo", "ppo-ptx", "dpo", "best-of-4"}
     assert "sft vs pretrained (gold)" in report["win_rates"] and report["rm_accuracy_vs_gold"]["pairs"] > 0
@@ -53,9 +57,20 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000
     assert "| sft vs pretrained (gold) |" in (out / "report.md").read_text()
     assert "win rate ppo vs sft (gold)" in result.stdout
-    # Finished stages are skipped: the same command again only re-reads them.
-    again = run_cli("run", f"--out={out}", *SHORT, *DPO, timeout=300)
+    assert "RM accuracy on held-out labelers (labeler-07, labeler-08)" in result.stdout
+    assert "| held-out labelers (labeler-07, labeler-08) |" in (out / "report.md").read_text()
+    # Finished stages are skipped: the same command again only re-reads them; people's A/B verdicts (a label
+    # export's records) join the report card beside the gold judge's rows.
+    verdicts = out / "comparisons.jsonl"
+    models = [str(out / "sft"), str(out / "round-1" / "ppo")]
+    verdicts.write_text("".join(json.dumps({"prompt": "p", "a": "x", "b": "y", "winner": w, "models": models,
+                                            "labeler_id": "ann"}) + "\n" for w in ("b", "b", "a", "tie")))
+    again = run_cli("run", f"--out={out}", *SHORT, *DPO, "--held_out_labelers=2", f"--human={verdicts}",
+                    timeout=300)
     assert again.returncode == 0 and "already finished" in again.stdout
+    assert "win rate ppo vs sft (human): 62.5%" in again.stdout
+    card = (out / "report.md").read_text()
+    assert "| ppo vs sft (human) | 0.625 |" in card and "| ppo vs sft | A/B | ann | 0.625 |" in card
 
 
 def test_kill_9_in_every_training_stage_then_the_same_command_ends_with_the_same_report(tmp_path):

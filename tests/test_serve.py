@@ -334,13 +334,13 @@ def test_chat_page_streams_a_reply_and_regenerates(live, browser):
         page.fill("#input", "Where does the red fox run?")
         page.click("#send")
         page.wait_for_selector(".msg.assistant[data-done]")
-        first = page.inner_text(".msg.assistant")
+        first = page.inner_text(".msg.assistant .text")
         assert first and page.evaluate("window.updates") > 1
         assert page.inner_text(".msg.user") == "Where does the red fox run?"
         page.click("#regenerate")
         wait_js(page, "document.querySelectorAll('.msg.assistant').length === 1 && "
                       "document.querySelector('.msg.assistant').dataset.done === 'true'")
-        assert page.inner_text(".msg.assistant") == first  # greedy: the same answer again
+        assert page.inner_text(".msg.assistant .text") == first  # greedy: the same answer again
         page.fill("#input", "And the dog?")
         page.click("#send")
         wait_js(page, "document.querySelectorAll('.msg.assistant[data-done]').length === 2 || "
@@ -352,6 +352,123 @@ def test_chat_page_streams_a_reply_and_regenerates(live, browser):
     rows = PromptStore(live.server.cfg.db, create=False).load_rows()
     turns = [r.prompt for r in rows if isinstance(r.prompt, list) and r.prompt[-1]["content"] == "And the dog?"]
     assert turns and [m["role"] for m in turns[-1]] == ["system", "user", "assistant", "user"]
+
+
+def feedback_post(url: str, key: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/feedback", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_thumbs_and_regenerations_are_comparisons_that_survive_a_restart_and_train_the_rm(model_dir, tmp_path):
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does the fox run?"}]
+    server = LiveServer(config(model_dir, tmp_path))
+    try:
+        url = server.url
+        regenerate = {"id": "regen-0001", "kind": "regenerate", "messages": prompt,
+                      "answers": ["To the river.", "It runs to the hill."], "kept": 1}
+        assert feedback_post(url, "sk-alice", regenerate).json() == {"logged": True, "new": True}
+        # The user switches back to the first answer: the same judgement, its verdict changed (no second row).
+        assert feedback_post(url, "sk-alice", {**regenerate, "kept": 0}).json() == {"logged": True, "new": False}
+        for fid, answer, value in [("thumb-0001", "To the forest.", "up"), ("thumb-0002", "Blue.", "down"),
+                                   ("thumb-0003", "The fox.", "up")]:
+            body = {"id": fid, "kind": "thumb", "messages": prompt, "answer": answer, "value": value}
+            assert feedback_post(url, "sk-bob", body).status_code == 200
+        assert feedback_post(url, "sk-bob", {"id": "thumb-0003", "kind": "thumb", "messages": prompt,
+                                             "answer": "The fox.", "value": "none"}).status_code == 200  # undone
+        # Another user's request with the same id is their own judgement: it cannot change alice's.
+        assert feedback_post(url, "sk-bob", {**regenerate, "kept": 1}).json()["new"] is True
+        assert feedback_post(url, "sk-quiet", {**regenerate, "id": "quiet-0001"}).json() == {"logged": False}
+        same_id_other_answers = {**regenerate, "answers": ["x", "y"]}
+        conflict = feedback_post(url, "sk-alice", same_id_other_answers)
+        assert conflict.status_code == 409 and conflict.json()["error"]["param"] == "id"
+        for bad, param in [({**regenerate, "kept": 2}, "kept"), ({**regenerate, "id": "x"}, "id"),
+                           ({**regenerate, "kind": "stars"}, "kind"), ({**regenerate, "answers": ["only"]}, "answers"),
+                           ({**regenerate, "messages": prompt[:1]}, "messages"),
+                           ({**regenerate, "messages": [{**prompt[1], "extra": 1}]}, "messages"),
+                           ({**regenerate, "answers": ["a", ""]}, "answers")]:
+            response = feedback_post(url, "sk-alice", bad)
+            assert response.status_code == 400 and response.json()["error"]["param"].startswith(param), response.text
+        assert httpx.post(f"{url}/v1/feedback", json=regenerate).status_code == 401
+    finally:
+        server.close()
+    server = LiveServer(config(model_dir, tmp_path))  # a restart: nothing but the database carries over
+    try:
+        rows = server.server.log.store.feedback_rows()
+    finally:
+        server.close()
+    assert [(r["user_id"], r["kind"], r["verdict"]) for r in rows] == [
+        ("alice", "regenerate", "0"), ("bob", "thumb", "up"), ("bob", "thumb", "down"), ("bob", "thumb", "none"),
+        ("bob", "regenerate", "1")]
+    assert rows[0]["prompt"] == prompt and rows[0]["answers"] == regenerate["answers"]
+    assert rows[0]["model"] == "tiny-chat" and not any(r["user_id"] == "carol" for r in rows)
+    out = tmp_path / "feedback.jsonl"
+    exported = run_cli("prompts", "feedback", f"--db={tmp_path / 'prompts.db'}", f"--out={out}")
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["labeler_id"], r["source"], r["responses"]) for r in records] == [
+        ("alice", "regenerate", ["To the river.", "It runs to the hill."]),  # the kept one first
+        ("bob", "regenerate", ["It runs to the hill.", "To the river."]),
+        ("bob", "thumbs", ["To the forest.", "Blue."])]  # up above down; the undone thumb is no verdict
+    assert all(r["ranks"] == [1, 2] and r["prompt"] == prompt and r["model"] == "tiny-chat" for r in records)
+    rm = run_cli("rm", f"--model={model_dir}", f"--data={out}", f"--out={tmp_path / 'rm'}", "--batch_size=2",
+                 "--seq_len=96", "--progress=false")
+    assert rm.returncode == 0, rm.stderr
+    assert json.loads((tmp_path / "rm" / "chatloop.json").read_text())["metrics"]["train_comparisons"] >= 1
+
+
+def test_chat_page_thumbs_and_regenerate_land_as_comparisons(live, browser):
+    page = browser.new_page()
+    page.set_default_timeout(180_000)
+    store = live.server.log.store
+    before = len(store.feedback_rows())
+    try:
+        page.goto(live.url + "/")
+        page.fill("#key", "sk-bob")
+        page.dispatch_event("#key", "change")
+        wait_js(page, "document.getElementById('model').textContent === 'tiny-chat'")
+        page.fill("#temperature", "1")
+        page.fill("#max_tokens", "8")
+        question = f"Which fox runs fastest at {time.time()}?"
+        page.fill("#input", question)
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-done] .thumb-up")
+        first = page.inner_text(".msg.assistant .text")
+        page.click(".thumb-up")
+        page.wait_for_selector(".feedback-note:has-text('thanks')")
+        assert page.get_attribute(".thumb-up", "aria-pressed") == "true"
+        page.click("#regenerate")
+        wait_js(page, "document.querySelectorAll('.msg.assistant').length === 1 && "
+                      "!!document.querySelector('.msg.assistant[data-done] .keep-other')")
+        page.wait_for_selector(".feedback-note:has-text('thanks')")  # the regenerate, new answer kept, stored
+        second = page.inner_text(".msg.assistant .text")
+        page.click(".keep-other")  # the user prefers the first answer after all
+        wait_js(page, f"document.querySelector('.msg.assistant .text').textContent === {json.dumps(first)}")
+        page.wait_for_selector(".feedback-note:has-text('thanks')")
+        page.click(".thumb-down")  # a thumb on the answer now shown: the first
+        assert page.get_attribute(".thumb-down", "aria-pressed") == "true"
+        page.wait_for_selector(".feedback-note:has-text('thanks')")
+    finally:
+        page.close()
+    rows = [r for r in store.feedback_rows()[before:] if r["prompt"][-1]["content"] == question]
+    assert [(r["user_id"], r["kind"], r["verdict"], r["answers"]) for r in rows] == [
+        ("bob", "thumb", "up", [first]), ("bob", "regenerate", "0", [first, second]),
+        ("bob", "thumb", "down", [first])]
+    assert rows[0]["prompt"] == [{"role": "user", "content": question}]
+    # A nolog key: the page says so and nothing is stored.
+    page = browser.new_page()
+    try:
+        page.goto(live.url + "/")
+        page.fill("#key", "sk-quiet")
+        page.dispatch_event("#key", "change")
+        wait_js(page, "document.getElementById('model').textContent === 'tiny-chat'")
+        page.fill("#max_tokens", "4")
+        page.fill("#input", "A quiet question?")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-done] .thumb-up")
+        page.click(".thumb-up")
+        page.wait_for_selector(".feedback-note:has-text('does not log')")
+    finally:
+        page.close()
+    assert not any(r["user_id"] == "carol" for r in store.feedback_rows())
 
 
 def test_cli_serve_logs_prompts_that_chatloop_prompts_reads(model_dir, tmp_path):

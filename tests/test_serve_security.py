@@ -85,6 +85,15 @@ def test_fuzzed_completions_get_4xx_and_never_500(live):
     assert statuses[400] > 150
 
 
+def test_fuzzed_feedback_gets_4xx_and_never_500(live):
+    prompt = [{"role": "user", "content": "Where is the fox?"}]
+    statuses = fuzz(live, "/v1/feedback", [
+        {"id": "fuzz-thumb-1", "kind": "thumb", "messages": prompt, "answer": "In the den.", "value": "up"},
+        {"id": "fuzz-regen-1", "kind": "regenerate", "messages": prompt, "answers": ["Here.", "There."], "kept": 0},
+    ], seed=3)
+    assert statuses[400] > 150 and statuses[200] >= 1
+
+
 def error_of(live: LiveServer, path: str, raw: bytes, status: int = 400) -> dict:
     response = httpx.post(live.url + path, content=raw, headers={**AUTH, "content-type": "application/json"})
     assert response.status_code == status, response.text

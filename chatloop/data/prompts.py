@@ -7,6 +7,8 @@ The store is a database reached through SQLAlchemy: SQLite by default (`--db run
     prompts    raw prompt records, append-only: never updated or deleted (id = ingest order)
     curations  one row per `chatloop prompts curate` run: its config and report (JSON and markdown)
     curated    (curation id, prompt id) -> split, category, redacted prompt: the curated view of one run
+    feedback   the chat page's judgements (`chatloop serve`): thumbs up/down of an answer, and which of two
+               answers to one prompt (a regenerate) the user kept; `chatloop prompts feedback` exports pairs
 
 Input formats (JSONL, plain or .gz), one reader for all of them:
 
@@ -54,6 +56,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -133,6 +136,21 @@ curated = Table(
     Column("tagged", Boolean, nullable=False),
     Column("prompt", Text),  # the redacted prompt (JSON), NULL when curation left it unchanged
     Column("pii", Text),  # comma-separated PII types redacted from it, NULL if none
+)
+
+feedback = Table(
+    "feedback", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", Text, nullable=False),  # the API key's user
+    Column("client_id", String(64), nullable=False),  # the page's id of the judgement: a repeat updates it
+    Column("kind", String(16), nullable=False),  # thumb | regenerate
+    Column("prompt", Text, nullable=False),  # JSON: the conversation up to the user's turn answered
+    Column("answers", Text, nullable=False),  # JSON: [the answer] (thumb) or [first, regenerated] (regenerate)
+    Column("verdict", String(8), nullable=False),  # thumb: up | down | none; regenerate: the kept one, 0 or 1
+    Column("model", Text, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    UniqueConstraint("user_id", "client_id"),
 )
 
 _CORE_FIELDS = ("prompt", "user_id", "category", "source", "created_at", "id")
@@ -266,6 +284,39 @@ class PromptStore:
                 records=ingests.c.records + len(batch), added=ingests.c.added + added,
                 already_stored=ingests.c.already_stored + len(batch) - added))
         return added
+
+    def put_feedback(self, user_id: str, client_id: str, kind: str, prompt: Any, answers: list[str], verdict: str,
+                     model: str) -> tuple[int, bool]:
+        """Store a user's judgement from the chat page, or change the verdict of the one with the same client id
+        (a second click); returns (row id, whether it was new). The same id with another prompt or other answers
+        is a UserError (an id names one judgement)."""
+        now = now_utc()
+        body, texts = _ENCODE(prompt), _ENCODE(answers)
+        for _ in range(2):  # a concurrent first insert of the same id: the second try finds it and updates
+            try:
+                with self.engine.begin() as conn:
+                    row = conn.execute(select(feedback.c.id, feedback.c.kind, feedback.c.prompt, feedback.c.answers)
+                                       .where(feedback.c.user_id == user_id, feedback.c.client_id == client_id)).first()
+                    if row is not None:
+                        if (row.kind, row.prompt, row.answers) != (kind, body, texts):
+                            raise UserError(f"id: {client_id!r} names another judgement (a new one needs a new id)")
+                        conn.execute(update(feedback).where(feedback.c.id == row.id).values(verdict=verdict,
+                                                                                           updated_at=now))
+                        return row.id, False
+                    return conn.execute(insert(feedback).values(
+                        user_id=user_id, client_id=client_id, kind=kind, prompt=body, answers=texts, verdict=verdict,
+                        model=model, created_at=now, updated_at=now)).inserted_primary_key[0], True
+            except IntegrityError:
+                continue
+        raise UserError(f"id: {client_id!r}: stored concurrently; send it again")
+
+    def feedback_rows(self) -> list[dict[str, Any]]:
+        """Every chat-page judgement, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(feedback).order_by(feedback.c.id)).all()
+        return [{"id": r.id, "user_id": r.user_id, "client_id": r.client_id, "kind": r.kind,
+                 "prompt": json.loads(r.prompt), "answers": json.loads(r.answers), "verdict": r.verdict,
+                 "model": r.model, "created_at": r.created_at, "updated_at": r.updated_at} for r in rows]
 
     # -- reading --------------------------------------------------------------------------------------------------
 

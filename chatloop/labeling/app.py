@@ -354,14 +354,15 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     @app.get("/")
     async def home(request: Request) -> Response:
         user = need_user(request)
-        return page(request, "home.html", title="Your work", user=user, batches=store.user_summary(user))
+        state, summary = store.user_summary(user)
+        return page(request, "home.html", title="Your work", user=user, batches=summary, state=state)
 
     @app.get("/next")
     async def next_task(request: Request, batch: str | None = None) -> Response:
         user = need_user(request)
         aid = store.next_assignment(user, batch or None, lease_s)
         if aid is None:
-            return page(request, "done.html", title="Nothing left", user=user)
+            return page(request, "done.html", title="Nothing left", user=user, state=store.qualification(user))
         return redirect(request, f"/a/{aid}")
 
     def task_page(request: Request, user: Any, aid: str, status: int = 200, error: str | None = None) -> Response:
@@ -406,7 +407,8 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
 
     def admin_page(request: Request, user: Any, status: int = 200, **ctx: Any) -> Response:
         return page(request, "admin.html", status, title="Admin", user=user, r=report(store),
-                    audit=store.audit_log(50), roles=ROLES, kinds=KINDS, exports=EXPORTS, **ctx)
+                    audit=store.audit_log(50), roles=ROLES, kinds=KINDS, exports=EXPORTS,
+                    reviews=store.pending_reviews(), **ctx)
 
     @app.get("/admin")
     async def admin(request: Request) -> Response:
@@ -440,6 +442,23 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
             raise HTTPError(404, "no such batch") from None
         except UserError as e:
             return admin_page(request, user, 400, error=str(e))
+        return redirect(request, "/admin")
+
+    @app.post("/admin/reviews/{label_id}")
+    async def admin_review(request: Request, label_id: str) -> Response:
+        """An admin's 1-7 score of a candidate's screening demonstration."""
+        user = need_user(request, "admin")
+        form = await request.form()
+        check_csrf(request, form.get("csrf"))
+        text = str(form.get("score", "")).strip()
+        try:
+            store.review(label_id, int(text) if text.isdigit() and len(text) == 1 else 0, user.name)
+        except NotFound:
+            raise HTTPError(404, "no such demonstration to review") from None
+        except BadAnswer as e:
+            return admin_page(request, user, 400, error=str(e))
+        except Conflict as e:
+            return admin_page(request, user, 409, error=str(e))
         return redirect(request, "/admin")
 
     @app.get("/admin/export/{name}.jsonl")
@@ -488,7 +507,9 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     async def api_next(request: Request, batch: str | None = None) -> Response:
         user = need_user(request)
         aid = store.next_assignment(user, batch or None, lease_s)
-        return JSONResponse({"assignment": store.assignment(user, aid) if aid else None})
+        if aid is None:  # why there is nothing: e.g. a screening failed or waiting for review
+            return JSONResponse({"assignment": None, "qualification": store.qualification(user)})
+        return JSONResponse({"assignment": store.assignment(user, aid)})
 
     @app.get("/api/assignments/{aid}")
     async def api_assignment(request: Request, aid: str) -> Response:
@@ -536,9 +557,7 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     @app.get("/api/admin/report")
     async def api_report(request: Request) -> Response:
         need_user(request, "admin")
-        r = report(store)
-        return JSONResponse({"batches": r.batches, "labelers": r.labelers, "agreement": r.agreement,
-                             "throughput": r.throughput})
+        return JSONResponse(report(store).as_json())
 
     @app.get("/healthz")
     async def healthz() -> Response:

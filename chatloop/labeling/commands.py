@@ -7,6 +7,7 @@ written to the audit log with the actor `cli:$USER`.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import math
@@ -17,8 +18,18 @@ from typing import Any
 
 from chatloop.data.formats import validate_prompt_value, write_records
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_json, read_jsonl, replace_dir, sha256_file, temp_dir_beside
-from chatloop.labeling.store import DEFAULT_DB, KINDS, LabelStore, export_records, load_secret, plan, report, task_item
+from chatloop.io import atomic_write_json, atomic_write_jsonl, read_jsonl, replace_dir, sha256_file, temp_dir_beside
+from chatloop.labeling.store import (
+    DEFAULT_DB,
+    K_MAX,
+    KINDS,
+    LabelStore,
+    export_records,
+    load_secret,
+    plan,
+    report,
+    task_item,
+)
 
 DEFAULT_SECRET = "runs/label.secret"
 
@@ -129,6 +140,16 @@ class BatchConfig:
     """Server secret file (see `chatloop label serve --help`)."""
     samples_out: str = ""
     """Where to keep the sampled answers (default: beside the database, runs/label-samples-<batch>.jsonl)."""
+    compare: list[str] = field(default_factory=list)
+    """Checkpoints to compare blind on --prompts/--store (one answer of each per prompt): two make an A/B
+    batch, three to nine a ranking batch. Which model is A is drawn per prompt, the shown order per labeler,
+    and the model names stay on the server (the export's `models`, for `chatloop eval --human`)."""
+    screening: list[str] = field(default_factory=list)
+    """Make the batch a screening (qualification) test: METRIC=THRESHOLD pass thresholds for its job, ranking=0.7
+    (share of gold's ordered pairs ordered alike), comparison=0.8 (right winners), likert=0.8 (within 1 of gold)
+    and flags=0.75 (flag agreement) for ratings, demonstration=6 (mean admin review, 1-7). Labelers see other
+    batches only after passing every active screening batch; every task needs a gold answer (demonstrations:
+    an admin reviews them)."""
 
 
 def _prompt_records(cfg: BatchConfig) -> tuple[list[dict[str, Any]], str]:
@@ -167,10 +188,58 @@ def _sample(cfg: BatchConfig, model: str, records: list[dict[str, Any]], k: int,
                                    seed=cfg.seed))
 
 
+def parse_thresholds(entries: list[str]) -> dict[str, float]:
+    """["ranking=0.7", "likert=0.8"] -> {"ranking": 0.7, "likert": 0.8}."""
+    out = {}
+    for entry in entries:
+        metric, _, value = entry.partition("=")
+        try:
+            out[metric.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--screening: expected METRIC=THRESHOLD (e.g. ranking=0.7), got {entry!r}") from None
+    return out
+
+
+def _compare_items(cfg: BatchConfig, records: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """One answer of each --compare checkpoint per prompt, the models in an order drawn per prompt."""
+    import random
+
+    from chatloop.checkpoint import load_model
+    from chatloop.evaluate import answer
+    from chatloop.tokenizer import Tokenizer
+    from chatloop.train.trainer import resolve_device
+
+    if not 2 <= len(cfg.compare) <= K_MAX or len(set(cfg.compare)) != len(cfg.compare):
+        raise UserError(f"--compare: expected 2 to {K_MAX} different checkpoints, got {cfg.compare}")
+    device = resolve_device("auto")
+    prompts = [r["prompt"] for r in records]
+    texts = {}
+    for path in cfg.compare:
+        model = load_model(path, device=device).eval()
+        texts[path] = answer(model, Tokenizer.load(path), prompts, cfg.max_new_tokens, cfg.temperature,
+                             cfg.seed).texts
+    rng = random.Random(f"chatloop-compare:{cfg.seed}")
+    kind = "comparison" if len(cfg.compare) == 2 else "ranking"
+    items, samples = [], []
+    for i, r in enumerate(records):
+        models = rng.sample(cfg.compare, len(cfg.compare))
+        answers = [texts[m][i] for m in models]
+        samples.append({"prompt": r["prompt"], "responses": answers, "models": models})
+        task = ({"a": answers[0], "b": answers[1]} if kind == "comparison" else {"responses": answers})
+        items.append(task_item(kind, {"prompt": r["prompt"], **task, "models": models, "compare": list(cfg.compare),
+                                      "user_id": r.get("user_id"), **({"id": r["id"]} if "id" in r else {})},
+                               f"{out}:{i + 1}"))
+    atomic_write_jsonl(out, samples)
+    return items
+
+
 def batch(cfg: BatchConfig) -> str:
     """Create a batch; returns its id. Sampling from --model turns each new policy's answers into tasks."""
+    if cfg.compare:
+        cfg = dataclasses.replace(cfg, kind="comparison" if len(cfg.compare) == 2 else "ranking")
     if cfg.kind not in KINDS:
         raise UserError(f"--kind: expected one of {', '.join(KINDS)}, got {cfg.kind!r}")
+    thresholds = parse_thresholds(cfg.screening) if cfg.screening else None
     store = open_store(cfg.db, cfg.secret_file)
     samples_dir = Path(cfg.samples_out).parent if cfg.samples_out else Path(
         store.engine.url.database or "runs/label.db").parent
@@ -178,6 +247,12 @@ def batch(cfg: BatchConfig) -> str:
         raw = [(f"{cfg.data}:{n}", r) for n, r in read_jsonl(cfg.data)]
         raw = raw[: cfg.limit] if cfg.limit else raw
         items, source = [task_item(cfg.kind, r, where) for where, r in raw], cfg.data
+    elif cfg.compare or (cfg.model and cfg.kind == "comparison"):
+        compare = dataclasses.replace(cfg, compare=cfg.compare or cfg.model)
+        records, source = _prompt_records(cfg)
+        out = Path(cfg.samples_out) if cfg.samples_out else samples_dir / f"label-samples-{cfg.kind}.jsonl"
+        items = _compare_items(compare, records, out)
+        source = f"{' vs '.join(compare.compare)} on {source}"
     elif cfg.model:
         records, source = _prompt_records(cfg)
         if cfg.kind == "ranking":
@@ -187,15 +262,6 @@ def batch(cfg: BatchConfig) -> str:
             sampled = _sample(cfg, cfg.model[0], records, cfg.k, out)
             items = [task_item("ranking", {**s, "user_id": r.get("user_id"), "id": r.get("id", s["id"])},
                                f"{out}:{i + 1}") for i, (s, r) in enumerate(zip(sampled, records))]
-        elif cfg.kind == "comparison":
-            if len(cfg.model) != 2:
-                raise UserError("--model: an A/B comparison batch needs exactly two checkpoints (A, B)")
-            out = Path(cfg.samples_out) if cfg.samples_out else samples_dir / "label-samples-comparison.jsonl"
-            a = _sample(cfg, cfg.model[0], records, 1, out.with_name(out.stem + "-a.jsonl"))
-            b = _sample(cfg, cfg.model[1], records, 1, out.with_name(out.stem + "-b.jsonl"))
-            items = [task_item("comparison", {"prompt": r["prompt"], "a": x["responses"][0], "b": y["responses"][0],
-                                              "models": list(cfg.model), "user_id": r.get("user_id")}, f"prompt {i}")
-                     for i, (r, x, y) in enumerate(zip(records, a, b))]
         else:
             raise UserError(f"--model: sampling makes ranking or comparison batches, not {cfg.kind}")
         source = f"{', '.join(cfg.model)} on {source}"
@@ -204,10 +270,12 @@ def batch(cfg: BatchConfig) -> str:
         items = [task_item("demonstration", r, f"{source}: prompt {i}") for i, r in enumerate(records)]
     else:
         raise UserError(f"--data, or --model with --prompts/--store: nothing to make {cfg.kind} tasks from")
-    name = cfg.name or f"{cfg.kind} from {Path(source.split(' on ')[-1]).name}"
+    name = cfg.name or f"{'screening ' if thresholds else ''}{cfg.kind} from {Path(source.split(' on ')[-1]).name}"
     bid = store.create_batch(name, cfg.kind, items, overlap=cfg.overlap, source=source, actor=cli_actor(),
-                             instructions=cfg.instructions)
-    print(f"label batch: {bid} ({cfg.kind}, {len(items)} tasks, overlap {cfg.overlap}) from {source}")
+                             instructions=cfg.instructions, screening=thresholds)
+    what = f"screening, pass {', '.join(f'{m} >= {v:g}' for m, v in thresholds.items())}" if thresholds else (
+        f"overlap {cfg.overlap}")
+    print(f"label batch: {bid} ({cfg.kind}, {len(items)} tasks, {what}) from {source}")
     return bid
 
 
@@ -285,7 +353,7 @@ class StatsConfig:
 def stats(cfg: StatsConfig) -> dict[str, Any]:
     """Progress per batch, throughput, and each labeler's agreement and gold accuracy."""
     r = report(open_store(cfg.db, cfg.secret_file))
-    data = {"batches": r.batches, "labelers": r.labelers, "agreement": r.agreement, "throughput": r.throughput}
+    data = r.as_json()
     if cfg.json:
         print(json.dumps(data, indent=2))
         return data
@@ -304,7 +372,28 @@ def stats(cfg: StatsConfig) -> dict[str, Any]:
         print(f"  {name}: {s['labels']} labels, agreement with others {pct(s['agreement_with_others'])}, "
               f"with consensus {pct(s['agreement_with_consensus'])}, gold {pct(s['gold_accuracy'])} "
               f"({s['gold_tasks']} tasks)")
+    for line in screening_lines(r.screening):
+        print(line)
     return data
+
+
+def screening_lines(screening: list[dict[str, Any]]) -> list[str]:
+    """Each screening batch and each candidate's scores and decision, as `label stats` prints them."""
+
+    def score(metric: str, value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}" if metric == "demonstration" else f"{100 * value:.1f}%"
+
+    lines = []
+    for t in screening:
+        need = ", ".join(f"{m} >= {v:g}" for m, v in t["thresholds"].items())
+        lines.append(f"screening {t['id']} {t['name']!r} ({t['kind']}; pass: {need}): "
+                     f"{len(t['candidates'])} candidates")
+        for name, c in t["candidates"].items():
+            scores = ", ".join(f"{m} {score(m, v)}" for m, v in c["scores"].items())
+            review = f", {c['pending_reviews']} to review" if c["pending_reviews"] else ""
+            lines.append(f"  {name}: {c['status']}; {scores}; {c['done']} done, {c['skipped']} skipped of "
+                         f"{c['tasks']} tasks{review}")
+    return lines
 
 
 @dataclass

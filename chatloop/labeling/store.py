@@ -15,6 +15,13 @@ Tables:
                  (leased | done | skipped | expired); unique per (task, labeler)
     labels       one per assignment (unique): the answer, stored in the task's order, never in the shown order
     audit        what admins did (invites, batches, overlap, exports), when and who
+    screenings   batches that are a screening (qualification) test, with a pass threshold per metric of the job
+    qualifications  each candidate's result of a screening batch: passed | failed | review (waiting for an
+                 admin's review of their demonstrations), the scores, when and by whom it was decided
+    reviews      an admin's 1-7 score of a demonstration written in a screening batch
+
+A labeler sees production batches only after passing every active screening batch (docs/LABELING.md,
+"Screening"); admins are never gated.
 
 Every id a labeler can see is random (`secrets.token_urlsafe`), and every read or write of an assignment is
 scoped by the current user: another labeler's assignment is "not found". A submission is one transaction
@@ -36,7 +43,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -175,6 +182,32 @@ labels = Table(
     Index("ix_labels_task", "task_id"),
 )
 
+screenings = Table(
+    "screenings", metadata,
+    Column("batch_id", String(24), ForeignKey("batches.id"), primary_key=True),
+    Column("thresholds", Text, nullable=False),  # JSON {metric: pass threshold}
+    Column("created_by", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+qualifications = Table(
+    "qualifications", metadata,
+    Column("batch_id", String(24), ForeignKey("batches.id"), primary_key=True),
+    Column("user_id", String(24), ForeignKey("users.id"), primary_key=True),
+    Column("status", String(8), nullable=False),  # passed | failed | review (demonstrations await an admin)
+    Column("scores", Text, nullable=False),  # JSON {metric: score}
+    Column("decided_at", Float, nullable=False),
+    Column("decided_by", Text, nullable=False),
+)
+
+reviews = Table(
+    "reviews", metadata,
+    Column("label_id", String(24), ForeignKey("labels.id"), primary_key=True),
+    Column("score", Integer, nullable=False),  # 1-7, InstructGPT's scale for screening demonstrations
+    Column("reviewer", Text, nullable=False),
+    Column("at", Float, nullable=False),
+)
+
 audit = Table(
     "audit", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),  # internal only, never in a URL
@@ -199,17 +232,23 @@ Q_LIVE = (select(assignments.c.id, tasks.c.batch_id).join(tasks, tasks.c.id == a
                  assignments.c.expires_at > bindparam("now"), batches.c.active.is_(True)))
 Q_EXPIRED = select(assignments.c.id, assignments.c.task_id).where(
     assignments.c.status == "leased", assignments.c.expires_at <= bindparam("now"))
-Q_ACTIVE = select(batches.c.id, batches.c.kind).where(batches.c.active.is_(True)).order_by(batches.c.created_at)
-Q_ACTIVE_ONE = Q_ACTIVE.where(batches.c.id == bindparam("batch"))
+Q_ACTIVE = (select(batches.c.id, batches.c.kind, screenings.c.thresholds)
+            .select_from(batches.outerjoin(screenings, screenings.c.batch_id == batches.c.id))
+            .where(batches.c.active.is_(True)).order_by(batches.c.created_at))
+Q_QUALIFIED = select(qualifications.c.batch_id, qualifications.c.status).where(
+    qualifications.c.user_id == bindparam("user"))
 _MINE = select(assignments.c.id).where(assignments.c.task_id == tasks.c.id, assignments.c.user_id == bindparam("user"))
-Q_CANDIDATE = (select(tasks.c.id, tasks.c.payload, _MINE.scalar_subquery().label("old"))
-               .where(tasks.c.batch_id == bindparam("batch"), tasks.c.open.is_(True),
-                      or_(tasks.c.author.is_(None), tasks.c.author != bindparam("name")),
-                      ~exists(_MINE.where(assignments.c.status.in_(("done", "skipped")))))
-               .order_by(tasks.c.seq).limit(1))
+_CANDIDATE = (select(tasks.c.id, tasks.c.payload, _MINE.scalar_subquery().label("old"))
+              .where(tasks.c.batch_id == bindparam("batch"),
+                     or_(tasks.c.author.is_(None), tasks.c.author != bindparam("name")),
+                     ~exists(_MINE.where(assignments.c.status.in_(("done", "skipped")))))
+              .order_by(tasks.c.seq).limit(1))
+Q_CANDIDATE = _CANDIDATE.where(tasks.c.open.is_(True))
+Q_SCREEN_CANDIDATE = _CANDIDATE  # a screening batch: every candidate takes every task, whatever the overlap
 Q_SUBMIT = (select(assignments.c.status, assignments.c.shown, assignments.c.leased_at, assignments.c.task_id,
-                   tasks.c.prompt, tasks.c.payload, batches.c.kind)
+                   tasks.c.prompt, tasks.c.payload, tasks.c.batch_id, batches.c.kind, screenings.c.thresholds)
             .join(tasks, tasks.c.id == assignments.c.task_id).join(batches, batches.c.id == tasks.c.batch_id)
+            .outerjoin(screenings, screenings.c.batch_id == batches.c.id)
             .where(assignments.c.id == bindparam("aid"), assignments.c.user_id == bindparam("user")))
 U_COUNT = update(tasks).where(tasks.c.id == bindparam("t_id")).values(
     taken=tasks.c.taken + bindparam("delta"),
@@ -420,14 +459,17 @@ class LabelStore:
     # -- batches ----------------------------------------------------------------------------------------------
 
     def create_batch(self, name: str, kind: str, items: list[dict[str, Any]], *, overlap: int, source: str,
-                     actor: str, instructions: str = "") -> str:
-        """A batch of tasks; each item is {"prompt", "payload", "hidden", "author", "gold"} (task_item builds it)."""
+                     actor: str, instructions: str = "", screening: dict[str, float] | None = None) -> str:
+        """A batch of tasks; each item is {"prompt", "payload", "hidden", "author", "gold"} (task_item builds it).
+        With `screening` ({metric: pass threshold}) the batch is a screening test (mark_screening)."""
         if kind not in KINDS:
             raise UserError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         if not 1 <= overlap <= MAX_OVERLAP:
             raise UserError(f"--overlap: expected 1 to {MAX_OVERLAP} labelers per task, got {overlap}")
         if not items:
             raise UserError(f"{source}: no tasks to create")
+        if screening is not None:
+            check_screening(kind, screening, [it.get("gold") for it in items])
         bid = new_id()
         with self.write() as conn:
             conn.execute(insert(batches).values(id=bid, name=name, kind=kind, overlap=overlap, active=True,
@@ -435,13 +477,40 @@ class LabelStore:
                                                 created_at=time.time()))
             rows = [{"id": new_id(), "batch_id": bid, "seq": i, "prompt": _dumps(it["prompt"]),
                      "payload": _dumps(it["payload"]), "hidden": _dumps(it.get("hidden") or {}),
-                     "author": it.get("author"), "gold": None if it.get("gold") is None else _dumps(it["gold"])}
+                     "author": None if screening is not None else it.get("author"),  # a test is taken whole
+                     "gold": None if it.get("gold") is None else _dumps(it["gold"])}
                     for i, it in enumerate(items)]
             for start in range(0, len(rows), 2000):
                 conn.execute(insert(tasks), rows[start : start + 2000])
             self.log(conn, actor, "create_batch", batch=bid, name=name, kind=kind, tasks=len(rows), overlap=overlap,
                      source=source, gold=sum(it.get("gold") is not None for it in items))
+            if screening is not None:
+                self._mark_screening(conn, bid, kind, screening, actor)
         return bid
+
+    def mark_screening(self, bid: str, thresholds: dict[str, float], actor: str) -> None:
+        """Make a batch that nobody has labeled yet a screening (qualification) test with these pass thresholds
+        (SCREENING_METRICS); every task must have a gold answer, except demonstrations (an admin reviews them).
+        Every candidate takes every task, whoever wrote its prompt."""
+        with self.write() as conn:
+            row = conn.execute(select(batches.c.kind).where(batches.c.id == bid)).first()
+            if row is None:
+                raise NotFound("batch")
+            if conn.execute(select(screenings.c.batch_id).where(screenings.c.batch_id == bid)).first():
+                raise UserError("this batch is a screening batch already")
+            if conn.execute(select(func.count()).select_from(labels.join(tasks, tasks.c.id == labels.c.task_id))
+                            .where(tasks.c.batch_id == bid)).scalar():
+                raise UserError("this batch has labels already: make a new batch for the screening")
+            golds = [None if g is None else _loads(g) for g in
+                     conn.execute(select(tasks.c.gold).where(tasks.c.batch_id == bid)).scalars()]
+            check_screening(row.kind, thresholds, golds)
+            conn.execute(update(tasks).where(tasks.c.batch_id == bid).values(author=None))
+            self._mark_screening(conn, bid, row.kind, thresholds, actor)
+
+    def _mark_screening(self, conn: Connection, bid: str, kind: str, thresholds: dict[str, float], actor: str) -> None:
+        conn.execute(insert(screenings).values(batch_id=bid, thresholds=_dumps(thresholds), created_by=actor,
+                                               created_at=time.time()))
+        self.log(conn, actor, "mark_screening", batch=bid, kind=kind, thresholds=thresholds)
 
     def update_batch(self, bid: str, actor: str, *, overlap: int | None = None, active: bool | None = None) -> None:
         values: dict[str, Any] = {}
@@ -459,7 +528,8 @@ class LabelStore:
             self.log(conn, actor, "update_batch", batch=bid, **values)
 
     def batch_list(self) -> list[dict[str, Any]]:
-        """Every batch with its progress: tasks, labels done, labels needed (tasks x overlap), skips."""
+        """Every batch with its progress: tasks, labels done, labels needed (tasks x overlap), skips. A screening
+        batch needs nothing (every candidate takes all of it): its `screening` holds the pass thresholds."""
         with self.engine.connect() as conn:
             n_tasks = dict(conn.execute(select(tasks.c.batch_id, func.count()).group_by(tasks.c.batch_id)).all())
             done = dict(conn.execute(select(tasks.c.batch_id, func.count()).select_from(
@@ -467,14 +537,16 @@ class LabelStore:
             skipped = dict(conn.execute(select(tasks.c.batch_id, func.count()).select_from(
                 assignments.join(tasks, tasks.c.id == assignments.c.task_id)).where(
                 assignments.c.status == "skipped").group_by(tasks.c.batch_id)).all())
+            tests = {b: _loads(t) for b, t in conn.execute(select(screenings.c.batch_id, screenings.c.thresholds))}
             rows = conn.execute(select(batches).order_by(batches.c.created_at)).all()
         out = []
         for b in rows:
-            needed = n_tasks.get(b.id, 0) * b.overlap
+            needed = done.get(b.id, 0) if b.id in tests else n_tasks.get(b.id, 0) * b.overlap
             out.append({"id": b.id, "name": b.name, "kind": b.kind, "overlap": b.overlap, "active": b.active,
                         "source": b.source, "created_at": iso(b.created_at), "tasks": n_tasks.get(b.id, 0),
                         "labels": done.get(b.id, 0), "needed": needed, "skipped": skipped.get(b.id, 0),
-                        "remaining": max(0, needed - done.get(b.id, 0)), "instructions": b.instructions})
+                        "remaining": max(0, needed - done.get(b.id, 0)), "instructions": b.instructions,
+                        "screening": tests.get(b.id)})
         return out
 
     # -- assignment -------------------------------------------------------------------------------------------
@@ -516,8 +588,9 @@ class LabelStore:
             return label_id, duplicate, None if following is None else self._view(conn, user, following)
 
     def _next(self, conn: Connection, user: Any, batch_id: str | None, lease_s: float, now: float) -> str | None:
+        allowed = self._allowed(conn, user)[1]
         for aid, bid in conn.execute(Q_LIVE, {"user": user.id, "now": now}).all():
-            if batch_id is None or bid == batch_id:
+            if bid in allowed and (batch_id is None or bid == batch_id):
                 return aid
         if not 0 <= now - self._reclaimed_at < RECLAIM_S:
             self._reclaimed_at = now
@@ -525,8 +598,11 @@ class LabelStore:
                 conn.execute(U_STATUS, {"a_id": aid, "new_status": "expired"})
                 conn.execute(U_COUNT, {"t_id": tid, "delta": -1})
         row = kind = None
-        for bid, batch_kind in conn.execute(Q_ACTIVE_ONE, {"batch": batch_id}) if batch_id else conn.execute(Q_ACTIVE):
-            row = conn.execute(Q_CANDIDATE, {"batch": bid, "user": user.id, "name": user.name}).first()
+        for bid, (batch_kind, screening) in allowed.items():
+            if batch_id is not None and bid != batch_id:
+                continue
+            query = Q_SCREEN_CANDIDATE if screening else Q_CANDIDATE
+            row = conn.execute(query, {"batch": bid, "user": user.id, "name": user.name}).first()
             if row is not None:
                 kind = batch_kind
                 break
@@ -543,6 +619,31 @@ class LabelStore:
         conn.execute(I_ASSIGNMENT, {"id": aid, "task_id": row.id, "user_id": user.id, "status": "leased",
                                     "shown": _dumps(shown), "leased_at": now, "expires_at": now + lease_s})
         return aid
+
+    @staticmethod
+    def _allowed(conn: Connection, user: Any) -> tuple[str, dict[str, tuple[str, bool]]]:
+        """(the user's screening state, the active batches they may work on: id -> (kind, is screening)).
+
+        States: "open" (no active screening batch, or an admin: everything), "screening" (the screening batches
+        not yet taken), "review" (all taken; demonstrations wait for an admin's review: nothing), "failed"
+        (failed an active screening batch: nothing), "qualified" (passed every one: the production batches).
+        """
+        active = {bid: (kind, thresholds is not None) for bid, kind, thresholds in conn.execute(Q_ACTIVE)}
+        tests = [bid for bid, (_, screening) in active.items() if screening]
+        if not tests or user.role == "admin":
+            return "open", active
+        status = dict(conn.execute(Q_QUALIFIED, {"user": user.id}).all())
+        if any(status.get(bid) == "failed" for bid in tests):
+            return "failed", {}
+        if all(status.get(bid) == "passed" for bid in tests):
+            return "qualified", {bid: v for bid, v in active.items() if not v[1]}
+        left = {bid: active[bid] for bid in tests if bid not in status}
+        return ("screening" if left else "review"), left
+
+    def qualification(self, user: Any) -> str:
+        """The user's screening state (see _allowed): open, screening, review, failed or qualified."""
+        with self.engine.connect() as conn:
+            return self._allowed(conn, user)[0]
 
     @staticmethod
     def _view(conn: Connection, user: Any, aid: str) -> dict[str, Any]:
@@ -582,16 +683,23 @@ class LabelStore:
         except IntegrityError:  # a concurrent duplicate won the race (only possible off SQLite)
             return conn.execute(Q_LABEL, {"aid": aid}).first().id, True
         conn.execute(U_STATUS, {"a_id": aid, "new_status": "done"})
+        if row.thresholds is not None:
+            self._decide(conn, user.id, user.name, row.batch_id, row.kind, _loads(row.thresholds), "screening", now)
         return lid, False
 
     def skip(self, user: Any, aid: str, reason: str) -> None:
-        """Give the task back with a reason; it goes to another labeler and never comes back to this one."""
+        """Give the task back with a reason; it goes to another labeler and never comes back to this one. In a
+        screening batch a skipped task scores as a wrong answer."""
         reason = reason.strip()
         if not reason:
             raise BadAnswer("reason: expected why the task is skipped")
         with self.write() as conn:
-            row = conn.execute(select(assignments.c.status, assignments.c.task_id).where(assignments.c.id == aid,
-                                                                  assignments.c.user_id == user.id)).first()
+            row = conn.execute(select(assignments.c.status, assignments.c.task_id, tasks.c.batch_id, batches.c.kind,
+                                      screenings.c.thresholds)
+                               .join(tasks, tasks.c.id == assignments.c.task_id)
+                               .join(batches, batches.c.id == tasks.c.batch_id)
+                               .outerjoin(screenings, screenings.c.batch_id == batches.c.id)
+                               .where(assignments.c.id == aid, assignments.c.user_id == user.id)).first()
             if row is None:
                 raise NotFound("assignment")
             if row.status == "done":
@@ -601,24 +709,143 @@ class LabelStore:
                     status="skipped", skip_reason=reason[:2000]))
                 if row.status == "leased":
                     conn.execute(U_COUNT, {"t_id": row.task_id, "delta": -1})
+                if row.thresholds is not None:
+                    self._decide(conn, user.id, user.name, row.batch_id, row.kind, _loads(row.thresholds),
+                                 "screening", time.time())
 
-    def user_summary(self, user: Any) -> list[dict[str, Any]]:
-        """Per active batch: how many this user did, and whether work is waiting (for the home page)."""
+    def user_summary(self, user: Any) -> tuple[str, list[dict[str, Any]]]:
+        """The user's screening state (qualification) and, per batch they may work on, how many they did and
+        how many are left (for the home page; in a screening batch, the tasks left to them)."""
         with self.engine.connect() as conn:
+            state, allowed = self._allowed(conn, user)
             mine = dict(conn.execute(select(tasks.c.batch_id, func.count()).select_from(
                 assignments.join(tasks, tasks.c.id == assignments.c.task_id)).where(
-                assignments.c.user_id == user.id, assignments.c.status == "done").group_by(tasks.c.batch_id)).all())
-        return [{**b, "mine": mine.get(b["id"], 0)} for b in self.batch_list() if b["active"]]
+                assignments.c.user_id == user.id, assignments.c.status.in_(("done", "skipped")))
+                .group_by(tasks.c.batch_id)).all())
+        out = []
+        for b in self.batch_list():
+            if b["id"] in allowed:
+                left = b["tasks"] - mine.get(b["id"], 0) if b["screening"] else b["remaining"]
+                out.append({**b, "mine": mine.get(b["id"], 0), "remaining": left})
+        return state, out
+
+    # -- screening ------------------------------------------------------------------------------------------------
+
+    def _decide(self, conn: Connection, user_id: str, name: str, bid: str, kind: str, thresholds: dict[str, float],
+                actor: str, now: float) -> None:
+        """Once a candidate has done (or skipped) every task of a screening batch: passed or failed, logged. With
+        demonstrations not yet reviewed by an admin the state is "review" until the last review."""
+        found = conn.execute(select(qualifications.c.status).where(qualifications.c.batch_id == bid,
+                                                                   qualifications.c.user_id == user_id)).scalar()
+        if found in ("passed", "failed"):
+            return
+        progress = screening_scores(kind, self._screening_items(conn, bid, user_id))
+        if not progress["complete"]:
+            return
+        status = "review" if progress["pending_reviews"] else (
+            "passed" if passes(progress["scores"], thresholds) else "failed")
+        values = {"status": status, "scores": _dumps(progress["scores"]), "decided_at": now, "decided_by": actor}
+        if found is None:
+            conn.execute(insert(qualifications).values(batch_id=bid, user_id=user_id, **values))
+        else:
+            conn.execute(update(qualifications).where(qualifications.c.batch_id == bid,
+                                                      qualifications.c.user_id == user_id).values(**values))
+        if status != "review":
+            self.log(conn, actor, "screening", batch=bid, labeler=name, passed=status == "passed",
+                     scores=progress["scores"], thresholds=thresholds)
+
+    @staticmethod
+    def _screening_items(conn: Connection, bid: str, user_id: str) -> list[dict[str, Any]]:
+        """Per task of the batch: its gold, the user's assignment status, answer and the admin's review score."""
+        mine = (select(assignments.c.task_id, assignments.c.status, labels.c.id.label("label_id"), labels.c.answer,
+                       reviews.c.score).select_from(assignments.outerjoin(labels, labels.c.assignment_id ==
+                                                                          assignments.c.id)
+                                                    .outerjoin(reviews, reviews.c.label_id == labels.c.id))
+                .where(assignments.c.user_id == user_id).subquery())
+        rows = conn.execute(select(tasks.c.id, tasks.c.gold, mine.c.status, mine.c.label_id, mine.c.answer,
+                                   mine.c.score).select_from(tasks.outerjoin(mine, mine.c.task_id == tasks.c.id))
+                            .where(tasks.c.batch_id == bid).order_by(tasks.c.seq)).all()
+        return [{"task_id": r.id, "gold": None if r.gold is None else _loads(r.gold), "status": r.status,
+                 "label_id": r.label_id, "answer": None if r.answer is None else _loads(r.answer), "review": r.score}
+                for r in rows]
+
+    def review(self, label_id: str, score: int, actor: str) -> None:
+        """An admin's 1-7 score of a demonstration written in a screening batch (InstructGPT's scale); the last
+        review of a candidate's demonstrations decides their screening. A decided screening is not reopened."""
+        if not isinstance(score, int) or isinstance(score, bool) or not 1 <= score <= 7:
+            raise BadAnswer("score: expected an integer from 1 to 7")
+        with self.write() as conn:
+            row = conn.execute(select(labels.c.user_id, users.c.name, tasks.c.batch_id, batches.c.kind,
+                                      screenings.c.thresholds, qualifications.c.status)
+                               .join(users, users.c.id == labels.c.user_id).join(tasks, tasks.c.id == labels.c.task_id)
+                               .join(batches, batches.c.id == tasks.c.batch_id)
+                               .join(screenings, screenings.c.batch_id == batches.c.id)
+                               .outerjoin(qualifications, (qualifications.c.batch_id == batches.c.id)
+                                          & (qualifications.c.user_id == labels.c.user_id))
+                               .where(labels.c.id == label_id, batches.c.kind == "demonstration")).first()
+            if row is None:
+                raise NotFound("demonstration of a screening batch")
+            if row.status in ("passed", "failed"):
+                raise Conflict(f"{row.name}'s screening is decided already ({row.status})")
+            now = time.time()
+            if conn.execute(update(reviews).where(reviews.c.label_id == label_id).values(
+                    score=score, reviewer=actor, at=now)).rowcount == 0:
+                conn.execute(insert(reviews).values(label_id=label_id, score=score, reviewer=actor, at=now))
+            self.log(conn, actor, "review", label=label_id, labeler=row.name, score=score)
+            self._decide(conn, row.user_id, row.name, row.batch_id, row.kind, _loads(row.thresholds), actor, now)
+
+    def pending_reviews(self) -> list[dict[str, Any]]:
+        """Demonstrations of screening batches that no admin has scored yet, oldest first."""
+        query = (select(labels.c.id, labels.c.answer, labels.c.created_at, users.c.name, batches.c.name.label("batch"))
+                 .join(users, users.c.id == labels.c.user_id).join(tasks, tasks.c.id == labels.c.task_id)
+                 .join(batches, batches.c.id == tasks.c.batch_id)
+                 .join(screenings, screenings.c.batch_id == batches.c.id)
+                 .outerjoin(reviews, reviews.c.label_id == labels.c.id)
+                 .where(batches.c.kind == "demonstration", reviews.c.label_id.is_(None))
+                 .order_by(labels.c.created_at))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [{"label_id": r.id, "labeler": r.name, "batch": r.batch, "messages": _loads(r.answer)["messages"],
+                 "created_at": iso(r.created_at)} for r in rows]
+
+    def screening_report(self) -> list[dict[str, Any]]:
+        """Per screening batch: its thresholds and every candidate's progress, scores and decision."""
+        out = []
+        with self.engine.connect() as conn:
+            tests = conn.execute(select(batches.c.id, batches.c.name, batches.c.kind, batches.c.active,
+                                        screenings.c.thresholds)
+                                 .join(screenings, screenings.c.batch_id == batches.c.id)
+                                 .order_by(batches.c.created_at)).all()
+            for t in tests:
+                thresholds = _loads(t.thresholds)
+                people = conn.execute(select(users.c.id, users.c.name).distinct()
+                                      .join(assignments, assignments.c.user_id == users.c.id)
+                                      .join(tasks, tasks.c.id == assignments.c.task_id)
+                                      .where(tasks.c.batch_id == t.id).order_by(users.c.name)).all()
+                decided = {r.user_id: r for r in conn.execute(select(qualifications).where(
+                    qualifications.c.batch_id == t.id))}
+                candidates = {}
+                for uid, name in people:
+                    progress = screening_scores(t.kind, self._screening_items(conn, t.id, uid))
+                    d = decided.get(uid)
+                    candidates[name] = {**progress, "status": d.status if d else "in progress",
+                                        "decided_at": iso(d.decided_at) if d else None,
+                                        "decided_by": d.decided_by if d else None}
+                out.append({"id": t.id, "name": t.name, "kind": t.kind, "active": t.active, "thresholds": thresholds,
+                            "candidates": candidates})
+        return out
 
     # -- reading labels back ----------------------------------------------------------------------------------
 
     def label_rows(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """Every label with its task and labeler, in submission order."""
+        """Every label with its task and labeler, in submission order (`screening`: from a screening batch)."""
         query = (select(labels.c.id, labels.c.answer, labels.c.created_at, labels.c.seconds, labels.c.task_id,
                         users.c.name.label("labeler"), tasks.c.prompt, tasks.c.payload, tasks.c.hidden, tasks.c.gold,
-                        batches.c.kind, batches.c.name.label("batch"))
+                        batches.c.kind, batches.c.name.label("batch"), screenings.c.batch_id.label("screening"))
                  .join(users, users.c.id == labels.c.user_id).join(tasks, tasks.c.id == labels.c.task_id)
-                 .join(batches, batches.c.id == tasks.c.batch_id).order_by(labels.c.created_at, labels.c.id))
+                 .join(batches, batches.c.id == tasks.c.batch_id)
+                 .outerjoin(screenings, screenings.c.batch_id == batches.c.id)
+                 .order_by(labels.c.created_at, labels.c.id))
         if kind is not None:
             query = query.where(batches.c.kind == kind)
         with self.engine.connect() as conn:
@@ -626,7 +853,7 @@ class LabelStore:
         return [{"id": r.id, "answer": _loads(r.answer), "created_at": r.created_at, "seconds": r.seconds,
                  "task_id": r.task_id, "labeler": r.labeler, "prompt": _loads(r.prompt), "payload": _loads(r.payload),
                  "hidden": _loads(r.hidden), "gold": None if r.gold is None else _loads(r.gold), "kind": r.kind,
-                 "batch": r.batch} for r in rows]
+                 "batch": r.batch, "screening": r.screening is not None} for r in rows]
 
     def labeler_names(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -729,7 +956,7 @@ def task_item(kind: str, record: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(record.get("prompt"), (str, list)):
         raise UserError(f"{where}: field 'prompt': missing (expected text or a list of messages)")
     validate_prompt_value(record["prompt"], where)
-    hidden = {k: record[k] for k in ("model", "models", "ended", "sampling", "id", "category", "source")
+    hidden = {k: record[k] for k in ("model", "models", "compare", "ended", "sampling", "id", "category", "source")
               if k in record}
     if kind == "demonstration":
         payload: dict[str, Any] = {}
@@ -746,6 +973,12 @@ def task_item(kind: str, record: dict[str, Any], where: str) -> dict[str, Any]:
         if len(keep) < len(responses):
             if isinstance(hidden.get("ended"), list) and len(hidden["ended"]) == len(responses):
                 hidden["ended"] = [hidden["ended"][i] for i in keep]
+            models = hidden.get("models")
+            if isinstance(models, list) and len(models) == len(responses):  # one answer per model: the models
+                # whose answer was a copy of another's are tied with that one's model
+                hidden["same_answer"] = {models[i]: models[responses.index(responses[i])]
+                                         for i in range(len(responses)) if i not in keep}
+                hidden["models"] = [models[i] for i in keep]
             hidden["duplicates_removed"] = len(responses) - len(keep)
             responses = [responses[i] for i in keep]
         payload = {"responses": responses}
@@ -846,6 +1079,96 @@ def gold_score(kind: str, answer: dict[str, Any], gold: dict[str, Any]) -> float
     return None
 
 
+# -- screening ------------------------------------------------------------------------------------------------
+
+# What a screening batch of each job measures (each candidate's scores; a threshold per metric decides):
+#   ranking        share of gold's strictly ordered pairs the candidate orders the same way, per task, averaged
+#   comparison     share of A/B tasks with gold's winner
+#   likert         share of rated tasks with a Likert score within 1 of gold's
+#   flags          flag agreement: per rated task, flags both set / flags either set (1 when neither sets any)
+#   demonstration  mean 1-7 score an admin gives the candidate's demonstrations (InstructGPT screened on 6/7)
+SCREENING_METRICS = {"ranking": ("ranking",), "comparison": ("comparison",), "rating": ("likert", "flags"),
+                     "demonstration": ("demonstration",)}
+
+
+def check_screening(kind: str, thresholds: dict[str, float], golds: list[Any]) -> None:
+    """Thresholds that fit the job (shares in [0, 1]; a demonstration score in [1, 7]), and a gold answer on
+    every task that needs one (a ranking's with at least one strict pair)."""
+    allowed = SCREENING_METRICS[kind]
+    if not thresholds:
+        raise UserError(f"--screening: expected at least one pass threshold, for {kind}: "
+                        + ", ".join(f"{m}=VALUE" for m in allowed))
+    for metric, value in thresholds.items():
+        if metric not in allowed:
+            raise UserError(f"--screening: {metric!r} is not measured by a {kind} batch; expected "
+                            + " or ".join(allowed))
+        low, high = (1.0, 7.0) if metric == "demonstration" else (0.0, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise UserError(f"--screening: {metric}: expected a threshold from {low:g} to {high:g}, got {value!r}")
+    if kind == "demonstration":
+        return
+    for i, gold in enumerate(golds):
+        if gold is None or (kind == "ranking" and not any(a != b for a in gold["ranks"] for b in gold["ranks"])):
+            raise UserError(f"--screening: task {i + 1} has no gold answer to score candidates against"
+                            + (" (a ranking needs two different gold ranks)" if gold is not None else ""))
+
+
+def gold_pair_share(mine: list[int], gold: list[int]) -> float:
+    """Of the pairs gold orders strictly, the share `mine` orders the same way (a tie of mine counts as wrong,
+    so tying everything but the easiest pair does not pass a screening)."""
+    right = total = 0
+    for i in range(len(gold)):
+        for j in range(i + 1, len(gold)):
+            if gold[i] != gold[j]:
+                total += 1
+                right += mine[i] != mine[j] and (mine[i] < mine[j]) == (gold[i] < gold[j])
+    return right / total if total else 0.0
+
+
+def flag_agreement(mine: list[str], gold: list[str]) -> float:
+    """Flags both set over flags either set; 1.0 when neither sets any."""
+    both, either = set(mine) & set(gold), set(mine) | set(gold)
+    return len(both) / len(either) if either else 1.0
+
+
+def screening_scores(kind: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A candidate's progress and scores on a screening batch from its items (_screening_items: per task the
+    gold, the candidate's assignment status, answer and review). A skipped task scores as wrong (the lowest
+    review, 1, for a demonstration); scores are means over the tasks answered or skipped so far."""
+    per: dict[str, list[float]] = {m: [] for m in SCREENING_METRICS[kind]}
+    done = skipped = pending = 0
+    for item in items:
+        status, answer, gold = item["status"], item["answer"], item["gold"]
+        if status == "done":
+            done += 1
+        elif status == "skipped":
+            skipped += 1
+        else:
+            continue
+        if kind == "demonstration":
+            if status == "skipped":
+                per["demonstration"].append(1.0)
+            elif item["review"] is None:
+                pending += 1
+            else:
+                per["demonstration"].append(float(item["review"]))
+        elif kind == "rating":
+            per["likert"].append(0.0 if answer is None else float(abs(answer["likert"] - gold["likert"]) <= 1))
+            per["flags"].append(0.0 if answer is None else flag_agreement(answer["flags"], gold.get("flags", [])))
+        elif kind == "ranking":
+            ranks = None if answer is None else answer.get("ranks")  # "none acceptable" without an order: wrong
+            per["ranking"].append(0.0 if ranks is None else gold_pair_share(ranks, gold["ranks"]))
+        else:
+            per[kind].append(0.0 if answer is None else float(answer["winner"] == gold["winner"]))
+    scores = {m: (sum(v) / len(v) if v else None) for m, v in per.items()}
+    return {"tasks": len(items), "done": done, "skipped": skipped, "pending_reviews": pending,
+            "complete": bool(items) and done + skipped == len(items), "scores": scores}
+
+
+def passes(scores: dict[str, float | None], thresholds: dict[str, float]) -> bool:
+    return all(scores.get(m) is not None and scores[m] >= t for m, t in thresholds.items())
+
+
 # -- reports -----------------------------------------------------------------------------------------------------
 
 
@@ -855,6 +1178,12 @@ class Report:
     labelers: dict[str, dict[str, Any]]
     agreement: dict[str, Any]
     throughput: dict[str, Any]
+    screening: list[dict[str, Any]] = field(default_factory=list)
+    """Per screening batch: thresholds and each candidate's scores and decision (LabelStore.screening_report)."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"batches": self.batches, "labelers": self.labelers, "agreement": self.agreement,
+                "throughput": self.throughput, "screening": self.screening}
 
 
 def report(store: LabelStore, now: float | None = None) -> Report:
@@ -871,7 +1200,7 @@ def report(store: LabelStore, now: float | None = None) -> Report:
         p["last_day"] += r["created_at"] > now - 86400
         p["seconds"].append(r["seconds"])
         ranks = as_ranks(r["kind"], r["answer"])
-        if ranks is not None:
+        if ranks is not None and not r["screening"]:  # agreement of production work, not of candidates' tests
             by_task[r["task_id"]][r["labeler"]] = ranks
         if r["gold"] is not None:
             score = gold_score(r["kind"], r["answer"], r["gold"])
@@ -890,7 +1219,7 @@ def report(store: LabelStore, now: float | None = None) -> Report:
     day = [r for r in rows if r["created_at"] > now - 86400]
     throughput = {"labels": len(rows), "last_hour": sum(r["created_at"] > now - 3600 for r in rows),
                   "last_day": len(day), "active_labelers_last_day": len({r["labeler"] for r in day})}
-    return Report(store.batch_list(), labelers, agree, throughput)
+    return Report(store.batch_list(), labelers, agree, throughput, store.screening_report())
 
 
 def plan(labels_needed: int, per_day: float, labelers: list[int]) -> list[dict[str, Any]]:
@@ -909,9 +1238,12 @@ def export_records(store: LabelStore) -> tuple[dict[str, list[dict[str, Any]]], 
     out (rankings marked "none acceptable" without an order)."""
     out: dict[str, list[dict[str, Any]]] = {"rankings": [], "rankings_merged": [], "demonstrations": [],
                                             "ratings": [], "comparisons": []}
-    left_out = {"none_acceptable_unranked": 0}
+    left_out = {"none_acceptable_unranked": 0, "screening": 0}
     merged: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in store.label_rows():
+        if r["screening"]:  # a candidate's test, not training data (a candidate who fails it may be noisy)
+            left_out["screening"] += 1
+            continue
         meta = {"id": f"{r['task_id']}/{r['id']}", "labeler_id": r["labeler"], "created_at": iso(r["created_at"]),
                 "batch": r["batch"], "task_id": r["task_id"]}
         model = r["hidden"].get("model")
@@ -925,6 +1257,8 @@ def export_records(store: LabelStore) -> tuple[dict[str, list[dict[str, Any]]], 
             record = {"prompt": prompt, "responses": payload["responses"], "ranks": answer["ranks"], **meta}
             if answer.get("none_acceptable"):
                 record["none_acceptable"] = True
+            if isinstance(r["hidden"].get("models"), list):  # one answer of each model (label batch --compare)
+                record.update({k: r["hidden"][k] for k in ("models", "same_answer", "compare") if r["hidden"].get(k)})
             out["rankings"].append(record)
             merged[r["task_id"]].append(record)
         elif kind == "demonstration":
@@ -936,7 +1270,7 @@ def export_records(store: LabelStore) -> tuple[dict[str, list[dict[str, Any]]], 
         elif kind == "comparison":
             record = {"prompt": prompt, "a": payload["a"], "b": payload["b"], "winner": answer["winner"], **meta}
             if isinstance(r["hidden"].get("models"), list):
-                record["models"] = r["hidden"]["models"]
+                record.update({k: r["hidden"][k] for k in ("models", "compare") if r["hidden"].get(k)})
             out["comparisons"].append(record)
     for task_id, group in merged.items():
         k = len(group[0]["responses"])

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   chat, streamed as server-sent events with "stream": true
     POST /v1/completions        plain text continuation, streamed or not
+    POST /v1/feedback           the chat page's thumbs up/down and regenerations (chatloop.data.feedback)
     GET  /v1/models             the one model served
     GET  /v1/stats              the batcher's counters (steps, rows per step) and the queue
     GET  /                      the chat page (page.html)
@@ -10,8 +11,10 @@ Every /v1 call needs `Authorization: Bearer KEY`; keys map to user ids (ServeCon
 request's prompt is logged, before it is answered, as a prompt record (`source: "api"`, the user id, the
 time, the model and the sampling settings) to the request log (JSONL) and the prompt store, where
 `chatloop prompts curate` picks it up: InstructGPT's flywheel, in which users' prompts become the next
-training set. A key marked `nolog` opts out. Errors have OpenAI's shape, `{"error": {"message", "type",
-"param", "code"}}`, with the status OpenAI uses (400 bad request, 401 key, 404 model, 413 body, 429 queue).
+training set. The page's thumbs and regenerations go to the same store as comparisons (`chatloop prompts
+feedback` exports them for `chatloop rm`). A key marked `nolog` opts out of both. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the status OpenAI uses (400 bad request, 401 key,
+404 model, 413 body, 429 queue).
 
 Every request passes chatloop.serve.guard first (body size, JSON depth, integer range, valid Unicode), and no
 client can hold the event loop: a prompt whose UTF-8 length cannot fit `max_prompt_tokens` (more bytes than
@@ -39,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatloop.data.feedback import check_body
 from chatloop.data.formats import validate_prompt_value
 from chatloop.data.prompts import DEFAULT_DB, PromptStore
 from chatloop.errors import UserError
@@ -157,6 +161,13 @@ class PromptLog:
         self.ingest_id = self.store.start_log(f"chatloop serve ({path or 'no request log'})") if self.store else 0
         self.lock = threading.Lock()
         self.count = 0
+
+    def feedback(self, user_id: str, client_id: str, kind: str, prompt: Any, answers: list[str], verdict: str,
+                 model: str) -> tuple[int, bool]:
+        """A chat-page judgement into the prompt store (PromptStore.put_feedback)."""
+        if self.store is None:
+            raise UserError("this server keeps no prompt store (--db is empty): feedback cannot be stored")
+        return self.store.put_feedback(user_id, client_id, kind, prompt, answers, verdict, model)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False)
@@ -489,6 +500,33 @@ def create_app(server: Server) -> FastAPI:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": finish}],
                 "usage": usage(len(ids), job)}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> dict[str, Any]:
+        """The chat page's thumbs and regenerations (chatloop.data.feedback), stored under the key's user id."""
+        key = server.authorize(request)
+        body = server.body(request)
+        messages = body.get("messages")
+        try:
+            client_id, kind, answers, verdict = check_body(body)
+            if not isinstance(messages, list) or len(messages) > server.cfg.max_messages:
+                raise UserError(f"messages: expected the conversation up to the user's turn answered (at most "
+                                f"{server.cfg.max_messages} messages)")
+            validate_prompt_value(messages, "request", "messages")
+            for m in messages:
+                if set(m) != {"role", "content"}:
+                    raise UserError("messages: expected {'role', 'content'} objects")
+        except UserError as e:
+            text = str(e).removeprefix("request: ")
+            raise APIError(400, text, param=text.split(":")[0].removeprefix("field ").strip("'")) from None
+        if not key.log:
+            return {"logged": False}
+        try:
+            _, new = await run_in_threadpool(server.log.feedback, key.user_id, client_id, kind, messages, answers,
+                                             verdict, server.name)
+        except UserError as e:
+            raise APIError(409, str(e), param="id") from None
+        return {"logged": True, "new": new}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
