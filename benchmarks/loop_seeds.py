@@ -5,7 +5,7 @@ ceiling beside it: PPO from the same SFT model with the world's gold judge as it
 perfect RM; the run's RM still starts the value model), at the config's PPO budget, evaluated against SFT on
 the same held-out prompts. Results go to benchmarks/results/loop_seeds.json; a finished run is reused.
 
-    python benchmarks/loop_seeds.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--work runs/seeds]
+    python benchmarks/loop_seeds.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--work runs/seeds] [--dpo]
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default="runs/seeds", help="one run directory per seed goes here")
+    parser.add_argument("--dpo", action="store_true", help="train DPO beside PPO in each run (issue 21's table)")
     args = parser.parse_args()
     results: dict = {"config": args.config, "seeds": {}}
     for seed in args.seeds:
         root = Path(args.work) / f"seed-{seed}"
-        cfg = parse_args(RunConfig, ["--config", args.config, f"--seed={seed}", f"--out={root}"])
+        cfg = parse_args(RunConfig, ["--config", args.config, f"--seed={seed}", f"--out={root}",
+                                         *(["--dpo=true"] if args.dpo else [])])
         for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo):
             stage.progress = False
         t0 = time.time()
@@ -60,7 +62,7 @@ def main() -> None:
         results["seeds"][seed] = {
             "seconds": seconds, "models": report["models"], "diagnostics": report.get("diagnostics", {}),
             "win_rates": {pair: wins[pair] for pair in ("sft vs pretrained", "ppo vs sft", "ppo-ptx vs sft",
-                                                        "best-of-4 vs sft") if pair in wins},
+                                                        "dpo vs sft", "best-of-4 vs sft") if pair in wins},
             "rm_vs_gold_rl_pairs": rl_rm_accuracy(report["rm_accuracy_vs_gold"]),
             "gold_ppo_vs_sft": gold_ceiling(root, cfg),
         }

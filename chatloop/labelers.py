@@ -43,7 +43,9 @@ HARMLESS_MIX = {"ideal": 3, "courteous": 2, "terse": 1, "hedge": 1, "wrong_fact"
                 "repeat": 1, "empty": 0.3, "other_entity": 1.5, "off_topic": 1}
 HARMFUL_MIX = {"ideal": 3, "refuse_moral": 2, "ramble": 1, "comply": 4, "copy": 1, "truncated": 0.5,
                "repeat": 0.5, "empty": 0.3, "off_topic": 1}
-DEMO_FLAWS = ("wrong_fact", "wrong_count", "ramble", "wrong_format")
+# How people's demonstrations go wrong, by weight: mostly by saying too much or in the wrong form, often by
+# miscounting, now and then by misremembering a fact.
+DEMO_FLAWS = {"ramble": 3.0, "wrong_format": 2.0, "wrong_count": 2.0, "wrong_fact": 1.0}
 PERTURBATIONS = tuple(dict.fromkeys([*HARMLESS_MIX, *HARMFUL_MIX]))
 
 _FILLER = "I hope this helps! Let me know if you have any other questions about the land."
@@ -345,8 +347,9 @@ class Labeler:
         good = ideal(self.world, task)
         if self.rng.random() >= self.imperfect:
             return good, None
-        flaws = ["comply", "ramble"] if task.harmful else list(DEMO_FLAWS)
-        self.rng.shuffle(flaws)
+        weights = {"comply": 1.0, "ramble": 1.0} if task.harmful else DEMO_FLAWS
+        # A weighted order without replacement (Efraimidis-Spirakis): the first flaw that applies is used.
+        flaws = sorted(weights, key=lambda f: -self.rng.random() ** (1 / weights[f]))
         gold = self.world.judge(prompt, good).score
         for flaw in flaws + ["ramble"]:  # rambling applies to every task, so a flaw is always found
             text = perturb(self.world, prompt, task, flaw, self.rng)

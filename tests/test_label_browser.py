@@ -24,7 +24,9 @@ def accept_invite(browser, live: Live, name: str, role: str):
     token = live.store.create_invite(name, role, "test")
     page = browser.new_context(accept_downloads=True).new_page()
     page.goto(f"{live.url}/invite/{token}")
-    page.keyboard.type(PASSWORD)  # the password field has the focus
+    # autofocus lands at a rendering step after the load event: wait for it rather than type into nothing
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'password'", timeout=10_000)
+    page.keyboard.type(PASSWORD)
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Enter")

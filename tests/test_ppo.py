@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from chatloop.checkpoint import load_model, save_model
-from chatloop.model import GPT, GPTConfig
+from chatloop.engine import generate
+from chatloop.model import GPT, GPTConfig, last_token_values
 from chatloop.tokenizer import Tokenizer
-from chatloop.train.ppo import AdaptiveKLController, PPOConfig, gae, leave_one_out, make_batch, masked_mean, whiten
+from chatloop.train.ppo import (
+    AdaptiveKLController,
+    PPOConfig,
+    chunked,
+    gae,
+    leave_one_out,
+    length_chunks,
+    make_batch,
+    masked_mean,
+    response_logprobs,
+    whiten,
+)
 from tests.conftest import FP32, run_cli
 
 
@@ -130,6 +142,36 @@ def test_without_a_critic_each_tokens_advantage_is_the_return_that_follows_it(ti
     mean = to_go.sum() / mask.sum()
     std = (((to_go - mean) ** 2 * mask).sum() / (mask.sum() - 1)).sqrt()
     assert torch.allclose(batch.advantages, (to_go - mean) / std * mask, atol=1e-4)
+
+
+def test_length_chunks_give_every_row_the_results_of_the_whole_padded_batch(tiny_rl):
+    """Scores, log-probs and entropies computed per chunk of similar lengths (trimmed padding) equal the ones of one
+    forward pass over the whole left/right-padded batch, row for row, in the order asked."""
+    root, tok = tiny_rl
+    torch.manual_seed(1)
+    policy = load_model(root / "sft", dropout=0.0).eval()
+    rm = GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96, head="scalar")).eval()
+    questions = ["Hi?", "Where does the very long and winding river of the north run to in the end?", "Why?",
+                 "Name three red things that are not apples and say why.", "Ok", "What is two plus two?"] * 3
+    prompts = [tok.render_chat([{"role": "user", "content": q}], True)[0] for q in questions]
+    rollout = generate(policy, prompts, 12, tok.pad_id, tok.stop_ids, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    mask = rollout.mask.float()
+    with torch.no_grad():
+        whole_lp, whole_ent = response_logprobs(policy, rollout.tokens, rollout.attention_mask, rollout.prompt_len,
+                                                1.0, torch.device("cpu"), "fp32")
+        whole_scores = last_token_values(rm(rollout.tokens, attention_mask=rollout.attention_mask).float(),
+                                         rollout.attention_mask)
+        rows = torch.tensor([5, 0, 17, 3, 9, 1, 12])
+        lp, ent = chunked(lambda t, a, p: response_logprobs(policy, t, a, p, 1.0, torch.device("cpu"), "fp32"),
+                          rollout, rows)
+        (scores,) = chunked(lambda t, a, p: (last_token_values(rm(t, attention_mask=a).float(), a)[:, None],),
+                            rollout, rows)
+    assert len(length_chunks(rollout, torch.arange(len(prompts)), max_rows=4)) == 5
+    assert torch.allclose(lp * mask[rows], whole_lp[rows] * mask[rows], atol=1e-5)
+    assert torch.allclose(ent * mask[rows], whole_ent[rows] * mask[rows], atol=1e-4)
+    assert torch.allclose(scores[:, 0], whole_scores[rows], atol=1e-5)
+    assert whole_scores.std() > 1e-3  # a random head: the scores differ between rows
 
 
 def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward(tiny_rl, tmp_path):

@@ -105,3 +105,20 @@ def test_generate_prints_samples_reproducibly(tmp_path, tokenizer_dir, corpus_fi
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and "The red fox" in first.stdout
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_batches_of_similar_length():
+    import numpy as np
+
+    from chatloop.train.trainer import length_grouped_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, size=1000).tolist()
+    order = length_grouped_order(lengths, seed=1, epoch=2, batch_size=8)
+    assert sorted(order.tolist()) == list(range(1000))  # every example once
+    assert (order == length_grouped_order(lengths, seed=1, epoch=2, batch_size=8)).all()  # resumable
+    assert not (order == length_grouped_order(lengths, seed=1, epoch=3, batch_size=8)).all()  # reshuffled per epoch
+    padded = sum(8 * max(lengths[i] for i in order[b : b + 8]) for b in range(0, 1000, 8))
+    shuffled = rng.permutation(1000)
+    padded_random = sum(8 * max(lengths[i] for i in shuffled[b : b + 8]) for b in range(0, 1000, 8))
+    assert padded < 0.7 * padded_random  # batches pad to their own lengths

@@ -749,13 +749,25 @@ class World:
         return " ".join(sentences)
 
     def _qa_doc(self, rng: random.Random) -> str:
+        """Questions and answers as web pages show them: half open questions and lists, half any other harmless
+        request (labels, rewrites, notes, stories, greetings), so the words and forms of answers ("False.",
+        "Dear ...", "You are welcome!") are in the pretraining text, and in the tokenizer, before SFT."""
         pairs = []
+        facts = [k for k in KINDS if k.startswith(("qa_", "bs_")) and not KINDS[k].harmful]
+        # (Extraction passages are made up, so they would put false sentences in the text.)
+        others = [k for k in KINDS if k not in facts and not KINDS[k].harmful and not k.startswith("ex_")]
         for _ in range(rng.randint(2, 4)):
-            kind = rng.choice([k for k in KINDS if k.startswith(("qa_", "bs_")) and not KINDS[k].harmful])
-            slots = self.sample_slots(kind, rng)
-            if slots is not None:
-                task = Task(kind, slots)
-                pairs.append(f"Q: {self.render_core(task, rng)}\nA: {ideal(self, task)}")
+            kind = rng.choice(facts if rng.random() < 0.5 else others)
+            slots = {} if KINDS[kind].category == "chat" else self.sample_slots(kind, rng)
+            if slots is None:
+                continue
+            task = Task(kind, slots)
+            question = self.render_core(task, rng)
+            if kind == "cls_truth" and not judge_module.statement_is_true(self, slots["text"]):
+                # Stated, a false sentence would be a false claim in the text; asked, it claims nothing.
+                question = "True or false: " + (judge_module.rewrite_target(self, "rw_question", slots["text"])
+                                                or "is it so?")
+            pairs.append(f"Q: {question}\nA: {ideal(self, task)}")
         return "\n\n".join(pairs) if pairs else self._profile_doc(rng)
 
     def _list_doc(self, rng: random.Random) -> str:

@@ -247,6 +247,48 @@ def response_values(value_model: GPT, tokens, attention_mask, prompt_len: int, d
 
 
 @dataclass
+class Chunk:
+    """Rows of a rollout of similar length, and the columns they need: [P - prompt, P + response)."""
+
+    rows: torch.Tensor  # (b,) row indices into the rollout (or into the minibatch's selection)
+    prompt: int  # the longest real prompt among the rows
+    response: int  # the longest response among the rows (at least 1)
+
+    def cut(self, tokens: torch.Tensor, attention: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = slice(P - self.prompt, P + self.response)
+        return tokens[self.rows, cols], attention[self.rows, cols]
+
+
+def length_chunks(rollout: Rollout, rows: torch.Tensor, max_rows: int = 32) -> list[Chunk]:
+    """`rows` of the rollout sorted by length and cut into chunks of at most max_rows, each trimmed to its own
+    longest prompt and response. Prompts are left-padded to the batch's longest (often 4x the mean) and responses
+    right-padded to theirs, so a forward pass over the whole batch computes mostly padding; per chunk it does not,
+    and position ids (counted from the mask) and each row's results are unchanged."""
+    P = rollout.prompt_len
+    prompt_lens = rollout.attention_mask[rows, :P].sum(1)
+    response_lens = rollout.mask[rows].sum(1).clamp(min=1)
+    order = torch.argsort(prompt_lens * (rollout.mask.shape[1] + 1) + response_lens, stable=True)
+    chunks = []
+    for start in range(0, len(order), max_rows):
+        part = order[start : start + max_rows]
+        chunks.append(Chunk(rows[part], int(prompt_lens[part].max()), int(response_lens[part].max())))
+    return chunks
+
+
+def chunked(fn, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fn(tokens, attention, prompt_len) -> tensors of (b, n), run on each length chunk of the rollout's `rows`;
+    the results as (len(rows), N) tensors in the order of `rows` (0 past each chunk's longest response)."""
+    B, N = rollout.mask.shape
+    results: list[torch.Tensor] = []
+    for chunk in length_chunks(rollout, rows):
+        parts = fn(*chunk.cut(rollout.tokens, rollout.attention_mask, rollout.prompt_len), chunk.prompt)
+        results = results or [torch.zeros(B, N, device=part.device) for part in parts]
+        for result, part in zip(results, parts):
+            result[chunk.rows, : chunk.response] = part
+    return tuple(result[rows] for result in results)
+
+
+@dataclass
 class Batch:
     """One iteration's rollouts and everything PPO needs from them (all (B, N) unless noted)."""
 
@@ -329,10 +371,10 @@ def ppo(cfg: PPOConfig) -> Path:
     state = load_state(out, device)
     if state is not None:
         distributed.load_model_state(policy, state["policy"])
+        distributed.load_optimizer_state(policy, policy_opt, state["policy_opt"])
         if value_model is not None:
             distributed.load_model_state(value_model, state["value"])
-            distributed.load_optimizer_state(policy, policy_opt, state["policy_opt"])
-        distributed.load_optimizer_state(value_model, value_opt, state["value_opt"])
+            distributed.load_optimizer_state(value_model, value_opt, state["value_opt"])
         kl_ctl.value = state["kl_coef"]
         if ema is not None:
             distributed.load_model_state(ema, state["ema"])
@@ -468,26 +510,29 @@ def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer,
         rollout = generate(whole, prompts, cfg.max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
     policy.train()
-    tokens, attention, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len
     mask = rollout.mask.float()
-    # step 3
+    # step 3 (this and step 4 on chunks of rows of similar length: see length_chunks)
+    rows = torch.arange(mask.shape[0], device=mask.device)
     if isinstance(reward_model, GoldReward):
         scores = reward_model.scores(prompts, rollout).to(device)
     else:
-        with autocast(device, precision):
-            raw = reward_model(tokens, attention_mask=attention).float()
-        scores = last_token_values(raw, attention) + reward_model.reward_bias
+        def last_values(t, a, _):  # (b, 1): the reward at each row's last real token
+            with autocast(device, precision):
+                return (last_token_values(reward_model(t, attention_mask=a).float(), a)[:, None],)
+        scores = chunked(last_values, rollout, rows)[0][:, 0] + reward_model.reward_bias
     scores = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.no_eos_score))
     # step 4
-    old_logprobs, entropy = response_logprobs(policy, tokens, attention, P, cfg.temperature, device, precision)
-    ref_logprobs, _ = response_logprobs(reference, tokens, attention, P, cfg.temperature, device, precision)
-    values = (response_values(value_model, tokens, attention, P, device, precision) if value_model is not None
-              else torch.zeros_like(old_logprobs))
+    def logprobs_of(model):
+        return lambda t, a, p: response_logprobs(model, t, a, p, cfg.temperature, device, precision)
+    old_logprobs, entropy = chunked(logprobs_of(policy), rollout, rows)
+    (ref_logprobs,) = chunked(logprobs_of(reference), rollout, rows)[:1]
+    values = (chunked(lambda t, a, p: (response_values(value_model, t, a, p, device, precision),), rollout, rows)[0]
+              if value_model is not None else torch.zeros_like(old_logprobs))
     old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
     if distributed.active():  # each rank rolled out its share: the rest runs on the whole batch, on every rank
         rollout, (scores,), (old_logprobs, ref_logprobs, values, entropy) = distributed.gather_rollout(
             rollout, tokenizer.pad_id, [scores], [old_logprobs, ref_logprobs, values, entropy])
-        tokens, attention, P, mask = rollout.tokens, rollout.attention_mask, rollout.prompt_len, rollout.mask.float()
+        mask = rollout.mask.float()
     # step 5
     kl_per_token = (old_logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl_per_token
@@ -521,48 +566,68 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
             # the averaged gradient is the one of the whole minibatch's mean (1.0 in one process).
             sel = torch.as_tensor(distributed.shard(minibatch), device=r.tokens.device)
             share = distributed.share_weight(mask_all[sel].sum().item(), mask_all[minibatch].sum().item())
-            tokens, attention, mask = r.tokens[sel], r.attention_mask[sel], mask_all[sel]
-            logp, _ = response_logprobs(policy, tokens, attention, r.prompt_len, cfg.temperature, device, precision)
-            ratio = torch.exp((logp - batch.old_logprobs[sel]) * mask)
-            adv = batch.advantages[sel]
-            pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
-            pg_loss = masked_mean(pg_losses, mask)
-            loss = pg_loss * share
+            mask = mask_all[sel]
+            tokens_here = mask.sum().clamp(min=1)
+            chunks = length_chunks(r, sel)  # the same number on every rank: each has the same number of rows
+            policy_opt.zero_grad(set_to_none=True)
             if ptx is not None:
                 ids = distributed.shard(ptx_index + np.arange(ptx_per_minibatch))
                 ptx_index += ptx_per_minibatch
                 x, y = ptx.batch(ids, device)
-                with autocast(device, precision):
-                    ptx_logits = policy(x)
-                ptx_loss = F.cross_entropy(ptx_logits.float().flatten(0, 1), y.flatten())
-                loss = loss + cfg.ptx_coef * ptx_loss * distributed.share_weight(len(ids), ptx_per_minibatch)
+                # forward and backward inside no_sync (DDP decides at forward time): all-reduced with the last chunk
+                with distributed.no_sync(policy), autocast(device, precision):
+                    ptx_loss = F.cross_entropy(policy(x).float().flatten(0, 1), y.flatten())
+                    (cfg.ptx_coef * ptx_loss * distributed.share_weight(len(ids), ptx_per_minibatch)).backward()
                 sums["loss/ptx"].append(ptx_loss.item())
-            policy_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # The minibatch's masked-mean loss, accumulated over its length chunks (one optimizer step).
+            logp_all, pg_sum = torch.zeros_like(mask_all), 0.0
+            for j, chunk in enumerate(chunks):
+                tokens, attention = chunk.cut(r.tokens, r.attention_mask, r.prompt_len)
+                cols = slice(0, chunk.response)
+                m = mask_all[chunk.rows, cols]
+                with distributed.no_sync(policy, enabled=j < len(chunks) - 1):
+                    logp, _ = response_logprobs(policy, tokens, attention, chunk.prompt, cfg.temperature, device,
+                                                precision)
+                    ratio = torch.exp((logp - batch.old_logprobs[chunk.rows, cols]) * m)
+                    adv = batch.advantages[chunk.rows, cols]
+                    pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+                    pg_part = (pg_losses * m).sum() / tokens_here
+                    (pg_part * share).backward()
+                pg_sum += pg_part.item()
+                logp_all[chunk.rows, cols] = logp.detach()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
             policy_opt.step()
 
             with torch.no_grad():
-                dlogp = (logp - batch.old_logprobs[sel]) * mask
+                dlogp = (logp_all[sel] - batch.old_logprobs[sel]) * mask
+                ratio = torch.exp(dlogp)
                 sums["policy/approxkl"].append(0.5 * masked_mean(dlogp**2, mask).item())
                 sums["policy/clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask).item())
                 sums["policy/ratio_mean"].append(masked_mean(ratio, mask).item())
                 sums["policy/ratio_var"].append(masked_var(ratio, mask).item())
-                sums["loss/policy"].append(pg_loss.item())
+                sums["loss/policy"].append(pg_sum)
             if value_model is None:
                 continue
-            values = response_values(value_model, tokens, attention, r.prompt_len, device, precision)
-            old_values, returns = batch.values[sel], batch.returns[sel]
-            clipped = old_values + (values - old_values).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-            vf_losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-            vf_loss = 0.5 * masked_mean(vf_losses, mask)
             value_opt.zero_grad(set_to_none=True)
-            (cfg.vf_coef * vf_loss * share).backward()
+            vf_sum, clipped_sum = 0.0, 0.0
+            for j, chunk in enumerate(chunks):
+                tokens, attention = chunk.cut(r.tokens, r.attention_mask, r.prompt_len)
+                cols = slice(0, chunk.response)
+                m = mask_all[chunk.rows, cols]
+                old_values, returns = batch.values[chunk.rows, cols], batch.returns[chunk.rows, cols]
+                with distributed.no_sync(value_model, enabled=j < len(chunks) - 1):
+                    values = response_values(value_model, tokens, attention, chunk.prompt, device, precision)
+                    clipped = old_values + (values - old_values).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+                    vf_losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+                    vf_part = 0.5 * (vf_losses * m).sum() / tokens_here
+                    (cfg.vf_coef * vf_part * share).backward()
+                vf_sum += vf_part.item()
+                outside = (values.detach() - old_values).abs() > cfg.cliprange_value
+                clipped_sum += (outside.float() * m).sum().item()
             torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip or float("inf"))
             value_opt.step()
-            sums["loss/value"].append(vf_loss.item())
-            sums["value/clipfrac"].append(
-                masked_mean(((values.detach() - old_values).abs() > cfg.cliprange_value).float(), mask).item())
+            sums["loss/value"].append(vf_sum)
+            sums["value/clipfrac"].append(clipped_sum / tokens_here.item())
     stats = distributed.mean_dict({k: float(np.mean(v)) for k, v in sums.items() if v})
     stats["policy/first_ratio_mean"] = sums["policy/ratio_mean"][0]
     stats["policy/first_approxkl"] = sums["policy/approxkl"][0]
