@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "ppo": ("chatloop.train.ppo", "PPOConfig", "ppo", "PPO / PPO-ptx against the reward model"),
     "eval": ("chatloop.evaluate", "EvalConfig", "evaluate", "compare checkpoints on held-out prompts"),
     "run": ("chatloop.pipeline", "RunConfig", "run", "the whole loop from one config (default: configs/tiny.yaml)"),
+    "import": ("chatloop.importer", "ImportConfig", "import_model",
+               "a GGUF file or Hugging Face model directory as a chatloop checkpoint"),
     "generate": ("chatloop.generate", "GenerateConfig", "generate", "sample from a checkpoint"),
     "world": ("chatloop.data.world", "WorldConfig", "write_world", "write the synthetic instruction world"),
     "prompts ingest": ("chatloop.data.prompts", "IngestConfig", "ingest",
