@@ -332,13 +332,13 @@ def smollm2_2_layers(smollm2, tmp_path_factory) -> Path:
 def resume_args(stage: str, root: Path, out: Path) -> list[str]:
     common = [f"--out={out}", "--progress=false", "--save_every=3", "--log_every=1", FP32]
     if stage == "sft":
-        return ["sft", f"--model={root / 'base'}", f"--data={root / 'demos.jsonl'}", "--max_steps=8",
+        return ["sft", f"--model={root / 'base'}", f"--data={root / 'demos.jsonl'}", "--max_steps=6",
                 "--batch_size=2", "--seq_len=64", "--packing=false", "--dropout=0", "--lr=1e-5", *common]
     if stage == "rm":
-        return ["rm", f"--model={root / 'rm'}", f"--data={root / 'rankings.jsonl'}", "--max_steps=8", "--batch_size=2",
+        return ["rm", f"--model={root / 'rm'}", f"--data={root / 'rankings.jsonl'}", "--max_steps=6", "--batch_size=2",
                 "--seq_len=48", "--lr=1e-5", *common]
     return ["ppo", f"--policy={root / 'base'}", f"--reward_model={root / 'rm'}", f"--prompts={root / 'prompts.jsonl'}",
-            "--iterations=7", "--batch_size=2", "--minibatches=1", "--ppo_epochs=1", "--max_new_tokens=6",
+            "--iterations=6", "--batch_size=2", "--minibatches=1", "--ppo_epochs=1", "--max_new_tokens=6",
             "--max_prompt_tokens=48", "--lr=1e-6", "--warmup_steps=0", "--sample_every=0", *common]
 
 
