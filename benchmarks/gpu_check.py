@@ -3,9 +3,9 @@
     torchrun --standalone --nproc-per-node=N benchmarks/gpu_check.py --stage sft --run-dir runs/gpu-check
     python benchmarks/gpu_check.py --summarize --run-dir runs/gpu-check      # the one JSON file and the table
 
-Each stage runs through chatloop's own function for it (the CLI's code path) for a few steps, with a forward
-pre-hook on every GPT that counts the tokens each forward pass takes: with gradients (training: 6N FLOPs per token
-with the backward) or without (2N: reference, reward and value passes, sampling). Per stage rank 0 appends one line
+Each stage runs through chatloop's own function for it (the CLI's code path) for a few steps, with a wrapper around
+every GPT's hidden_states that counts the tokens each forward pass takes: with gradients (training: 6N FLOPs per
+token with the backward) or without (2N: reference, reward and value passes, sampling). Per stage rank 0 appends a line
 to RUN/gpu_check.jsonl: wall seconds, tokens/s (all ranks' tokens over the wall time, model loading and checkpoint
 writes included, so a lower bound), MFU (those FLOPs over the measured bf16 matmul peak of every GPU), peak memory
 (torch.cuda.max_memory_allocated of rank 0), and the stage's own logged perf/* figures. --dry-run runs the same code
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class TokenCounter:
-    """Tokens through every GPT forward, split by whether gradients were on, and the FLOPs they cost."""
+    """Tokens through every GPT (its `hidden_states`, which forward passes and the engine's prefill both run), split
+    by whether gradients were on, and the FLOPs they cost."""
 
     def __init__(self) -> None:
         import torch
@@ -49,22 +50,21 @@ class TokenCounter:
 
         self.train_tokens = self.infer_tokens = 0
         self.flops = 0.0
+        original = GPT.hidden_states
+        counter = self
 
-        def hook(module, args, kwargs):
-            if not isinstance(module, GPT):
-                return
-            ids = args[0] if args else kwargs.get("idx", kwargs.get("input_ids"))
-            n = ids.numel()
-            per_token = module.flops_per_token(ids.shape[-1]) / 3  # forward only: 2N + 4LTC
+        def hidden_states(model, input_ids, *args, **kwargs):
+            n = input_ids.numel()
+            per_token = model.flops_per_token(input_ids.shape[-1]) / 3  # forward only: 2N + 4LTC
             if torch.is_grad_enabled():
-                self.train_tokens += n
-                self.flops += 3 * per_token * n
+                counter.train_tokens += n
+                counter.flops += 3 * per_token * n  # with the backward
             else:
-                self.infer_tokens += n
-                self.flops += per_token * n
+                counter.infer_tokens += n
+                counter.flops += per_token * n
+            return original(model, input_ids, *args, **kwargs)
 
-        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(
-            lambda module, args: hook(module, args, {}))
+        GPT.hidden_states = hidden_states
 
 
 def stage_config(stage: str, run: Path, data: Path, dry: bool):

@@ -287,7 +287,10 @@ def import_model(cfg: ImportConfig) -> Path:
     source = source_record(src)
     done = read_lineage(out)
     if done and done.get("status") == "complete":
-        if done.get("source") == source:
+        def content(record: dict) -> dict:  # the same bytes, wherever they were read from
+            return {k: v for k, v in (record or {}).items() if k != "path"}
+
+        if content(done.get("source")) == content(source):
             print(f"import: {out} already holds this import of {src}; skipping (remove it to import again)")
             return out
         raise UserError(f"--out: {out} already holds another checkpoint; remove it or choose another --out")
