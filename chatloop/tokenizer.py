@@ -57,14 +57,24 @@ class Tokenizer:
     """A Hugging Face `tokenizers` BPE plus chatloop's special tokens and chat rendering."""
 
     def __init__(self, hf: HFTokenizer, eos_token: str = EOS, pad_token: str = PAD,
-                 chat_template: str | None = CHAT_TEMPLATE) -> None:
+                 chat_template: str | None = CHAT_TEMPLATE, bos_token: str | None = None) -> None:
         self.hf = hf
-        self.eos_token, self.pad_token = eos_token, pad_token
+        self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
         self.chat_template = chat_template
         self.eos_id = self._id(eos_token)
         self.pad_id = self._id(pad_token)
-        self.end_of_turn_id = hf.token_to_id(END_OF_TURN)
         self.role_ids = {role: hf.token_to_id(f"<|{role}|>") for role in ROLES}
+        self._template = None
+        if self.uses_template:
+            self.end_of_turn_id = self._template_end_of_turn()
+        else:
+            self.end_of_turn_id = hf.token_to_id(END_OF_TURN)
+
+    @property
+    def uses_template(self) -> bool:
+        """Whether chats are rendered by the checkpoint's own Jinja template (an imported model's) rather than
+        chatloop's role tokens."""
+        return bool(self.chat_template) and self.chat_template != CHAT_TEMPLATE
 
     def _id(self, token: str) -> int:
         token_id = self.hf.token_to_id(token)
@@ -79,7 +89,7 @@ class Tokenizer:
     @property
     def stop_ids(self) -> list[int]:
         """Tokens that end a response: end of turn (chat) and end of text."""
-        return [i for i in (self.end_of_turn_id, self.eos_id) if i is not None]
+        return list(dict.fromkeys(i for i in (self.end_of_turn_id, self.eos_id) if i is not None))
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -94,7 +104,7 @@ class Tokenizer:
                     ) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and a mask that is True on what the model must learn to write:
         the content of assistant turns and their end-of-turn token (never the role tokens or user text)."""
-        if self.chat_template and self.chat_template != CHAT_TEMPLATE:
+        if self.uses_template:
             return self._render_with_template(messages, add_generation_prompt)
         if self.end_of_turn_id is None:
             raise UserError("this tokenizer has neither chatloop's chat tokens nor a chat template")
@@ -112,35 +122,79 @@ class Tokenizer:
             mask.append(False)
         return ids, mask
 
+    # ------------------------------------------------------------ an imported checkpoint's Jinja template
+
+    def _render_text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The template's text for a conversation (Hugging Face's apply_chat_template environment)."""
+        if self._template is None:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise UserError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)  # Llama 3.1's templates date the system turn
+            try:
+                self._template = env.from_string(self.chat_template or "")
+            except TemplateError as e:
+                raise UserError(f"the checkpoint's chat template is not valid Jinja ({e})") from None
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         eos_token=self.eos_token, bos_token=self.bos_token or "")
+        except UserError:
+            raise
+        except Exception as e:  # a template's own errors (undefined names, type errors)
+            raise UserError(f"the checkpoint's chat template failed to render ({type(e).__name__}: {e})") from None
+
+    def _template_end_of_turn(self) -> int:
+        """The token the template writes right after an assistant's answer (ChatML's <|im_end|>, Llama 3's
+        <|eot_id|>): the model's stop token in chat. When that is not a special token, end of text."""
+        probe = "chatloop probe answer"
+        try:
+            text = self._render_text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                                     False)
+        except UserError:
+            return self.eos_id
+        at = text.find(probe)
+        after = self.hf.encode(text[at + len(probe):], add_special_tokens=False).ids if at >= 0 else []
+        specials = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+        if after and self.hf.id_to_token(after[0]) in specials:
+            return after[0]
+        return self.eos_id
+
     def _render_with_template(self, messages: list[dict[str, str]], add_generation_prompt: bool
                               ) -> tuple[list[int], list[bool]]:
-        """Render with an imported checkpoint's own Jinja template (tokenizer_config.json).
+        """Render with an imported checkpoint's own Jinja template.
 
         The loss mask comes from character spans: an assistant turn is what rendering messages[:i+1] adds
-        to rendering messages[:i] with the generation prompt, so the template's own end-of-turn text is
-        learned too. Templates for which rendering is not prefix-stable are refused.
+        to rendering messages[:i] with the generation prompt, up to and including the end-of-turn token (what
+        the template writes after it, e.g. ChatML's newline, is never sampled, so it is not learned). A template
+        that does not render prefix-stably (the answer is not a suffix of what came before, or a later turn
+        rewrites an earlier one) is refused: its masks, and the prompts RM and PPO build, would be wrong. With
+        add_generation_prompt the same check is made for the answer to come, so that the prompt a policy
+        continues is the one its answers were trained after.
         """
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise UserError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template or "")
-
-        def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-            return template.render(messages=msgs, add_generation_prompt=generation_prompt,
-                                   eos_token=self.eos_token, bos_token="")
-
-        text = render(messages, add_generation_prompt)
+        text = self._render_text(messages, add_generation_prompt)
+        end_text = self.hf.id_to_token(self.end_of_turn_id) if self.end_of_turn_id is not None else None
         spans = []
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
-                before, through = render(messages[:i], True), render(messages[: i + 1], False)
+                before, through = self._render_text(messages[:i], True), self._render_text(messages[: i + 1], False)
                 if not text.startswith(through) or not through.startswith(before):
-                    raise UserError("the checkpoint's chat template does not render conversations prefix-stably")
-                spans.append((len(before), len(through)))
+                    raise UserError(f"the checkpoint's chat template does not render conversations prefix-stably "
+                                    f"(assistant turn {i + 1}: the conversation before it with the generation "
+                                    "prompt is not a prefix of the conversation through it); its loss masks "
+                                    "would be wrong")
+                stop = through.find(end_text, len(before)) if end_text else -1
+                spans.append((len(before), stop + len(end_text) if stop >= 0 else len(through)))
+        if add_generation_prompt:
+            answered = self._render_text([*messages, {"role": "assistant", "content": "chatloop probe"}], False)
+            if not answered.startswith(text):
+                raise UserError("the checkpoint's chat template does not render conversations prefix-stably (its "
+                                "generation prompt is not what precedes an assistant answer)")
         encoding = self.hf.encode(text, add_special_tokens=False)
         mask = [any(start <= a < end for start, end in spans) for a, _ in encoding.offsets]
         return encoding.ids, mask
@@ -152,7 +206,7 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
-            "bos_token": None,
+            "bos_token": self.bos_token,
             "unk_token": None,
             "model_max_length": 1_000_000,
             "clean_up_tokenization_spaces": False,
@@ -174,7 +228,10 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises plain Exceptions
             raise UserError(f"{path}: not a valid tokenizer file ({e})") from None
         cfg_path = directory / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
 
         def token(name: str, default: str | None) -> str | None:
             value = cfg.get(name, default)
@@ -182,7 +239,26 @@ class Tokenizer:
 
         eos = token("eos_token", EOS)
         pad = token("pad_token", None) or eos  # imported tokenizers often have no pad; masks make it harmless
-        return cls(hf, eos_token=eos, pad_token=pad, chat_template=cfg.get("chat_template"))
+        return cls(hf, eos_token=eos, pad_token=pad, chat_template=read_chat_template(directory, cfg),
+                   bos_token=token("bos_token", None))
+
+
+def read_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
+    """The chat template of a checkpoint: chat_template.jinja (what transformers writes since 4.50), else
+    tokenizer_config.json's chat_template (a string, or a list of named templates: the one named "default")."""
+    path = directory / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise UserError(f"{directory}/tokenizer_config.json: chat_template is a list without a 'default' "
+                            f"template (names: {', '.join(map(str, named))})")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{directory}/tokenizer_config.json: chat_template: expected a string")
+    return template
 
 
 def _texts(cfg: TokenizerConfig) -> Iterator[str]:
