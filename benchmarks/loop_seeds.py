@@ -21,10 +21,20 @@ import numpy as np
 from chatloop.config import parse_args
 from chatloop.evaluate import EvalConfig, evaluate
 from chatloop.pipeline import RunConfig, rl_rm_accuracy, run
+from chatloop.train.dpo import dpo
 from chatloop.train.ppo import ppo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"ppo vs sft": 0.62, "mean ppo vs sft": 0.65}
+
+
+def versus_sft(root: Path, cfg: RunConfig, model: Path, name: str) -> dict:
+    """The gold win rate of `model` against the run's SFT model on the run's held-out prompts."""
+    report = evaluate(EvalConfig(models=[str(root / "sft"), str(model)], names=["sft", name],
+                                 prompts=str(root / "world" / "eval_prompts.jsonl"), world=str(root / "world"),
+                                 limit=cfg.eval_prompts, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed,
+                                 greedy=False, best_of=0))
+    return report["win_rates"][f"{name} vs sft (gold)"]
 
 
 def gold_ceiling(root: Path, cfg: RunConfig) -> dict:
@@ -34,11 +44,17 @@ def gold_ceiling(root: Path, cfg: RunConfig) -> dict:
     ppo(dataclasses.replace(cfg.ppo, out=str(out), policy=str(root / "sft"), reference=str(root / "sft"),
                             reward_model="", gold_world=str(root / "world"), value_model=rm, ptx_data=[],
                             prompts=[str(root / "prompt_sets" / "ppo.jsonl")], seed=cfg.seed, progress=False))
-    report = evaluate(EvalConfig(models=[str(root / "sft"), str(out)], names=["sft", "gold-ppo"],
-                                 prompts=str(root / "world" / "eval_prompts.jsonl"), world=str(root / "world"),
-                                 limit=cfg.eval_prompts, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed,
-                                 greedy=False, best_of=0))
-    return report["win_rates"]["gold-ppo vs sft (gold)"]
+    return versus_sft(root, cfg, out, "gold-ppo")
+
+
+def dpo_baseline(root: Path, cfg: RunConfig) -> dict:
+    """DPO from the run's SFT model on the run's rankings (the config's dpo_train settings), against SFT: the
+    default run itself stays as `make demo` runs it."""
+    out = root / "dpo-baseline"
+    rankings = [str(root / f"round-{r}" / "rankings.jsonl") for r in range(1, cfg.rounds + 1)]
+    dpo(dataclasses.replace(cfg.dpo_train, out=str(out), policy=str(root / "sft"), data=rankings, seed=cfg.seed,
+                            progress=False))
+    return versus_sft(root, cfg, out, "dpo")
 
 
 def main() -> None:
@@ -46,13 +62,13 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default="runs/seeds", help="one run directory per seed goes here")
-    parser.add_argument("--dpo", action="store_true", help="train DPO beside PPO in each run (issue 21's table)")
+    parser.add_argument("--dpo", action="store_true",
+                        help="also DPO from each run's SFT model on its rankings, against SFT")
     args = parser.parse_args()
     results: dict = {"config": args.config, "seeds": {}}
     for seed in args.seeds:
         root = Path(args.work) / f"seed-{seed}"
-        cfg = parse_args(RunConfig, ["--config", args.config, f"--seed={seed}", f"--out={root}",
-                                         *(["--dpo=true"] if args.dpo else [])])
+        cfg = parse_args(RunConfig, ["--config", args.config, f"--seed={seed}", f"--out={root}"])
         for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo):
             stage.progress = False
         t0 = time.time()
@@ -62,10 +78,12 @@ def main() -> None:
         results["seeds"][seed] = {
             "seconds": seconds, "models": report["models"], "diagnostics": report.get("diagnostics", {}),
             "win_rates": {pair: wins[pair] for pair in ("sft vs pretrained", "ppo vs sft", "ppo-ptx vs sft",
-                                                        "dpo vs sft", "best-of-4 vs sft") if pair in wins},
+                                                        "best-of-4 vs sft") if pair in wins},
             "rm_vs_gold_rl_pairs": rl_rm_accuracy(report["rm_accuracy_vs_gold"]),
             "gold_ppo_vs_sft": gold_ceiling(root, cfg),
         }
+        if args.dpo:
+            results["seeds"][seed]["dpo_vs_sft"] = dpo_baseline(root, cfg)
         print(f"seed {seed}: ppo vs sft {wins['ppo vs sft']['win_rate']:.3f}, ceiling "
               f"{results['seeds'][seed]['gold_ppo_vs_sft']['win_rate']:.3f} ({seconds:.0f} s)")
     rates = [s["win_rates"]["ppo vs sft"]["win_rate"] for s in results["seeds"].values()]

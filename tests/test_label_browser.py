@@ -24,14 +24,20 @@ def accept_invite(browser, live: Live, name: str, role: str):
     token = live.store.create_invite(name, role, "test")
     page = browser.new_context(accept_downloads=True).new_page()
     page.goto(f"{live.url}/invite/{token}")
-    # autofocus lands at a rendering step after the load event: wait for it rather than type into nothing
-    page.wait_for_function("document.activeElement && document.activeElement.id === 'password'", timeout=10_000)
+    wait_for_focus(page, "password")
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Enter")
     page.wait_for_url(f"{live.url}/admin" if role == "admin" else f"{live.url}/")
     return page
+
+
+def wait_for_focus(page, element_id: str) -> None:
+    """`autofocus` is applied at a rendering step after the load event: wait for it (and so check it) before typing,
+    or the first keys go nowhere."""
+    page.wait_for_function(f"document.activeElement && document.activeElement.id === '{element_id}'",
+                           timeout=10_000)
 
 
 def no_script_ran(page) -> bool:
@@ -86,6 +92,7 @@ def test_a_labeler_does_every_job_from_the_keyboard_and_an_admin_exports(browser
 
     # Demonstration with a follow-up turn.
     page.goto(f"{live.url}/next?batch={demo}")
+    wait_for_focus(page, "answer")
     page.keyboard.type("Paris.")
     page.keyboard.press("Tab")  # to "Add a follow-up turn"
     page.keyboard.press("Enter")
