@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -222,11 +223,12 @@ def test_template_masks_learn_answers_and_end_of_turn_and_refuse_unstable_templa
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
+def smollm2(tmp_path_factory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("smollm2") / "smollm2"
     result = run_cli("import", f"--src={smollm2_path()}", f"--out={out}", "--max_seq_len=256")
     assert result.returncode == 0, result.stderr
-    return out
+    yield out
+    shutil.rmtree(out.parent)  # 0.5 GB: not kept past the module, like every passing test's tmp_path
 
 
 def test_smollm2_logits_match_transformers_and_it_answers_paris(smollm2):
@@ -316,7 +318,7 @@ def test_one_sft_step_rm_step_and_ppo_iteration_on_smollm2(smollm2, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_2_layers(smollm2, tmp_path_factory) -> Path:
+def smollm2_2_layers(smollm2, tmp_path_factory) -> Iterator[Path]:
     """SmolLM2's tokenizer, template, embeddings and first 2 of its 30 blocks: the imported model's whole format at
     a seventh of its cost per token (the resume test runs every stage three times)."""
     from chatloop.checkpoint import save_model
@@ -326,7 +328,8 @@ def smollm2_2_layers(smollm2, tmp_path_factory) -> Path:
     save_model(load_model(smollm2, n_layer=2), root / "base", tok)
     save_model(load_model(smollm2, head="scalar", n_layer=2), root / "rm", tok)
     write_data(root)
-    return root
+    yield root
+    shutil.rmtree(root)
 
 
 def resume_args(stage: str, root: Path, out: Path) -> list[str]:
