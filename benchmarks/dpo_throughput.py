@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     import trl
 
     from chatloop.checkpoint import save_model
+    from chatloop.device import cpu_has_fast_bf16
     from chatloop.model import GPT, preset
     from chatloop.train.dpo import encode_rankings
-    from chatloop.train.trainer import cpu_has_fast_bf16
 
     source = rm_throughput.data_path(args.data)
     if not source.is_file():

@@ -136,6 +136,7 @@ def generate_check(run: Path, dry: bool) -> dict:
 def run_stage(args: argparse.Namespace) -> None:
     import torch
 
+    from chatloop.device import measure_peak_flops
     from chatloop.realloop import LoopConfig, data_root
     from chatloop.train import distributed
     from chatloop.train.dpo import dpo
@@ -143,7 +144,6 @@ def run_stage(args: argparse.Namespace) -> None:
     from chatloop.train.pretrain import pretrain
     from chatloop.train.reward import reward_model
     from chatloop.train.sft import sft
-    from chatloop.train.trainer import measure_peak_flops
 
     run, dry = Path(args.run_dir), args.dry_run
     data = Path(args.data_root) if args.data_root else data_root(LoopConfig())

@@ -22,7 +22,7 @@ from chatloop.config import parse_args
 from chatloop.evaluate import EvalConfig, evaluate
 from chatloop.pipeline import RunConfig, rl_rm_accuracy, run
 from chatloop.train.dpo import dpo
-from chatloop.train.ppo import ppo
+from chatloop.world.gold import GoldPPOConfig, gold_ppo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"ppo vs sft": 0.62, "mean ppo vs sft": 0.65}
@@ -41,9 +41,10 @@ def gold_ceiling(root: Path, cfg: RunConfig) -> dict:
     """PPO against the gold judge from the run's SFT model, at the run's PPO settings, against SFT."""
     out = root / "ceiling"
     rm = str(root / f"round-{cfg.rounds}" / "rm")
-    ppo(dataclasses.replace(cfg.ppo, out=str(out), policy=str(root / "sft"), reference=str(root / "sft"),
-                            reward_model="", gold_world=str(root / "world"), value_model=rm, ptx_data=[],
-                            prompts=[str(root / "prompt_sets" / "ppo.jsonl")], seed=cfg.seed, progress=False))
+    gold_ppo(GoldPPOConfig(**{**dataclasses.asdict(cfg.ppo), "out": str(out), "policy": str(root / "sft"),
+                              "reference": str(root / "sft"), "reward_model": "", "gold_world": str(root / "world"),
+                              "value_model": rm, "ptx_data": [], "prompts": [str(root / "prompt_sets" / "ppo.jsonl")],
+                              "seed": cfg.seed, "progress": False}))
     return versus_sft(root, cfg, out, "gold-ppo")
 
 

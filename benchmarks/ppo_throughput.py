@@ -13,7 +13,7 @@ Needs TRL (`pip install -e .[bench]`) and, for the PPOTrainer side, trl 1.12.0 u
 Nothing is downloaded. The point measured (issue 6): episodes/s of one PPO iteration, rollout + scoring +
 update, on the same workload. Setup, in the parent process (never timed):
 
-- a small synthetic world (chatloop.data.world) and a byte-level BPE (--vocab tokens) on its pretraining text;
+- a small synthetic world (chatloop.world.world) and a byte-level BPE (--vocab tokens) on its pretraining text;
 - prompts: the world's user prompts whose chat rendering (our template, generation prompt added) has at least
   --prompt-tokens tokens, cut to their last --prompt-tokens tokens (ours cuts them itself, with
   max_prompt_tokens; TRL gets the cut ids, or for RLOO their text, checked to encode back to the same ids with
@@ -425,9 +425,9 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     from chatloop.checkpoint import save_model
     from chatloop.data.formats import prompt_messages, read_records
-    from chatloop.data.world import WorldConfig, write_world
     from chatloop.model import GPT, preset
     from chatloop.tokenizer import TokenizerConfig, train_tokenizer
+    from chatloop.world.files import WorldConfig, write_world
 
     write_world(WorldConfig(out=str(tmp / "world"), seed=SEED, pretrain_mb=0.5, prompts=3000, demonstrations=200,
                             rankings=20, ratings=20, eval_prompts=50, stats=False))

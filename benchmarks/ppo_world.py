@@ -27,7 +27,7 @@ from chatloop.checkpoint import is_complete
 from chatloop.config import parse_args
 from chatloop.evaluate import EvalConfig, evaluate
 from chatloop.pipeline import RunConfig
-from chatloop.train.ppo import ppo
+from chatloop.world.gold import GoldPPOConfig, gold_ppo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,10 +47,10 @@ def train(run: Path, base, out: Path, gold: bool = False, **changes) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     rm = str(run / "round-1" / "rm")
     reward = {"reward_model": "", "gold_world": str(run / "world"), "value_model": rm} if gold else {"reward_model": rm}
-    cfg = dataclasses.replace(base, out=str(out), policy=str(run / "sft"), reference=str(run / "sft"),
-                              prompts=[str(run / "prompt_sets" / "ppo.jsonl")], progress=False, sample_every=0,
-                              **reward, **changes)
-    ppo(cfg)
+    cfg = GoldPPOConfig(**{**dataclasses.asdict(base), "out": str(out), "policy": str(run / "sft"),
+                           "reference": str(run / "sft"), "prompts": [str(run / "prompt_sets" / "ppo.jsonl")],
+                           "progress": False, "sample_every": 0, **reward, **changes})
+    gold_ppo(cfg)
     TRAINED.add(out)
     return out
 

@@ -26,9 +26,9 @@ import torch
 
 from chatloop.checkpoint import is_complete, load_model
 from chatloop.data.formats import read_records
-from chatloop.data.world import World
 from chatloop.evaluate import answer, rm_scores, win_rate
 from chatloop.tokenizer import Tokenizer
+from chatloop.world.world import World
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

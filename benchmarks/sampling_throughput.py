@@ -87,7 +87,7 @@ def make_prompts(batch: int, lengths: tuple[int, int], vocab: int) -> list[list[
 
 
 def worker(spec: dict[str, Any]) -> None:
-    from chatloop.train.trainer import resolve_device
+    from chatloop.device import resolve_device
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(json.loads(args.worker))
         return
 
-    from chatloop.train.trainer import resolve_device, resolve_precision
+    from chatloop.device import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def worker(spec: dict[str, Any]) -> None:
-    from chatloop.train.trainer import resolve_device
+    from chatloop.device import resolve_device
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -106,7 +106,7 @@ def worker(spec: dict[str, Any]) -> None:
     if spec["side"] == "hf":
         import transformers
 
-        from chatloop.train.trainer import autocast
+        from chatloop.device import autocast
 
         model = transformers.AutoModelForCausalLM.from_pretrained(spec["dir"], attn_implementation="sdpa")
         model.to(device).train()
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(json.loads(args.worker))
         return
 
-    from chatloop.train.trainer import measure_peak_flops, resolve_device, resolve_precision
+    from chatloop.device import measure_peak_flops, resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)

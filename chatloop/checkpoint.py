@@ -12,7 +12,6 @@ rather than loaded approximately.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from chatloop import __version__
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_json, sha256_file
+from chatloop.io import atomic_write_json, sha256_file, utc_time
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
 
@@ -326,12 +325,8 @@ def save_model(
             "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id, "do_sample": True,
             "temperature": 1.0, "top_k": 0, "top_p": 1.0,
         })
-    record = {"chatloop_version": __version__, "created_at": now(), "status": "complete", **(lineage or {})}
+    record = {"chatloop_version": __version__, "created_at": utc_time(), "status": "complete", **(lineage or {})}
     atomic_write_json(out_dir / LINEAGE_FILE, record)
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def read_lineage(directory: str | Path) -> dict[str, Any] | None:

@@ -6,8 +6,9 @@ Steps:
   3. Pretrain a tiny GPT on it (chatloop pretrain), minutes on a laptop CPU.
   4. Print samples (chatloop generate) and the validation loss next to the corpus's unigram entropy.
 
-Each step is a stage with its own directory under `out`: a finished one is skipped and an interrupted
-one resumes, so running the demo again picks up where it stopped.
+Steps 1-3 are `chatloop run`'s (chatloop.pipeline.pretrained_model), each a stage with its own directory under
+`out`: a finished one is skipped and an interrupted one resumes, so running the demo again picks up where it
+stopped.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 
 from chatloop.checkpoint import load_model
-from chatloop.data.world import WorldConfig, write_world
 from chatloop.engine import generate
 from chatloop.model import ModelOverrides
-from chatloop.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from chatloop.train.pretrain import PretrainConfig, pretrain
+from chatloop.pipeline import pretrained_model
+from chatloop.tokenizer import Tokenizer
+from chatloop.train.pretrain import PretrainConfig
+from chatloop.world.files import WorldConfig
 
 
 @dataclass
@@ -50,25 +52,14 @@ class DemoConfig:
 
 
 def demo(cfg: DemoConfig) -> dict:
-    out = Path(cfg.out)
-    # step 1
-    world_dir = out / "world"
-    if not (world_dir / "pretrain.txt").is_file():
-        write_world(WorldConfig(out=str(world_dir), seed=cfg.seed, pretrain_mb=cfg.world_mb))
-    # step 2
-    tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer(TokenizerConfig(inputs=[str(world_dir / "pretrain.txt")], out=str(tok_dir),
-                                        vocab_size=cfg.vocab_size))
-    # step 3
-    pt_dir = out / "pretrain"
-    val_inputs = [str(world_dir / "pretrain_val.txt")] if (world_dir / "pretrain_val.txt").is_file() else []
-    pretrain(PretrainConfig(
-        out=str(pt_dir), tokenizer=str(tok_dir), inputs=[str(world_dir / "pretrain.txt")], val_inputs=val_inputs,
-        preset="tiny", model=ModelOverrides(max_seq_len=cfg.seq_len), seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size, max_steps=cfg.max_steps, lr=cfg.lr, warmup_steps=min(30, cfg.max_steps // 10),
-        eval_every=max(1, cfg.max_steps // 4), save_every=max(1, cfg.max_steps // 4), seed=cfg.seed,
-    ))
+    # step 1-3: the first stages of `chatloop run`, at the demo's sizes
+    world_dir, pt_dir = pretrained_model(
+        Path(cfg.out), WorldConfig(pretrain_mb=cfg.world_mb), cfg.vocab_size,
+        PretrainConfig(preset="tiny", model=ModelOverrides(max_seq_len=cfg.seq_len), seq_len=cfg.seq_len,
+                       batch_size=cfg.batch_size, max_steps=cfg.max_steps, lr=cfg.lr,
+                       warmup_steps=min(30, cfg.max_steps // 10), eval_every=max(1, cfg.max_steps // 4),
+                       save_every=max(1, cfg.max_steps // 4)),
+        cfg.seed)
     # step 4
     model = load_model(pt_dir).eval()
     tokenizer = Tokenizer.load(pt_dir)
@@ -85,6 +76,8 @@ def demo(cfg: DemoConfig) -> dict:
                "unigram_ppl": math.exp(metrics["unigram_entropy_nats"])}
     print(f"\nvalidation loss {summary['val_loss']:.3f} nats/token (perplexity {summary['val_ppl']:.1f}) against "
           f"the corpus's unigram entropy {summary['unigram_entropy_nats']:.3f} nats (perplexity "
-          f"{summary['unigram_ppl']:.1f}): the model learned the world's grammar and facts, not just its words.")
+          f"{summary['unigram_ppl']:.1f}): " + ("the model learned the world's grammar and facts, not just its words."
+                                                 if summary["val_loss"] < summary["unigram_entropy_nats"] else
+                                                 "no better than word frequencies yet: train longer (--max_steps)."))
     print(f"checkpoint (opens in transformers): {pt_dir}")
     return summary

@@ -28,18 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from chatloop.checkpoint import load_model
 from chatloop.data.formats import prompt_messages, read_records, validate
 from chatloop.data.importers import read_demonstrations
-from chatloop.data.world import World
+from chatloop.device import resolve_device
 from chatloop.engine import generate
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json, iter_texts, read_jsonl
-from chatloop.model import GPT, last_token_values
+from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
-from chatloop.train.trainer import resolve_device
+from chatloop.world.world import World
 
 
 @dataclass
@@ -149,8 +148,7 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
 def rm_scores(reward_model: GPT, answers: Answers) -> list[float]:
     scores = []
     for tokens, mask in zip(answers.tokens, answers.masks):
-        values = reward_model(tokens, attention_mask=mask).float()
-        scores += (last_token_values(values, mask) + reward_model.reward_bias).tolist()
+        scores += reward_model.reward(tokens, mask).tolist()
     return scores
 
 
@@ -161,8 +159,7 @@ def kl_to(policy: GPT, reference: GPT, answers: Answers, temperature: float) -> 
     for tokens, mask, P in zip(answers.tokens, answers.masks, answers.prompt_lens):
         logps = []
         for model in (policy, reference):
-            logits = model(tokens, attention_mask=mask)[:, P - 1 : -1].float() / temperature
-            logps.append(F.log_softmax(logits, -1).gather(-1, tokens[:, P:, None]).squeeze(-1))
+            logps.append(token_logprobs(model(tokens, attention_mask=mask), tokens, P, temperature)[0])
         answer_mask = mask[:, P:].float()
         total += ((logps[0] - logps[1]) * answer_mask).sum().item()
         count += tokens.shape[0]
@@ -183,8 +180,7 @@ def text_loss(model: GPT, tokenizer: Tokenizer, path: str, seq_len: int = 128, m
     y = torch.stack([data[i * seq_len + 1 : (i + 1) * seq_len + 1] for i in range(n)])
     total = 0.0
     for b in range(0, n, 16):
-        logits = model(x[b : b + 16]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), y[b : b + 16].flatten(), reduction="sum").item()
+        total += lm_loss(model(x[b : b + 16]), y[b : b + 16], reduction="sum").item()
     return total / (n * seq_len)
 
 

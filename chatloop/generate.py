@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from chatloop.checkpoint import load_model
+from chatloop.device import resolve_device
 from chatloop.engine import generate as sample
 from chatloop.errors import UserError
 from chatloop.io import read_lines
 from chatloop.tokenizer import Tokenizer
-from chatloop.train.trainer import resolve_device
 
 
 @dataclass

@@ -265,6 +265,20 @@ def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return values.gather(1, last[:, None]).squeeze(1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int, temperature: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, V) logits of (B, T) tokens whose responses start at prompt_len -> (B, N) log-probs of the response
+    tokens under the temperature-scaled distribution, in fp32, and (B, N, V) that whole log-distribution."""
+    logp_all = F.log_softmax(logits[:, prompt_len - 1 : -1].float() / temperature, -1)  # position t predicts t + 1
+    return logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1), logp_all
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of (B, T, V) logits against (B, T) targets, in fp32 (bf16 logits from autocast
+    are upcast; fp32 ones are used as they are, without a copy)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -282,6 +296,9 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.tok_emb.weight
+        self.reward_bias = 0.0
+        """Added by `reward` to the scalar head's value: a reward model's normalisation (chatloop rm centres its
+        rewards on the demonstrations and folds its gain into the head's weight), kept in config.json."""
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.down.weight", "mlp.proj.weight")):
@@ -376,6 +393,15 @@ class GPT(nn.Module):
         if self.score is not None:
             return self.score(x).squeeze(-1)
         return self.lm_head(x)
+
+    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, right_padded: bool = False,
+               through: nn.Module | None = None) -> torch.Tensor:
+        """(B, T) -> (B,) a reward model's reward of each sequence: the scalar head at its last real token, in fp32,
+        plus reward_bias. right_padded: each row's pads follow its tokens, so the causal mask alone keeps them
+        from the real tokens and the forward pass runs without an attention mask (the fast path). through: the
+        module whose forward runs, when it is not this one (its DDP/FSDP wrapper in training)."""
+        values = (through or self)(input_ids, attention_mask=None if right_padded else attention_mask)
+        return last_token_values(values.float(), attention_mask) + self.reward_bias
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) as in the PaLM appendix: 6N + 12 L T C."""

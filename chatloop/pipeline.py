@@ -1,7 +1,8 @@
 """`chatloop run`: the whole InstructGPT loop from one config, on the synthetic world by default.
 
 Stages, each in its own directory under runs/NAME/ (a finished stage is skipped, an interrupted one
-resumes, so the run can be killed at any point and restarted with the same command):
+resumes, so the run can be killed at any point and restarted with the same command; one rule says what is
+finished, `finished`):
   1. world       the synthetic world: pretraining text, user prompts, demonstrations, held-out prompts
   2. tokenizer   byte-level BPE on the pretraining text
   3. pretrain    next-token prediction
@@ -26,19 +27,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatloop.checkpoint import is_complete
 from chatloop.data.curate import CurateConfig, curate
 from chatloop.data.prompts import ExportConfig, IngestConfig, export, ingest
-from chatloop.data.world import WorldConfig, write_world
 from chatloop.errors import UserError
 from chatloop.evaluate import EvalConfig, add_human, diagnostic_lines, evaluate, human_win_rates
 from chatloop.report import write_report
-from chatloop.sample import RankConfig, SampleConfig, rank, sample
+from chatloop.sample import SampleConfig, sample
 from chatloop.tokenizer import TokenizerConfig, train_tokenizer
 from chatloop.train.dpo import DPOConfig, dpo
 from chatloop.train.ppo import PPOConfig, ppo
 from chatloop.train.pretrain import PretrainConfig, pretrain
 from chatloop.train.reward import RMConfig, reward_model
 from chatloop.train.sft import SFTConfig, sft
+from chatloop.world.files import WorldConfig, write_world
+from chatloop.world.labelers import RankConfig, rank
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -93,27 +96,46 @@ def _with(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
+def finished(output: Path) -> bool:
+    """Whether a stage is finished (then says it skips it): the output it writes last exists, a file written
+    atomically, the marker file of a directory that appears whole, or a checkpoint's chatloop.json (written last)
+    saying complete."""
+    if output.is_file() and (output.name != "chatloop.json" or is_complete(output.parent)):
+        print(f"run: {output.parent if output.name == 'chatloop.json' else output} is already finished; skipping")
+        return True
+    return False
+
+
+def pretrained_model(root: Path, world: WorldConfig, vocab_size: int, pretrain_cfg: PretrainConfig, seed: int
+                     ) -> tuple[Path, Path]:
+    """Steps 1-3 (also `chatloop demo`'s): the world, a tokenizer on its text and a model pretrained on it, under
+    root; (world directory, pretrained checkpoint)."""
+    world_dir, tok_dir, pt_dir = root / "world", root / "tokenizer", root / "pretrain"
+    # step 1
+    if not finished(world_dir / "world.json"):
+        write_world(_with(world, out=str(world_dir), seed=seed))
+    # step 2
+    if not finished(tok_dir / "tokenizer.json"):
+        train_tokenizer(TokenizerConfig(inputs=[str(world_dir / "pretrain.txt")], out=str(tok_dir),
+                                        vocab_size=vocab_size))
+    # step 3
+    if not finished(pt_dir / "chatloop.json"):
+        pretrain(_with(pretrain_cfg, out=str(pt_dir), tokenizer=str(tok_dir), inputs=[str(world_dir / "pretrain.txt")],
+                       val_inputs=[str(world_dir / "pretrain_val.txt")], seed=seed))
+    return world_dir, pt_dir
+
+
 def run(cfg: RunConfig) -> dict:
     root = Path(cfg.out or f"runs/{cfg.name}")
     held_out = cfg.rm.val_labelers or held_out_labelers(cfg)  # checked before any stage runs
     root.mkdir(parents=True, exist_ok=True)
-    world_dir = root / "world"
-    # step 1
-    if not (world_dir / "world.json").is_file():
-        write_world(_with(cfg.world, out=str(world_dir), seed=cfg.seed, stats=False))
-    # step 2
-    tok_dir = root / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer(TokenizerConfig(inputs=[str(world_dir / "pretrain.txt")], out=str(tok_dir),
-                                        vocab_size=cfg.vocab_size))
-    # step 3
-    pt_dir = root / "pretrain"
-    pretrain(_with(cfg.pretrain, out=str(pt_dir), tokenizer=str(tok_dir), inputs=[str(world_dir / "pretrain.txt")],
-                   val_inputs=[str(world_dir / "pretrain_val.txt")], seed=cfg.seed))
+    # step 1-3
+    world_dir, pt_dir = pretrained_model(root, _with(cfg.world, stats=False), cfg.vocab_size, cfg.pretrain, cfg.seed)
     # step 4
     sft_dir = root / "sft"
-    sft(_with(cfg.sft, out=str(sft_dir), model=str(pt_dir), data=[str(world_dir / "demonstrations.jsonl")],
-              seed=cfg.seed))
+    if not finished(sft_dir / "chatloop.json"):
+        sft(_with(cfg.sft, out=str(sft_dir), model=str(pt_dir), data=[str(world_dir / "demonstrations.jsonl")],
+                  seed=cfg.seed))
     # step 5
     prompt_sets = curated_prompts(root, world_dir, cfg.seed)
 
@@ -123,30 +145,32 @@ def run(cfg: RunConfig) -> dict:
         rd.mkdir(exist_ok=True)
         # step 6
         samples = rd / "samples.jsonl"
-        if not samples.is_file():
+        if not finished(samples):
             sample(_with(cfg.sample, model=str(policy), prompts=str(prompt_sets / "rm.jsonl"), out=str(samples),
                          limit=cfg.ranking_prompts, seed=cfg.seed + r))
         # step 7
         ranked = rd / "rankings.jsonl"
-        if not ranked.is_file():
+        if not finished(ranked):
             rank(RankConfig(samples=str(samples), world=str(world_dir), out=str(ranked), labelers=cfg.labelers,
                             noise=cfg.noise, seed=cfg.seed + r))
         rankings.append(str(ranked))
         # step 8
         rm_dir = rd / "rm"
-        reward_model(_with(cfg.rm, out=str(rm_dir), model=str(sft_dir), data=list(rankings),
-                           reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed,
-                           val_labelers=held_out))
+        if not finished(rm_dir / "chatloop.json"):
+            reward_model(_with(cfg.rm, out=str(rm_dir), model=str(sft_dir), data=list(rankings),
+                               reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed,
+                               val_labelers=held_out))
         # step 9
         ppo_prompts = [str(prompt_sets / "ppo.jsonl")]
         ppo_dir = rd / "ppo"
-        ppo(_with(cfg.ppo, out=str(ppo_dir), policy=str(policy), reference=str(sft_dir), reward_model=str(rm_dir),
-                  prompts=ppo_prompts, ptx_data=[], seed=cfg.seed))
-        if cfg.ptx:
+        if not finished(ppo_dir / "chatloop.json"):
+            ppo(_with(cfg.ppo, out=str(ppo_dir), policy=str(policy), reference=str(sft_dir), reward_model=str(rm_dir),
+                      prompts=ppo_prompts, ptx_data=[], seed=cfg.seed))
+        if cfg.ptx and not finished(rd / "ppo-ptx" / "chatloop.json"):
             ppo(_with(cfg.ppo, out=str(rd / "ppo-ptx"), policy=str(policy), reference=str(sft_dir),
                       reward_model=str(rm_dir), prompts=ppo_prompts, ptx_data=[str(world_dir / "pretrain.txt")],
                       seed=cfg.seed))
-        if cfg.dpo:
+        if cfg.dpo and not finished(rd / "dpo" / "chatloop.json"):
             dpo(_with(cfg.dpo_train, out=str(rd / "dpo"), policy=str(sft_dir), data=list(rankings), seed=cfg.seed))
         policy = ppo_dir
 
@@ -158,7 +182,7 @@ def run(cfg: RunConfig) -> dict:
     if cfg.dpo:
         models.append(("dpo", last / "dpo"))
     eval_path = root / "eval.json"
-    if not eval_path.is_file():
+    if not finished(eval_path):
         evaluate(EvalConfig(models=[str(m) for _, m in models], names=[n for n, _ in models],
                             prompts=str(world_dir / "eval_prompts.jsonl"), world=str(world_dir),
                             reward_model=str(last / "rm"), reference=str(sft_dir),
@@ -187,7 +211,7 @@ def curated_prompts(root: Path, world_dir: Path, seed: int) -> Path:
     export directory appears whole (its manifest last), so its presence means the stage is done.
     """
     out, db = root / "prompt_sets", f"sqlite:///{root / 'prompts.db'}"
-    if not (out / "manifest.json").is_file():
+    if not finished(out / "manifest.json"):
         ingest(IngestConfig(inputs=[str(world_dir / "prompts.jsonl")], db=db))
         curate(CurateConfig(db=db, seed=seed))
         export(ExportConfig(db=db, out=str(out), sft=0.0, rm=0.5, ppo=0.5, seed=seed))

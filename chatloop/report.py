@@ -21,12 +21,19 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
+    """root/report.md and its plots (root/plots/) from the run's metrics and its evaluation report."""
+    last = root / f"round-{rounds}"
+    kl_plot = write_plots(root, report, last, ptx)
+    atomic_write_text(root / "report.md", "\n".join(report_lines(root, report, last, kl_plot)) + "\n")
+
+
+def write_plots(root: Path, report: dict, last: Path, ptx: bool) -> bool:
+    """The PNG plots of the report card; whether the win-rate-against-KL plot was drawn (it needs KL rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = root / f"round-{rounds}"
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
 
@@ -105,7 +112,11 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
         fig.tight_layout()
         fig.savefig(plots / "win_rate_vs_kl.png", dpi=90)
         plt.close(fig)
+    return bool(points)
 
+
+def report_lines(root: Path, report: dict, last: Path, kl_plot: bool) -> list[str]:
+    """report.md, line by line."""
     lines = [f"# Report card: {root.name}", "", "## Models on held-out users' prompts", ""]
     keys = [k for k in MODEL_KEYS if any(k in row for row in report["models"].values())]
     lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -138,7 +149,7 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
         lines += [f"| {pair} | {row['accuracy']:.3f} | {row['pairs']} |" for pair, row in acc["by_pair"].items()]
     lines += ["", "![losses](plots/losses.png)", "", "![ppo](plots/ppo.png)", "",
               "![reward vs KL](plots/reward_vs_kl.png) ![win rates](plots/win_rates.png)", "",
-              *(["![win rate vs KL](plots/win_rate_vs_kl.png)", ""] if points else []), "## Samples", ""]
+              *(["![win rate vs KL](plots/win_rate_vs_kl.png)", ""] if kl_plot else []), "## Samples", ""]
     names = [n for n in report["models"] if all(n in s for s in report["samples"])]  # best-of-n has no sample row
     lines += ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 
@@ -148,7 +159,9 @@ def write_report(root: Path, report: dict, rounds: int, ptx: bool) -> None:
 
     for s in report["samples"]:
         lines.append(f"| {cell(s['prompt'])} | " + " | ".join(cell(s[n]) for n in names) + " |")
-    atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
+    return lines
+
+
 
 
 def rm_accuracy_lines(acc: dict) -> list[str]:

@@ -1,11 +1,10 @@
-"""`chatloop sample`: K answers per prompt from a checkpoint, the input that gets ranked;
-`chatloop rank`: the synthetic world's simulated labelers rank them (people do it in the labeling app).
+"""`chatloop sample`: K answers per prompt from a checkpoint, the input that gets ranked (by people in the labeling
+app, or by the synthetic world's simulated labelers: `chatloop rank`, chatloop.world.labelers).
 
 A samples record is `{"prompt", "responses": [K strings], "ended": [K bools], "model", "sampling", "seed",
 "k", "draws"}`: K distinct answers (InstructGPT ranks K distinct outputs; two copies of one text carry no
 preference), drawn again where a draw repeats an earlier answer, up to `max_draws` answers per wanted one; `k` is
-the K wanted, `draws` how many answers were sampled. `rank` turns each into a ranking record (`"ranks"` added,
-1 = best, ties allowed) of one labeler.
+the K wanted, `draws` how many answers were sampled.
 """
 
 from __future__ import annotations
@@ -17,13 +16,11 @@ import torch
 
 from chatloop.checkpoint import load_model
 from chatloop.data.formats import prompt_messages, read_records
-from chatloop.data.world import World
+from chatloop.device import resolve_device
 from chatloop.engine import generate
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_jsonl, read_jsonl
-from chatloop.labelers import make_labelers
+from chatloop.io import atomic_write_jsonl
 from chatloop.tokenizer import Tokenizer
-from chatloop.train.trainer import resolve_device
 
 
 @dataclass
@@ -58,22 +55,6 @@ class SampleConfig:
     """Sequences per engine call."""
     device: str = "auto"
     """"auto", "cpu" or "cuda"."""
-
-
-@dataclass
-class RankConfig:
-    samples: str = ""
-    """Samples file written by `chatloop sample`."""
-    world: str = ""
-    """The world directory (world.json) whose gold judge the simulated labelers perceive through noise."""
-    out: str = "runs/rankings.jsonl"
-    """Ranking records to write (atomically)."""
-    labelers: int = 8
-    """Simulated labelers; each prompt is ranked by one of them."""
-    noise: float = 0.3
-    """Labelers' mean noise level (0.3 makes two labelers agree on ~73% of pairs, as in InstructGPT)."""
-    seed: int = 0
-    """Seed of the labelers' noise and of the assignment."""
 
 
 def sample(cfg: SampleConfig) -> list[dict]:
@@ -123,26 +104,3 @@ def sample(cfg: SampleConfig) -> list[dict]:
     print(f"sample: {len(records)} prompts, {answers} distinct answers from {sum(draws)} draws ({full} prompts with "
           f"all K ({min(ks)}-{max(ks)}) distinct, {short} left out with fewer than 2) -> {cfg.out}")
     return records
-
-
-def rank(cfg: RankConfig) -> list[dict]:
-    if not cfg.samples or not cfg.world:
-        raise UserError("--samples and --world are required")
-    world = World.load(cfg.world)
-    labelers = make_labelers(world, n=cfg.labelers, noise=cfg.noise, seed=cfg.seed)
-    rng = random.Random(cfg.seed)
-    records = []
-    for lineno, s in read_jsonl(cfg.samples):
-        if not isinstance(s.get("responses"), list) or len(s["responses"]) < 2:
-            raise UserError(f"{cfg.samples}:{lineno}: field 'responses': expected a list of at least 2 answers")
-        labeler = labelers[rng.randrange(len(labelers))]
-        ended = s.get("ended") or [True] * len(s["responses"])
-        ranks = labeler.rank(s["prompt"], s["responses"], ended)
-        records.append({"id": s.get("id", f"r{lineno}"), "prompt": s["prompt"], "responses": s["responses"],
-                        "ranks": ranks, "labeler_id": labeler.id, **({"model": s["model"]} if "model" in s else {})})
-    atomic_write_jsonl(cfg.out, records)
-    print(f"rank: {len(records)} rankings by {len(labelers)} simulated labelers -> {cfg.out}")
-    return records
-
-
-

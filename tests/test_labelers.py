@@ -8,10 +8,9 @@ import statistics
 import pytest
 
 from chatloop.data.formats import FLAGS, ranking_pairs, validate
-from chatloop.data.judge import KINDS, Task, ideal
-from chatloop.data.world import World
 from chatloop.errors import UserError
-from chatloop.labelers import (
+from chatloop.world.judge import KINDS, Task, ideal
+from chatloop.world.labelers import (
     DEFAULT_NOISE,
     DEMO_FLAWS,
     Labeler,
@@ -24,6 +23,7 @@ from chatloop.labelers import (
     sample_pair_scores,
     win_rate,
 )
+from chatloop.world.world import World
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,17 @@ import torch
 
 from chatloop.checkpoint import save_model
 from chatloop.data.importers import read_rankings
-from chatloop.data.world import World
 from chatloop.evaluate import add_human, human_win_rates
-from chatloop.labelers import candidate_pool, make_labelers
 from chatloop.labeling.commands import BatchConfig, ExportConfig, batch, export
-from chatloop.labeling.simulate import enroll, screening_items, work
 from chatloop.labeling.store import LabelStore, load_secret
 from chatloop.model import GPT, preset
 from chatloop.report import human_section, rm_accuracy_lines
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.ppo import PPOConfig, ppo
 from chatloop.train.sft import SFTConfig, sft
+from chatloop.world.labelers import candidate_pool, make_labelers
+from chatloop.world.simulate import enroll, screening_items, work
+from chatloop.world.world import World
 from tests.conftest import FP32, run_cli
 
 CANDIDATES, TOO_NOISY = 8, 2

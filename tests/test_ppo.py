@@ -11,6 +11,7 @@ from chatloop.model import GPT, GPTConfig, last_token_values
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.ppo import (
     AdaptiveKLController,
+    ModelReward,
     PPOConfig,
     chunked,
     gae,
@@ -92,10 +93,13 @@ def batch_for(root, tok, kl_coef=0.05, critic=True, **kw):
     rm = load_model(root / "rm_zero").eval()
     value = load_model(root / "rm_zero", head="scalar") if critic else None
     cfg = PPOConfig(max_new_tokens=16, **kw)
-    prompts = [tok.render_chat([{"role": "user", "content": f"The {c} dog?"}], True)[0] for c in ("red", "blue") * 8]
+    texts = [f"The {c} dog?" for c in ("red", "blue") * 8]
+    prompts = [tok.render_chat([{"role": "user", "content": t}], True)[0] for t in texts]
     g = torch.Generator().manual_seed(0)
     cpu = torch.device("cpu")
-    return policy, value, make_batch(policy, reference, rm, value, prompts, tok, cfg, kl_coef, g, cpu, "fp32"), cfg
+    reward = ModelReward(rm, cpu, "fp32")
+    return policy, value, make_batch(policy, reference, reward, value, prompts, texts, tok, cfg, kl_coef, g, cpu,
+                                     "fp32"), cfg
 
 
 def test_reward_is_the_score_at_the_last_token_and_kl_is_zero_against_itself(tiny_rl):
@@ -132,9 +136,10 @@ def test_without_a_critic_each_tokens_advantage_is_the_return_that_follows_it(ti
             p.add_(0.05 * torch.randn_like(p))
     reference = load_model(root / "sft").eval()
     rm = load_model(root / "rm_zero").eval()
-    prompts = [tok.render_chat([{"role": "user", "content": f"The {c} dog?"}], True)[0] for c in ("red", "blue") * 8]
-    batch = make_batch(policy, reference, rm, None, prompts, tok, cfg, 0.3, torch.Generator().manual_seed(1),
-                       torch.device("cpu"), "fp32")
+    texts = [f"The {c} dog?" for c in ("red", "blue") * 8]
+    prompts = [tok.render_chat([{"role": "user", "content": t}], True)[0] for t in texts]
+    batch = make_batch(policy, reference, ModelReward(rm, torch.device("cpu"), "fp32"), None, prompts, texts, tok, cfg,
+                       0.3, torch.Generator().manual_seed(1), torch.device("cpu"), "fp32")
     mask = batch.rollout.mask.float()
     assert batch.rewards[mask.bool()].abs().sum() > 0
     to_go = batch.rewards.flip(1).cumsum(1).flip(1) * mask
@@ -206,17 +211,16 @@ def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     """--gold_world: each episode's score is gold_scale x the judge's score of its own prompt and response."""
     import random
 
-    from chatloop.data.judge import Task, ideal
-    from chatloop.data.world import World
     from chatloop.engine import Rollout
-    from chatloop.train.ppo import GoldReward
+    from chatloop.world.gold import GoldReward
+    from chatloop.world.judge import Task, ideal
+    from chatloop.world.world import World
 
     root, tok = tiny_rl
     world = World.generate(0)
     rng = random.Random(0)
     tasks = [Task(kind, world.sample_slots(kind, rng) or {}) for kind in ("qa_color", "gen_sentence", "oth_math")]
     prompts = [world.render_core(t, rng) for t in tasks]
-    encoded = [tok.render_chat([{"role": "user", "content": p}], True)[0] for p in prompts]
     answers = [ideal(world, tasks[0]), ideal(world, tasks[1]), "Hello there."]  # the last answers nothing
     stop = tok.stop_ids[0]
     ids = [tok.encode(a) + [stop] for a in answers]
@@ -225,13 +229,13 @@ def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     mask = response != tok.pad_id
     rollout = Rollout(tokens=response, attention_mask=mask, prompt_len=0, response=response,
                       logprobs=torch.zeros(response.shape), mask=mask, ended=torch.tensor([True, True, False]))
-    gold = GoldReward(world, tok, 3.0, {tuple(e): p for e, p in zip(encoded, prompts)})
-    scores = gold.scores(encoded, rollout)
+    gold = GoldReward(world, tok, 3.0)
+    scores = gold.scores(prompts, rollout)
     expected = [3.0 * world.judge(p, a, ended=e).score for p, a, e in zip(prompts, answers, [True, True, False])]
     assert scores.tolist() == pytest.approx(expected)
     assert scores[0] > 2.5 and scores[1] > 2.5 and scores[2] < 1.5  # ideal answers score ~1, a non-answer less
     # Swapping the prompts changes the scores: each response is judged against its own prompt.
-    swapped = gold.scores([encoded[1], encoded[0], encoded[2]], rollout)
+    swapped = gold.scores([prompts[1], prompts[0], prompts[2]], rollout)
     assert swapped[0] < scores[0] and swapped[1] < scores[1]
 
     # Through the CLI: a short run scores with the judge (no reward model); its samples carry 3 x gold.

@@ -159,6 +159,14 @@ def test_val_data_is_used_as_given_and_skip_invalid_still_splits(tmp_path, token
                     f"--out={tmp_path / 'a'}", *common)
     assert given.returncode == 0, given.stderr
     assert json.loads((tmp_path / "a" / "eval.json").read_text())["prompts"] == 7
+    # `chatloop rm-eval` reports the trained model's held-out numbers again, and refuses a model without a scalar head.
+    again = run_cli("rm-eval", f"--model={tmp_path / 'a'}", f"--data={val}", f"--out={tmp_path / 'again.json'}",
+                    "--seq_len=64")
+    assert again.returncode == 0, again.stderr
+    first, second = (json.loads(p.read_text()) for p in (tmp_path / "a" / "eval.json", tmp_path / "again.json"))
+    assert second["prompts"] == 7 and second["accuracy"] == first["accuracy"] and second["pairs"] == first["pairs"]
+    refused = run_cli("rm-eval", f"--model={base}", f"--data={val}")
+    assert refused.returncode == 2 and "not a reward model" in refused.stderr
     split = run_cli("rm", f"--model={base}", f"--data={data}", "--skip_invalid", "--val_fraction=0.2",
                     f"--out={tmp_path / 'b'}", *common)
     assert split.returncode == 0, split.stderr  # skipped records used to leave the split undone

@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from chatloop.data.formats import FLAGS, read_records
-from chatloop.data.judge import KINDS, REFUSAL, Task, ideal
-from chatloop.data.world import (
-    INSTRUCTGPT_MIX,
-    RECORD_KINDS,
-    SOURCES,
-    World,
-    WorldConfig,
-    _sample_prompt,
-    luhn_valid,
-    write_world,
-)
+from chatloop.data.formats import FLAGS, INSTRUCTGPT_MIX, read_records
+from chatloop.data.pii import luhn_valid
 from chatloop.errors import UserError
+from chatloop.world.files import RECORD_KINDS, SOURCES, WorldConfig, _sample_prompt, write_world
+from chatloop.world.judge import KINDS, REFUSAL, Task, ideal
+from chatloop.world.world import World
 
 SMALL = {"entities": 40, "pretrain_mb": 0.15, "users": 80, "prompts": 1500, "eval_users": 8,
          "eval_prompts": 60, "demonstrations": 300, "rankings": 30, "ratings": 15, "agreement_pairs": 600}

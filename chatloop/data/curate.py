@@ -48,10 +48,9 @@ from functools import cache
 from operator import attrgetter
 from typing import Any, Literal
 
-from chatloop.data.formats import Prompt
+from chatloop.data.formats import INSTRUCTGPT_MIX, Prompt
 from chatloop.data.pii import PII_TYPES, Scanner
-from chatloop.data.prompts import PromptStore
-from chatloop.data.world import INSTRUCTGPT_MIX
+from chatloop.data.prompts import CuratedRow, PromptStore, Row
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json, atomic_write_text
 
@@ -60,33 +59,6 @@ SPLITS = ("train", "val", "test")
 
 
 # -- rows --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Row:
-    """A raw prompt as curation sees it (slots: a million of these must fit in well under a gigabyte)."""
-
-    pid: int
-    """Store id, increasing in ingest order."""
-    prompt: Prompt
-    user_id: str
-    category: str | None = None
-    source: str | None = None
-    created_at: str | None = None
-    """UTC time in a fixed-width ISO form (sorts as text), or None when the record had none."""
-
-
-@dataclass(slots=True)
-class CuratedRow:
-    pid: int
-    split: str
-    category: str
-    tagged: bool
-    """True when the category came from the rules, not from the record."""
-    prompt: Prompt | None
-    """The redacted prompt, or None when curation did not change it."""
-    pii: tuple[str, ...] = ()
-    """PII types redacted from it."""
 
 
 @dataclass
@@ -453,6 +425,46 @@ def curate_rows(rows: Sequence[Row], opts: CurateOptions, scanner: Scanner | Non
     done("cap")
 
     # 4. PII
+    current, step, redacted, clean = _pii_step(current, opts, scanner, show)
+    steps.append(step)
+    done("pii")
+
+    # 5. categories
+    categories, step = _category_step(current, redacted, show, k)
+    steps.append(step)
+    done("categories")
+
+    # 6. split
+    counts = Counter(r.user_id for r in current)
+    ratios = {"train": opts.train, "val": opts.val, "test": opts.test}
+    assignment = split_by_user(dict(counts), ratios, opts.seed)
+    out = [CuratedRow(r.pid, assignment[r.user_id], *categories[r.pid], *redacted.get(r.pid, (None, ())))
+           for r in current]
+    split_counts = Counter(r.split for r in out)
+    split_users = Counter(assignment.values())
+    steps.append({
+        "step": "split", "removed": 0, "kept": len(out),
+        "why": "train/val/test by user id (no user in two splits)",
+        "splits": [{"split": s, "prompts": split_counts.get(s, 0), "users": split_users.get(s, 0),
+                    "ratio": round(split_counts.get(s, 0) / max(1, len(out)), 4), "target": ratios[s]}
+                   for s in SPLITS],
+        "max_per_user": max(counts.values(), default=0), "examples": []})
+    done("split")
+
+    _check_train_pii_free(current, assignment, redacted, clean, scanner)
+    timings["verify_train_pii_free"] = round(time.perf_counter() - clock, 3)
+
+    report["steps"] = steps
+    report["output"] = {"prompts": len(out), "users": len(counts)}
+    report["seconds"] = timings
+    return Curation(out, report)
+
+
+def _pii_step(current: list[Row], opts: CurateOptions, scanner: Scanner, show: Callable[[Prompt], str]
+              ) -> tuple[list[Row], dict[str, Any], dict[int, tuple[Prompt, tuple[str, ...]]], set[int]]:
+    """Step 4: the rows kept, the step's report, the redacted prompts (pid -> prompt, PII types) and the pids
+    scanned clean."""
+    k = opts.examples
     found: Counter[str] = Counter()
     redacted: dict[int, tuple[Prompt, tuple[str, ...]]] = {}
     dropped: list[tuple[Row, list[str]]] = []
@@ -481,16 +493,18 @@ def curate_rows(rows: Sequence[Row], opts: CurateOptions, scanner: Scanner | Non
                     for pid, (p, kinds) in list(redacted.items())[:k]]
     pii_examples += [{"pid": r.pid, "types": sorted(set(kinds)), "dropped": True, "redacted": show(r.prompt)}
                      for r, kinds in dropped[: max(0, k - len(pii_examples))]]
-    steps.append({"step": "pii", "action": opts.pii, "removed": len(dropped), "kept": len(current),
-                  "prompts_with_pii": prompts_with_pii, "redacted": len(redacted),
-                  "still_unclean_after_redaction": unclean,
-                  "found": {t: found.get(t, 0) for t in PII_TYPES},
-                  "why": "contains PII (dropped)" if opts.pii == "drop"
-                  else "PII replaced by [TYPE] placeholders; dropped only if a re-scan still finds PII",
-                  "examples": pii_examples})
-    done("pii")
+    step = {"step": "pii", "action": opts.pii, "removed": len(dropped), "kept": len(current),
+            "prompts_with_pii": prompts_with_pii, "redacted": len(redacted), "still_unclean_after_redaction": unclean,
+            "found": {t: found.get(t, 0) for t in PII_TYPES},
+            "why": "contains PII (dropped)" if opts.pii == "drop"
+            else "PII replaced by [TYPE] placeholders; dropped only if a re-scan still finds PII",
+            "examples": pii_examples}
+    return current, step, redacted, clean
 
-    # 5. categories
+
+def _category_step(current: list[Row], redacted: dict[int, tuple[Prompt, tuple[str, ...]]],
+                   show: Callable[[Prompt], str], k: int) -> tuple[dict[int, tuple[str, bool]], dict[str, Any]]:
+    """Step 5: each row's category (and whether the rules tagged it), and the step's report."""
     categories: dict[int, tuple[str, bool]] = {}
     given = [(r, canonical_category(r.category)) for r in current]
     for row, category in given:
@@ -505,7 +519,7 @@ def curate_rows(rows: Sequence[Row], opts: CurateOptions, scanner: Scanner | Non
     tagged = sum(t for _, t in categories.values())
     distribution = Counter(c for c, _ in categories.values())
     n = max(1, len(current))
-    steps.append({
+    return categories, {
         "step": "categories", "removed": 0, "kept": len(current), "tagged": tagged,
         "why": "records without a category were tagged by keyword rules",
         "rule_agreement_on_labeled": None if agreement is None else round(agreement, 4),
@@ -515,28 +529,14 @@ def curate_rows(rows: Sequence[Row], opts: CurateOptions, scanner: Scanner | Non
                           "instructgpt_percent": INSTRUCTGPT_MIX.get(c)}
                          for c in [*CATEGORIES, *sorted(set(distribution) - set(CATEGORIES))]],
         "examples": [{"pid": r.pid, "category": categories[r.pid][0], "prompt": show(r.prompt)}
-                     for r in [r for r, c in given if c is None][:k]]})
-    done("categories")
+                     for r in [r for r, c in given if c is None][:k]]}
 
-    # 6. split
-    counts = Counter(r.user_id for r in current)
-    ratios = {"train": opts.train, "val": opts.val, "test": opts.test}
-    assignment = split_by_user(dict(counts), ratios, opts.seed)
-    out = [CuratedRow(r.pid, assignment[r.user_id], *categories[r.pid], *redacted.get(r.pid, (None, ())))
-           for r in current]
-    split_counts = Counter(r.split for r in out)
-    split_users = Counter(assignment.values())
-    steps.append({
-        "step": "split", "removed": 0, "kept": len(out),
-        "why": "train/val/test by user id (no user in two splits)",
-        "splits": [{"split": s, "prompts": split_counts.get(s, 0), "users": split_users.get(s, 0),
-                    "ratio": round(split_counts.get(s, 0) / max(1, len(out)), 4), "target": ratios[s]}
-                   for s in SPLITS],
-        "max_per_user": max(counts.values(), default=0), "examples": []})
-    done("split")
 
-    # The training split must be PII-free. Every prompt kept unchanged was scanned clean above; re-scan the
-    # final text of every redacted training prompt, and check that no training prompt escaped the scan.
+def _check_train_pii_free(current: list[Row], assignment: dict[str, str],
+                          redacted: dict[int, tuple[Prompt, tuple[str, ...]]], clean: set[int],
+                          scanner: Scanner) -> None:
+    """The training split must be PII-free. Every prompt kept unchanged was scanned clean in step 4; re-scan the
+    final text of every redacted training prompt, and check that no training prompt escaped the scan."""
     for row in current:
         if assignment[row.user_id] != "train":
             continue
@@ -545,12 +545,6 @@ def curate_rows(rows: Sequence[Row], opts: CurateOptions, scanner: Scanner | Non
                 raise AssertionError(f"prompt {row.pid} of the training split still contains PII")
         elif row.pid not in clean:
             raise AssertionError(f"prompt {row.pid} of the training split was never scanned for PII")
-    timings["verify_train_pii_free"] = round(time.perf_counter() - clock, 3)
-
-    report["steps"] = steps
-    report["output"] = {"prompts": len(out), "users": len(counts)}
-    report["seconds"] = timings
-    return Curation(out, report)
 
 
 def _spread(items: list[Any], k: int) -> list[Any]:

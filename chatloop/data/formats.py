@@ -49,6 +49,11 @@ FLAGS = (
 
 WINNERS = ("a", "b", "tie")
 
+# Use-case mix of InstructGPT's RM prompts, percent (Ouyang et al. 2022, Table 1).
+INSTRUCTGPT_MIX = {"generation": 45.6, "open_qa": 12.4, "brainstorming": 11.2, "chat": 8.4, "rewrite": 6.6,
+                   "summarization": 4.2, "classification": 3.5, "other": 3.5, "closed_qa": 2.6,
+                   "extract": 1.9}
+
 
 class Message(TypedDict):
     role: str

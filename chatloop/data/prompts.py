@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -68,15 +68,48 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
-from chatloop.data.formats import validate_prompt_record
+from chatloop.data.formats import Prompt, validate_prompt_record
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_json, atomic_write_text, check_input_file, replace_dir, temp_dir_beside
-
-if TYPE_CHECKING:  # curate imports this module; this one imports curate only inside functions
-    from chatloop.data.curate import CuratedRow, Row
+from chatloop.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_input_file,
+    replace_dir,
+    sha256_file,
+    temp_dir_beside,
+    utc_time,
+)
 
 DEFAULT_DB = "sqlite:///runs/prompts.db"
 _BATCH = 5000  # rows per INSERT / key look-up: well under SQLite's 32766 bound variables
+
+
+@dataclass(slots=True)
+class Row:
+    """A raw prompt as curation sees it (slots: a million of these must fit in well under a gigabyte)."""
+
+    pid: int
+    """Store id, increasing in ingest order."""
+    prompt: Prompt
+    user_id: str
+    category: str | None = None
+    source: str | None = None
+    created_at: str | None = None
+    """UTC time in a fixed-width ISO form (sorts as text), or None when the record had none."""
+
+
+@dataclass(slots=True)
+class CuratedRow:
+    pid: int
+    split: str
+    category: str
+    tagged: bool
+    """True when the category came from the rules, not from the record."""
+    prompt: Prompt | None
+    """The redacted prompt, or None when curation did not change it."""
+    pii: tuple[str, ...] = ()
+    """PII types redacted from it."""
+
 
 STORE_FORMAT = "1"
 """Version of the table layout below; a store of another version is refused rather than misread."""
@@ -159,10 +192,6 @@ _ROW_COLUMNS = ("record_key", "record_id", "prompt_text", "prompt_messages", "us
                 "created_at", "extra", "ingest_id", "line")
 
 
-def now_utc() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def normalize_time(value: str, where: str) -> str:
     """An ISO 8601 time as fixed-width UTC `YYYY-MM-DDTHH:MM:SS.ffffffZ` (so text order is time order).
 
@@ -219,7 +248,7 @@ class PromptStore:
         seen: dict[str, int] = {}  # occurrences of each line so far (a Counter's missing-key path is slow)
         with self.engine.begin() as conn:
             ingest_id = conn.execute(insert(ingests).values(
-                path=str(path), sha256=_sha256(path), started_at=now_utc())).inserted_primary_key[0]
+                path=str(path), sha256=sha256_file(path), started_at=utc_time())).inserted_primary_key[0]
             batch: list[tuple[Any, ...]] = []
             for lineno, raw in _read_lines(path):
                 try:
@@ -265,7 +294,7 @@ class PromptStore:
     def start_log(self, path: str) -> int:
         """An `ingests` row for records that arrive one by one (`chatloop serve`); returns its id."""
         with self.engine.begin() as conn:
-            return conn.execute(insert(ingests).values(path=path, sha256="live", started_at=now_utc())
+            return conn.execute(insert(ingests).values(path=path, sha256="live", started_at=utc_time())
                                 ).inserted_primary_key[0]
 
     def append_lines(self, ingest_id: int, lines: list[tuple[int, str]]) -> int:
@@ -290,7 +319,7 @@ class PromptStore:
         """Store a user's judgement from the chat page, or change the verdict of the one with the same client id
         (a second click); returns (row id, whether it was new). The same id with another prompt or other answers
         is a UserError (an id names one judgement)."""
-        now = now_utc()
+        now = utc_time()
         body, texts = _ENCODE(prompt), _ENCODE(answers)
         for _ in range(2):  # a concurrent first insert of the same id: the second try finds it and updates
             try:
@@ -322,8 +351,6 @@ class PromptStore:
 
     def load_rows(self) -> list[Row]:
         """Every raw prompt as a curation Row, in ingest order."""
-        from chatloop.data.curate import Row  # curate imports this module: import it back only when used
-
         cols = (prompts.c.id, prompts.c.prompt_text, prompts.c.prompt_messages, prompts.c.user_id,
                 prompts.c.category, prompts.c.source, prompts.c.created_at)
         loads = json.loads
@@ -378,7 +405,7 @@ class PromptStore:
         dumps = json.dumps
         with self.engine.begin() as conn:
             cid = conn.execute(insert(curations).values(
-                created_at=now_utc(), prompts=len(rows), config=dumps(report.get("config", {})), report="{}",
+                created_at=utc_time(), prompts=len(rows), config=dumps(report.get("config", {})), report="{}",
                 report_md="")).inserted_primary_key[0]
             report["curation_id"] = cid
             names = ("curation_id", "prompt_id", "split", "category", "tagged", "prompt", "pii")
@@ -474,14 +501,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each commit in WAL mode, and much faster
     cursor.execute("PRAGMA cache_size=-131072")  # 128 MiB: the key index of a million prompts stays cached
     cursor.close()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -659,7 +678,7 @@ def export(cfg: ExportConfig) -> dict[str, int]:
     atomic_write_json(tmp / "manifest.json", {
         "db": store.db, "curation": curation_id, "seed": cfg.seed, "shares": shares, "counts": counts,
         "users": {name: len({r["user_id"] for r in sets[name]}) for name in counts},
-        "files": {f: _sha256(tmp / f) for f in EXPORT_FILES}, "created_at": now_utc()})
+        "files": {f: sha256_file(tmp / f) for f in EXPORT_FILES}, "created_at": utc_time()})
     replace_dir(tmp, out)
     print(f"curation {curation_id} -> {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts

@@ -159,6 +159,99 @@ class HTTPError(Exception):
         self.status, self.message = status, message
 
 
+class Site:
+    """What every page group shares: the store, the templates, password hashing and the login throttle, sessions
+    and CSRF tokens, page rendering."""
+
+    def __init__(self, store: LabelStore, env: Environment, ph: PasswordHasher, throttle: LoginThrottle,
+                 secure_cookies: bool) -> None:
+        self.store, self.env, self.ph, self.throttle, self.secure_cookies = store, env, ph, throttle, secure_cookies
+        self.dummy_hash = ph.hash(secrets.token_urlsafe(16))  # verified against for unknown names (same timing)
+
+    def root(self, request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/")
+
+    def set_cookie(self, response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
+        response.set_cookie(name, value, max_age=max_age, path=self.root(request) or "/", httponly=True, samesite="lax",
+                            secure=self.secure_cookies)
+
+    def csrf_base(self, request: Request) -> str | None:
+        return request.cookies.get(SESSION_COOKIE) or request.cookies.get(PRE_COOKIE)
+
+    def csrf_for(self, base: str) -> str:
+        return hmac.new(self.store.secret, b"csrf:" + base.encode(), hashlib.sha256).hexdigest()
+
+    def check_csrf(self, request: Request, supplied: Any) -> None:
+        base = self.csrf_base(request)
+        if not base or not isinstance(supplied, str) or not hmac.compare_digest(  # bytes: any text compares
+                self.csrf_for(base).encode(), supplied.encode("utf-8", "surrogatepass")):
+            raise HTTPError(403, "CSRF token missing or wrong: reload the page and try again")
+
+    def current_user(self, request: Request) -> Any:
+        token = request.cookies.get(SESSION_COOKIE)
+        return self.store.session_user(token) if token else None
+
+    def need_user(self, request: Request, role: str | None = None) -> Any:
+        user = self.current_user(request)
+        if user is None:
+            raise HTTPError(401, "not logged in")
+        if role is not None and user.role != role:
+            raise HTTPError(403, "this needs the admin role")
+        return user
+
+    def page(self, request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+        """Render a page; a visitor without any cookie gets a pre-session cookie for the CSRF token."""
+        base, fresh = self.csrf_base(request), None
+        if base is None:
+            base = fresh = secrets.token_urlsafe(32)
+        user = ctx.pop("user", None) or self.current_user(request)
+        html = self.env.get_template(template).render(root=self.root(request), csrf=self.csrf_for(base), user=user,
+                                                      **ctx)
+        response = HTMLResponse(html, status_code=status)
+        if fresh:
+            self.set_cookie(response, request, PRE_COOKIE, fresh, None)
+        return response
+
+    def redirect(self, request: Request, path: str) -> RedirectResponse:
+        return RedirectResponse(self.root(request) + path, status_code=303)
+
+    def is_api(self, request: Request) -> bool:
+        return request.url.path.startswith(self.root(request) + "/api/") or request.url.path.startswith("/api/")
+
+    async def login(self, request: Request, name: Any, password: Any) -> Any:
+        """The user for a right name and password, else HTTPError 401 (or 429 after too many failures)."""
+        if not isinstance(name, str) or not isinstance(password, str):
+            raise HTTPError(400, "name, password: expected strings")
+        client = request.client.host if request.client else "?"
+        reservation = self.throttle.reserve(name[:MAX_NAME + 1], client, time.time())  # before any hash: atomic
+        if len(name) > MAX_NAME or len(password) > MAX_PASSWORD:
+            raise HTTPError(401, "wrong name or password")  # no such account can exist: no hash needed
+        user = self.store.user_by_name(name)
+
+        def verify() -> bool:
+            try:
+                return self.ph.verify(user.password_hash if user else self.dummy_hash, password) and user is not None
+            except (VerificationError, InvalidHashError):
+                return False
+
+        try:
+            right = await self.throttle.hash_work(verify)
+        except HTTPError:
+            self.throttle.release(reservation)  # busy: no guess was checked
+            raise
+        if not right:
+            raise HTTPError(401, "wrong name or password")  # the reserved failure stays
+        self.throttle.release(reservation)
+        if self.ph.check_needs_rehash(user.password_hash):
+            self.store.set_password_hash(user.id, await self.throttle.hash_work(self.ph.hash, password))
+        return user
+
+    def start_session(self, request: Request, response: Response, user_id: str) -> str:
+        token = self.store.create_session(user_id)
+        self.set_cookie(response, request, SESSION_COOKIE, token, None)
+        return self.csrf_for(token)
+
+
 def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: float = 1800,
                login_limit: int = 5, login_window_s: float = 300, hasher: PasswordHasher | None = None,
                public_url: str = "", max_body_bytes: int = 1_000_000, max_hashes: int = 2,
@@ -187,60 +280,9 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         extra_headers=lambda scope: [] if app_path(scope).startswith("/static/") else [(b"cache-control",
                                                                                           b"no-store")])
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    ph = hasher or PasswordHasher()
-    dummy_hash = ph.hash(secrets.token_urlsafe(16))  # verified against when the name is unknown (same timing)
     throttle = LoginThrottle(login_limit, login_window_s, max_hashes, hash_wait_s)
-
-    # -- helpers ---------------------------------------------------------------------------------------------
-
-    def root(request: Request) -> str:
-        return request.scope.get("root_path", "").rstrip("/")
-
-    def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
-        response.set_cookie(name, value, max_age=max_age, path=root(request) or "/", httponly=True, samesite="lax",
-                            secure=secure_cookies)
-
-    def csrf_base(request: Request) -> str | None:
-        return request.cookies.get(SESSION_COOKIE) or request.cookies.get(PRE_COOKIE)
-
-    def csrf_for(base: str) -> str:
-        return hmac.new(store.secret, b"csrf:" + base.encode(), hashlib.sha256).hexdigest()
-
-    def check_csrf(request: Request, supplied: Any) -> None:
-        base = csrf_base(request)
-        if not base or not isinstance(supplied, str) or not hmac.compare_digest(  # bytes: any text compares
-                csrf_for(base).encode(), supplied.encode("utf-8", "surrogatepass")):
-            raise HTTPError(403, "CSRF token missing or wrong: reload the page and try again")
-
-    def current_user(request: Request) -> Any:
-        token = request.cookies.get(SESSION_COOKIE)
-        return store.session_user(token) if token else None
-
-    def need_user(request: Request, role: str | None = None) -> Any:
-        user = current_user(request)
-        if user is None:
-            raise HTTPError(401, "not logged in")
-        if role is not None and user.role != role:
-            raise HTTPError(403, "this needs the admin role")
-        return user
-
-    def page(request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-        """Render a page; a visitor without any cookie gets a pre-session cookie for the CSRF token."""
-        base, fresh = csrf_base(request), None
-        if base is None:
-            base = fresh = secrets.token_urlsafe(32)
-        user = ctx.pop("user", None) or current_user(request)
-        html = env.get_template(template).render(root=root(request), csrf=csrf_for(base), user=user, **ctx)
-        response = HTMLResponse(html, status_code=status)
-        if fresh:
-            set_cookie(response, request, PRE_COOKIE, fresh, None)
-        return response
-
-    def redirect(request: Request, path: str) -> RedirectResponse:
-        return RedirectResponse(root(request) + path, status_code=303)
-
-    def is_api(request: Request) -> bool:
-        return request.url.path.startswith(root(request) + "/api/") or request.url.path.startswith("/api/")
+    site = Site(store, env, hasher or PasswordHasher(), throttle, secure_cookies)
+    page, redirect = site.page, site.redirect
 
     @app.exception_handler(StarletteHTTPException)
     async def starlette_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -249,46 +291,53 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
 
     @app.exception_handler(HTTPError)
     async def http_error(request: Request, exc: HTTPError) -> Response:
-        if is_api(request):
+        if site.is_api(request):
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         if exc.status == 401:
             return redirect(request, "/login")
         return page(request, "error.html", exc.status, title=str(exc.status), message=exc.message)
 
-    async def login(request: Request, name: Any, password: Any) -> Any:
-        """The user for a right name and password, else HTTPError 401 (or 429 after too many failures)."""
-        if not isinstance(name, str) or not isinstance(password, str):
-            raise HTTPError(400, "name, password: expected strings")
-        client = request.client.host if request.client else "?"
-        reservation = throttle.reserve(name[:MAX_NAME + 1], client, time.time())  # before any hash: atomic
-        if len(name) > MAX_NAME or len(password) > MAX_PASSWORD:
-            raise HTTPError(401, "wrong name or password")  # no such account can exist: no hash needed
-        user = store.user_by_name(name)
+    account_pages(app, site)
+    task_pages(app, site, lease_s)
+    admin_pages(app, site, public_url)
+    json_api(app, site, lease_s)
+    # Routes are tried in order: the JSON API (what scripts hit thousands of times) first.
+    app.router.routes.sort(key=lambda route: not getattr(route, "path", "").startswith("/api/"))
+    return app
 
-        def verify() -> bool:
+
+def answer_from_form(view: dict[str, Any], form: Any) -> dict[str, Any]:
+    """A task form's fields as the answer object the JSON API takes."""
+    kind = view["kind"]
+    if kind == "ranking":
+        if form.get("none_acceptable") and not any(form.get(f"rank-{p}") for p in range(len(view["responses"]))):
+            return {"none_acceptable": True}
+        ranks = []
+        for p in range(len(view["responses"])):
             try:
-                return ph.verify(user.password_hash if user else dummy_hash, password) and user is not None
-            except (VerificationError, InvalidHashError):
-                return False
-
+                ranks.append(int(str(form.get(f"rank-{p}", ""))))
+            except ValueError:
+                raise BadAnswer(f"rank of response {p + 1}: expected a whole number") from None
+        return {"ranks": ranks, "none_acceptable": bool(form.get("none_acceptable"))}
+    if kind == "comparison":
+        return {"winner": form.get("winner")}
+    if kind == "rating":
         try:
-            right = await throttle.hash_work(verify)
-        except HTTPError:
-            throttle.release(reservation)  # busy: no guess was checked
-            raise
-        if not right:
-            raise HTTPError(401, "wrong name or password")  # the reserved failure stays
-        throttle.release(reservation)
-        if ph.check_needs_rehash(user.password_hash):
-            store.set_password_hash(user.id, await throttle.hash_work(ph.hash, password))
-        return user
+            likert = int(str(form.get("likert", "")))
+        except ValueError:
+            raise BadAnswer("likert: choose a score from 1 to 7") from None
+        return {"likert": likert, "flags": [str(f) for f in form.getlist("flag")]}
+    turns = [str(t) for t in form.getlist("turn")]
+    while len(turns) >= 2 and not turns[-1].strip() and not turns[-2].strip():
+        turns = turns[:-2]  # an added follow-up left empty
+    return {"answer": str(form.get("answer", "")), "turns": turns}
 
-    def start_session(request: Request, response: Response, user_id: str) -> str:
-        token = store.create_session(user_id)
-        set_cookie(response, request, SESSION_COOKIE, token, None)
-        return csrf_for(token)
 
-    # -- pages -------------------------------------------------------------------------------------------------
+def account_pages(app: FastAPI, site: Site) -> None:
+    """Log in and out; accept an invite (choose a password)."""
+    store, throttle, ph = site.store, site.throttle, site.ph
+    page, redirect, root, check_csrf = site.page, site.redirect, site.root, site.check_csrf
+    login, start_session = site.login, site.start_session
 
     @app.get("/login")
     async def login_page(request: Request) -> Response:
@@ -351,6 +400,12 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         start_session(request, response, uid)
         return response
 
+
+def task_pages(app: FastAPI, site: Site, lease_s: float) -> None:
+    """A labeler's pages: the batches, the next task, a task's form (submit or skip)."""
+    store, page, redirect = site.store, site.page, site.redirect
+    check_csrf, need_user = site.check_csrf, site.need_user
+
     @app.get("/")
     async def home(request: Request) -> Response:
         user = need_user(request)
@@ -403,7 +458,12 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         return await task_form(request, aid, lambda user, view, form: store.skip(
             user, aid, str(form.get("reason", ""))))
 
-    # -- admin pages -------------------------------------------------------------------------------------------
+
+def admin_pages(app: FastAPI, site: Site, public_url: str) -> None:
+    """The admin page: invites, batches (overlap, active), screening reviews, exports."""
+    store, page, redirect = site.store, site.page, site.redirect
+    check_csrf, need_user = site.check_csrf, site.need_user
+    root = site.root
 
     def admin_page(request: Request, user: Any, status: int = 200, **ctx: Any) -> Response:
         return page(request, "admin.html", status, title="Admin", user=user, r=report(store),
@@ -473,7 +533,12 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         return Response(body, media_type="application/x-ndjson",
                         headers={"content-disposition": f'attachment; filename="{name}.jsonl"'})
 
-    # -- JSON API (scripts, benchmarks) ---------------------------------------------------------------------
+
+def json_api(app: FastAPI, site: Site, lease_s: float) -> None:
+    """The JSON API (scripts, benchmarks): CSRF, login, next task, submit, skip, report."""
+    store, need_user, check_csrf = site.store, site.need_user, site.check_csrf
+    csrf_base, csrf_for, set_cookie = site.csrf_base, site.csrf_for, site.set_cookie
+    login, start_session = site.login, site.start_session
 
     async def body(request: Request) -> dict[str, Any]:
         obj = request.scope.get("chatloop.json")  # parsed and checked by the guard
@@ -562,34 +627,3 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
     @app.get("/healthz")
     async def healthz() -> Response:
         return JSONResponse({"ok": True})
-
-    # Routes are tried in order: the JSON API (what scripts hit thousands of times) first.
-    app.router.routes.sort(key=lambda route: not getattr(route, "path", "").startswith("/api/"))
-    return app
-
-
-def answer_from_form(view: dict[str, Any], form: Any) -> dict[str, Any]:
-    """A task form's fields as the answer object the JSON API takes."""
-    kind = view["kind"]
-    if kind == "ranking":
-        if form.get("none_acceptable") and not any(form.get(f"rank-{p}") for p in range(len(view["responses"]))):
-            return {"none_acceptable": True}
-        ranks = []
-        for p in range(len(view["responses"])):
-            try:
-                ranks.append(int(str(form.get(f"rank-{p}", ""))))
-            except ValueError:
-                raise BadAnswer(f"rank of response {p + 1}: expected a whole number") from None
-        return {"ranks": ranks, "none_acceptable": bool(form.get("none_acceptable"))}
-    if kind == "comparison":
-        return {"winner": form.get("winner")}
-    if kind == "rating":
-        try:
-            likert = int(str(form.get("likert", "")))
-        except ValueError:
-            raise BadAnswer("likert: choose a score from 1 to 7") from None
-        return {"likert": likert, "flags": [str(f) for f in form.getlist("flag")]}
-    turns = [str(t) for t in form.getlist("turn")]
-    while len(turns) >= 2 and not turns[-1].strip() and not turns[-2].strip():
-        turns = turns[:-2]  # an added follow-up left empty
-    return {"answer": str(form.get("answer", "")), "turns": turns}

@@ -205,9 +205,9 @@ def _compare_items(cfg: BatchConfig, records: list[dict[str, Any]], out: Path) -
     import random
 
     from chatloop.checkpoint import load_model
+    from chatloop.device import resolve_device
     from chatloop.evaluate import answer
     from chatloop.tokenizer import Tokenizer
-    from chatloop.train.trainer import resolve_device
 
     if not 2 <= len(cfg.compare) <= K_MAX or len(set(cfg.compare)) != len(cfg.compare):
         raise UserError(f"--compare: expected 2 to {K_MAX} different checkpoints, got {cfg.compare}")

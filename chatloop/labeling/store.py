@@ -44,7 +44,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +78,7 @@ from chatloop.data.formats import (
 )
 from chatloop.data.prompts import _sqlite_pragmas, db_url, open_engine
 from chatloop.errors import UserError
+from chatloop.io import utc_time
 
 DEFAULT_DB = "sqlite:///runs/label.db"
 STORE_FORMAT = "1"
@@ -277,10 +277,6 @@ def new_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 _RANDOM = random.SystemRandom()
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
@@ -375,7 +371,7 @@ class LabelStore:
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(audit).order_by(audit.c.id.desc()).limit(limit)).all()
-        return [{"at": iso(r.at), "actor": r.actor, "action": r.action, "detail": _loads(r.detail)} for r in rows]
+        return [{"at": utc_time(r.at), "actor": r.actor, "action": r.action, "detail": _loads(r.detail)} for r in rows]
 
     # -- accounts ---------------------------------------------------------------------------------------------
 
@@ -543,7 +539,7 @@ class LabelStore:
         for b in rows:
             needed = done.get(b.id, 0) if b.id in tests else n_tasks.get(b.id, 0) * b.overlap
             out.append({"id": b.id, "name": b.name, "kind": b.kind, "overlap": b.overlap, "active": b.active,
-                        "source": b.source, "created_at": iso(b.created_at), "tasks": n_tasks.get(b.id, 0),
+                        "source": b.source, "created_at": utc_time(b.created_at), "tasks": n_tasks.get(b.id, 0),
                         "labels": done.get(b.id, 0), "needed": needed, "skipped": skipped.get(b.id, 0),
                         "remaining": max(0, needed - done.get(b.id, 0)), "instructions": b.instructions,
                         "screening": tests.get(b.id)})
@@ -654,7 +650,7 @@ class LabelStore:
         payload, shown = _loads(row.payload), _loads(row.shown)
         view: dict[str, Any] = {"id": row.id, "kind": row.kind, "batch": row.batch_id, "batch_name": row.batch_name,
                                 "instructions": row.instructions, "status": row.status,
-                                "prompt": prompt_messages(_loads(row.prompt)), "expires_at": iso(row.expires_at)}
+                                "prompt": prompt_messages(_loads(row.prompt)), "expires_at": utc_time(row.expires_at)}
         if row.kind == "ranking":
             view["responses"] = [payload["responses"][i] for i in shown]
         elif row.kind == "comparison":
@@ -806,7 +802,7 @@ class LabelStore:
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [{"label_id": r.id, "labeler": r.name, "batch": r.batch, "messages": _loads(r.answer)["messages"],
-                 "created_at": iso(r.created_at)} for r in rows]
+                 "created_at": utc_time(r.created_at)} for r in rows]
 
     def screening_report(self) -> list[dict[str, Any]]:
         """Per screening batch: its thresholds and every candidate's progress, scores and decision."""
@@ -829,7 +825,7 @@ class LabelStore:
                     progress = screening_scores(t.kind, self._screening_items(conn, t.id, uid))
                     d = decided.get(uid)
                     candidates[name] = {**progress, "status": d.status if d else "in progress",
-                                        "decided_at": iso(d.decided_at) if d else None,
+                                        "decided_at": utc_time(d.decided_at) if d else None,
                                         "decided_by": d.decided_by if d else None}
                 out.append({"id": t.id, "name": t.name, "kind": t.kind, "active": t.active, "thresholds": thresholds,
                             "candidates": candidates})
@@ -1244,7 +1240,7 @@ def export_records(store: LabelStore) -> tuple[dict[str, list[dict[str, Any]]], 
         if r["screening"]:  # a candidate's test, not training data (a candidate who fails it may be noisy)
             left_out["screening"] += 1
             continue
-        meta = {"id": f"{r['task_id']}/{r['id']}", "labeler_id": r["labeler"], "created_at": iso(r["created_at"]),
+        meta = {"id": f"{r['task_id']}/{r['id']}", "labeler_id": r["labeler"], "created_at": utc_time(r["created_at"]),
                 "batch": r["batch"], "task_id": r["task_id"]}
         model = r["hidden"].get("model")
         if isinstance(model, str) and model:

@@ -448,127 +448,140 @@ def create_app(server: Server) -> FastAPI:
     for path in PAGE_FILES:
         app.get(path, response_class=HTMLResponse)(page_file(path))
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        server.authorize(request)
-        return {"object": "list", "data": [
-            {"id": server.name, "object": "model", "created": server.created, "owned_by": "chatloop"}]}
-
-    @app.get("/v1/stats")
-    async def stats(request: Request) -> dict[str, Any]:
-        server.authorize(request)
-        return {**asdict(server.batcher.stats), "waiting": server.batcher.pending()}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        key, params = await server.parse(request, ChatParams)
-        if len(params.messages) > server.cfg.max_messages:
-            raise APIError(400, f"messages: expected at most {server.cfg.max_messages} messages", param="messages")
-        stop = server.check_stops(params)
-        messages = [{"role": m.role, "content": m.text()} for m in params.messages]
-        try:
-            validate_prompt_value(messages, "request", "messages")
-        except UserError as e:
-            raise APIError(400, str(e).removeprefix("request: "), param="messages") from None
-        size = sum(len(m["content"].encode("utf-8")) for m in messages)
-        ids = await server.tokenize(lambda: server.tokenizer.render_chat(messages, add_generation_prompt=True)[0],
-                                    size, "messages")
-        sampling = server.sampling(params, len(ids), params.max_completion_tokens or params.max_tokens, "messages")
-        request_id, job, events = await server.start(key, "chat.completions", messages, ids, params, sampling)
-        created = int(time.time())
-        head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": server.name}
-
-        if params.stream:
-            async def chunks() -> AsyncIterator[str]:
-                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-                async for piece, finish in text_events(server, job, events, stop):
-                    if piece:
-                        yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
-                                                        "finish_reason": None}]})
-                    if finish:
-                        yield sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                        "finish_reason": finish}]})
-                if (params.stream_options or {}).get("include_usage"):
-                    yield sse({**head, "choices": [], "usage": usage(len(ids), job)})
-                yield "data: [DONE]\n\n"
-
-            return event_stream(chunks())
-
-        text, finish = await whole_text(server, job, events, stop)
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": server.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
-                "usage": usage(len(ids), job)}
-
-    @app.post("/v1/feedback")
-    async def feedback(request: Request) -> dict[str, Any]:
-        """The chat page's thumbs and regenerations (chatloop.data.feedback), stored under the key's user id."""
-        key = server.authorize(request)
-        body = server.body(request)
-        messages = body.get("messages")
-        try:
-            client_id, kind, answers, verdict = check_body(body)
-            if not isinstance(messages, list) or len(messages) > server.cfg.max_messages:
-                raise UserError(f"messages: expected the conversation up to the user's turn answered (at most "
-                                f"{server.cfg.max_messages} messages)")
-            validate_prompt_value(messages, "request", "messages")
-            for m in messages:
-                if set(m) != {"role", "content"}:
-                    raise UserError("messages: expected {'role', 'content'} objects")
-        except UserError as e:
-            text = str(e).removeprefix("request: ")
-            raise APIError(400, text, param=text.split(":")[0].removeprefix("field ").strip("'")) from None
-        if not key.log:
-            return {"logged": False}
-        try:
-            _, new = await run_in_threadpool(server.log.feedback, key.user_id, client_id, kind, messages, answers,
-                                             verdict, server.name)
-        except UserError as e:
-            raise APIError(409, str(e), param="id") from None
-        return {"logged": True, "new": new}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        key, params = await server.parse(request, CompletionParams)
-        prompt = params.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        stop = server.check_stops(params)
-        try:
-            validate_prompt_value(prompt, "request")
-        except UserError as e:
-            raise APIError(400, str(e).removeprefix("request: "), param="prompt") from None
-        ids = await server.tokenize(lambda: server.tokenizer.encode(prompt), len(prompt.encode("utf-8")), "prompt")
-        sampling = server.sampling(params, len(ids), params.max_tokens, "prompt")
-        request_id, job, events = await server.start(key, "completions", prompt, ids, params, sampling)
-        created = int(time.time())
-        head = {"id": request_id, "object": "text_completion", "created": created, "model": server.name}
-
-        if params.stream:
-            async def chunks() -> AsyncIterator[str]:
-                async for piece, finish in text_events(server, job, events, stop):
-                    if piece or finish:
-                        yield sse({**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
-                                                        "finish_reason": finish}]})
-                yield "data: [DONE]\n\n"
-
-            return event_stream(chunks())
-
-        text, finish = await whole_text(server, job, events, stop)
-        return {"id": request_id, "object": "text_completion", "created": created, "model": server.name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": usage(len(ids), job)}
-
+    app.get("/v1/models")(models)
+    app.get("/v1/stats")(stats)
+    app.post("/v1/chat/completions")(chat_completions)
+    app.post("/v1/feedback")(feedback)
+    app.post("/v1/completions")(completions)
     return app
+
+
+# -- the API's handlers (the server is the app's state) -----------------------------------------------------
+
+
+async def models(request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    server.authorize(request)
+    return {"object": "list", "data": [
+        {"id": server.name, "object": "model", "created": server.created, "owned_by": "chatloop"}]}
+
+
+async def stats(request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    server.authorize(request)
+    return {**asdict(server.batcher.stats), "waiting": server.batcher.pending()}
+
+
+async def chat_completions(request: Request):
+    server: Server = request.app.state.server
+    key, params = await server.parse(request, ChatParams)
+    if len(params.messages) > server.cfg.max_messages:
+        raise APIError(400, f"messages: expected at most {server.cfg.max_messages} messages", param="messages")
+    stop = server.check_stops(params)
+    messages = [{"role": m.role, "content": m.text()} for m in params.messages]
+    try:
+        validate_prompt_value(messages, "request", "messages")
+    except UserError as e:
+        raise APIError(400, str(e).removeprefix("request: "), param="messages") from None
+    size = sum(len(m["content"].encode("utf-8")) for m in messages)
+    ids = await server.tokenize(lambda: server.tokenizer.render_chat(messages, add_generation_prompt=True)[0],
+                                size, "messages")
+    sampling = server.sampling(params, len(ids), params.max_completion_tokens or params.max_tokens, "messages")
+    request_id, job, events = await server.start(key, "chat.completions", messages, ids, params, sampling)
+    created = int(time.time())
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": server.name}
+
+    if params.stream:
+        async def chunks() -> AsyncIterator[str]:
+            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+            async for piece, finish in text_events(server, job, events, stop):
+                if piece:
+                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
+                                                    "finish_reason": None}]})
+                if finish:
+                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                    "finish_reason": finish}]})
+            if (params.stream_options or {}).get("include_usage"):
+                yield sse({**head, "choices": [], "usage": usage(len(ids), job)})
+            yield "data: [DONE]\n\n"
+
+        return event_stream(chunks())
+
+    text, finish = await whole_text(server, job, events, stop)
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": server.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": usage(len(ids), job)}
+
+
+async def feedback(request: Request) -> dict[str, Any]:
+    """The chat page's thumbs and regenerations (chatloop.data.feedback), stored under the key's user id."""
+    server: Server = request.app.state.server
+    key = server.authorize(request)
+    body = server.body(request)
+    messages = body.get("messages")
+    try:
+        client_id, kind, answers, verdict = check_body(body)
+        if not isinstance(messages, list) or len(messages) > server.cfg.max_messages:
+            raise UserError(f"messages: expected the conversation up to the user's turn answered (at most "
+                            f"{server.cfg.max_messages} messages)")
+        validate_prompt_value(messages, "request", "messages")
+        for m in messages:
+            if set(m) != {"role", "content"}:
+                raise UserError("messages: expected {'role', 'content'} objects")
+    except UserError as e:
+        text = str(e).removeprefix("request: ")
+        raise APIError(400, text, param=text.split(":")[0].removeprefix("field ").strip("'")) from None
+    if not key.log:
+        return {"logged": False}
+    try:
+        _, new = await run_in_threadpool(server.log.feedback, key.user_id, client_id, kind, messages, answers,
+                                         verdict, server.name)
+    except UserError as e:
+        raise APIError(409, str(e), param="id") from None
+    return {"logged": True, "new": new}
+
+
+async def completions(request: Request):
+    server: Server = request.app.state.server
+    key, params = await server.parse(request, CompletionParams)
+    prompt = params.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    stop = server.check_stops(params)
+    try:
+        validate_prompt_value(prompt, "request")
+    except UserError as e:
+        raise APIError(400, str(e).removeprefix("request: "), param="prompt") from None
+    ids = await server.tokenize(lambda: server.tokenizer.encode(prompt), len(prompt.encode("utf-8")), "prompt")
+    sampling = server.sampling(params, len(ids), params.max_tokens, "prompt")
+    request_id, job, events = await server.start(key, "completions", prompt, ids, params, sampling)
+    created = int(time.time())
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": server.name}
+
+    if params.stream:
+        async def chunks() -> AsyncIterator[str]:
+            async for piece, finish in text_events(server, job, events, stop):
+                if piece or finish:
+                    yield sse({**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
+                                                    "finish_reason": finish}]})
+            yield "data: [DONE]\n\n"
+
+        return event_stream(chunks())
+
+    text, finish = await whole_text(server, job, events, stop)
+    return {"id": request_id, "object": "text_completion", "created": created, "model": server.name,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": usage(len(ids), job)}
 
 
 def build(cfg: ServeConfig) -> Server:
     """Load the model and start the batcher (the part of `serve` that tests and benchmarks share)."""
     from chatloop.checkpoint import load_model
-    from chatloop.train.trainer import resolve_device
+    from chatloop.device import resolve_device
 
     if not cfg.model:
         raise UserError("--model: give a checkpoint directory")

@@ -42,7 +42,7 @@ class ChatConfig:
 
 def chat(cfg: ChatConfig) -> None:
     from chatloop.checkpoint import load_model
-    from chatloop.train.trainer import resolve_device
+    from chatloop.device import resolve_device
 
     if not cfg.model:
         raise UserError("--model: give a checkpoint directory")

@@ -3,7 +3,7 @@
 Not launched by torchrun (no WORLD_SIZE in the environment), every function here is the identity or a
 no-op and a stage runs exactly as it always did. Launched by torchrun:
 
-- `init` (called by trainer.resolve_device) joins the process group: nccl with one GPU per process
+- `init` (called by chatloop.device.resolve_device) joins the process group: nccl with one GPU per process
   (cuda:LOCAL_RANK) when CUDA is there, gloo on CPU. Ranks other than 0 send stdout to /dev/null, so
   prints, progress bars and metrics come from rank 0 only (errors still reach stderr).
 - `wrap` puts a model under DistributedDataParallel (parallel="ddp": every rank holds the whole model,
@@ -364,8 +364,7 @@ def gathered(model: nn.Module) -> nn.Module | None:
     plain.load_state_dict(state)
     if plain.cfg.tie_embeddings and plain.lm_head is not None:
         plain.lm_head.weight = plain.tok_emb.weight
-    if hasattr(inner, "reward_bias"):
-        plain.reward_bias = inner.reward_bias
+    plain.reward_bias = inner.reward_bias
     return plain
 
 

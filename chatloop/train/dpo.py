@@ -59,6 +59,7 @@ from tqdm import tqdm
 from chatloop.checkpoint import data_record, is_complete, load_model, save_model
 from chatloop.data.formats import prompt_messages, ranking_pairs
 from chatloop.data.importers import read_rankings
+from chatloop.device import autocast, resolve_device, resolve_precision
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json
 from chatloop.model import GPT
@@ -66,23 +67,20 @@ from chatloop.tokenizer import Tokenizer
 from chatloop.train import distributed
 from chatloop.train.reward import split_by_conversation
 from chatloop.train.trainer import (
-    MetricsLog,
-    TrainConfig,
-    autocast,
+    StepConfig,
     config_record,
     length_grouped_order,
-    load_state,
     lr_at,
     make_optimizer,
-    resolve_device,
-    resolve_precision,
+    resume,
     save_state,
     seed_everything,
+    set_lr,
 )
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(StepConfig):
     out: str = "runs/dpo"
     """Output directory: the DPO policy checkpoint, train_state/, metrics.jsonl, eval.json."""
     policy: str = ""
@@ -123,6 +121,8 @@ class DPOConfig(TrainConfig):
     """Evaluate on the held-out rankings every this many steps (0: only at the end)."""
     grad_checkpoint: bool = False
     """Recompute the policy's block activations in the backward pass (less memory, ~1/3 more compute)."""
+    eval_every: int = 100
+    """Run validation every this many steps (and at the end)."""
 
 
 @dataclass
@@ -304,22 +304,8 @@ def evaluate_dpo(policy: GPT, reference: GPT, groups: list[Group], cfg: DPOConfi
             "reward_accuracy_by_k": {int(k): c / max(1, n) for k, (c, n) in sorted(by_k.items())}}
 
 
-def dpo(cfg: DPOConfig) -> Path:
-    out = Path(cfg.out)
-    # step 1
-    if is_complete(out):
-        print(f"dpo: {out} is already finished; skipping (remove it to train again)")
-        return out
-    if not cfg.policy or not cfg.data:
-        raise UserError("--policy (an SFT checkpoint) and --data (ranking files) are required")
-    if cfg.beta <= 0:
-        raise UserError(f"--beta={cfg.beta}: expected a positive number")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-
-    # step 2
-    tokenizer = Tokenizer.load(cfg.policy)
+def read_data(cfg: DPOConfig, tokenizer: Tokenizer) -> tuple[list[Group], list[Group], Counter, Counter]:
+    """Step 2: the encoded training and held-out rankings, the invalid records skipped, what encoding cut."""
     skipped: Counter = Counter()
     rankings = [r for p in cfg.data for r in read_rankings(p, cfg.skip_invalid, skipped)]
     if cfg.val_data:
@@ -336,6 +322,59 @@ def dpo(cfg: DPOConfig) -> Path:
         raise UserError("no ranked prompt with at least one untied pair in --data")
     if any(report.values()):
         print("dpo: " + ", ".join(f"{n} {what}" for what, n in report.items() if n))
+    return train, val, skipped, report
+
+
+def train_step(train_policy: torch.nn.Module, policy: GPT, reference: GPT, optimizer: torch.optim.Optimizer,
+               chosen: list[Group], pad_id: int, cfg: DPOConfig, device, precision: str
+               ) -> tuple[float, dict[str, float], float]:
+    """Step 5's optimizer step on the step's ranked prompts: this rank's loss and sums of STATS, the gradient
+    norm."""
+    micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
+    # Under torchrun: this rank's share of the step's prompts; the ranks' gradients are averaged, so each
+    # rank's part of the mean over the step's prompts is scaled by their number (weight 0: an empty share).
+    micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
+    scale = weight * distributed.world_size()
+    loss_sum, totals = 0.0, dict.fromkeys(STATS, 0.0)
+    for m, groups in enumerate(micro_batches):
+        ids, labels = collate(groups, pad_id, device)
+        ref = reference_logps(reference, groups, ids, labels, device, precision)
+        with distributed.no_sync(train_policy, enabled=m < len(micro_batches) - 1):
+            logps = answer_logps(train_policy, ids, labels, device, precision)
+            loss, stats = dpo_loss(logps, ref, groups, cfg.beta, cfg.loss)
+            (loss * len(groups) / len(chosen) * scale).backward()
+        loss_sum += loss.item() * len(groups) / len(chosen) * weight
+        for key, value in stats.items():
+            totals[key] += value * weight
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf")).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, totals, grad_norm
+
+
+def print_eval(evaluation: dict) -> None:
+    print(f"dpo eval: loss {evaluation['loss']:.4f}, reward accuracy {evaluation['reward_accuracy']:.3f}, "
+          f"margin {evaluation['reward_margin']:.3f}, implicit KL {evaluation['implicit_kl']:.3f} on "
+          f"{evaluation['pairs']} pairs of {evaluation['prompts']} prompts")
+
+
+def dpo(cfg: DPOConfig) -> Path:
+    out = Path(cfg.out)
+    # step 1
+    if is_complete(out):
+        print(f"dpo: {out} is already finished; skipping (remove it to train again)")
+        return out
+    if not cfg.policy or not cfg.data:
+        raise UserError("--policy (an SFT checkpoint) and --data (ranking files) are required")
+    if cfg.beta <= 0:
+        raise UserError(f"--beta={cfg.beta}: expected a positive number")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+
+    # step 2
+    tokenizer = Tokenizer.load(cfg.policy)
+    train, val, skipped, report = read_data(cfg, tokenizer)
 
     # step 3
     policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
@@ -349,18 +388,9 @@ def dpo(cfg: DPOConfig) -> Path:
     optimizer = make_optimizer(policy, cfg, device)
     per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum)))
     total_steps = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
-    schedule = TrainConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
-                           max_steps=total_steps)
 
     # step 4
-    start_step = 0
-    state = load_state(out, device)
-    if state is not None:
-        distributed.load_model_state(policy, state["model"])
-        distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
-        start_step = state["step"]
-        print(f"dpo: resuming from step {start_step} of {total_steps}")
-    log = MetricsLog(out, resume_step=start_step if state is not None else None)
+    start_step, _, log = resume(out, device, policy, optimizer, "dpo", total_steps)
     print(f"dpo: {len(train)} train / {len(val)} val ranked prompts ({sum(len(g.pairs) for g in train)} pairs), "
           f"{cfg.loss} loss, beta {cfg.beta:g}, {total_steps} steps, {device} {precision}")
 
@@ -376,31 +406,11 @@ def dpo(cfg: DPOConfig) -> Path:
         epoch, within = divmod(step, per_epoch)
         order = length_grouped_order(lengths, cfg.seed, epoch, cfg.batch_size)
         chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
-        lr = lr_at(step, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
-        # Under torchrun: this rank's share of the step's prompts; the ranks' gradients are averaged, so each
-        # rank's part of the mean over the step's prompts is scaled by their number (weight 0: an empty share).
-        micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
-        scale = weight * distributed.world_size()
-        loss_sum, totals = 0.0, dict.fromkeys(STATS, 0.0)
-        for m, micro in enumerate(micro_batches):
-            groups = [train[i] for i in micro]
-            ids, labels = collate(groups, tokenizer.pad_id, device)
-            ref = reference_logps(reference, groups, ids, labels, device, precision)
-            with distributed.no_sync(train_policy, enabled=m < len(micro_batches) - 1):
-                logps = answer_logps(train_policy, ids, labels, device, precision)
-                loss, stats = dpo_loss(logps, ref, groups, cfg.beta, cfg.loss)
-                (loss * len(groups) / len(chosen) * scale).backward()
-            loss_sum += loss.item() * len(groups) / len(chosen) * weight
-            for key, value in stats.items():
-                totals[key] += value * weight
-            responses_seen += stats["responses"] * weight
-            pairs_seen += stats["pairs"] * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(step, cfg, total_steps)
+        set_lr(optimizer, lr)
+        loss_sum, totals, grad_norm = train_step(train_policy, policy, reference, optimizer,
+                                                 [train[i] for i in chosen], tokenizer.pad_id, cfg, device, precision)
+        responses_seen, pairs_seen = responses_seen + totals["responses"], pairs_seen + totals["pairs"]
         done = step + 1
         metrics: dict[str, float] = {}
         if done % cfg.log_every == 0 or done == total_steps:
@@ -433,9 +443,7 @@ def dpo(cfg: DPOConfig) -> Path:
     if final is None:
         return out
     if evaluation:
-        print(f"dpo eval: loss {evaluation['loss']:.4f}, reward accuracy {evaluation['reward_accuracy']:.3f}, "
-              f"margin {evaluation['reward_margin']:.3f}, implicit KL {evaluation['implicit_kl']:.3f} on "
-              f"{evaluation['pairs']} pairs of {evaluation['prompts']} prompts")
+        print_eval(evaluation)
         atomic_write_json(out / "eval.json", evaluation)
     save_model(final, out, tokenizer, lineage={
         "stage": "dpo", "parent": cfg.policy, "reference": cfg.reference or cfg.policy,

@@ -9,11 +9,11 @@ Steps of one iteration:
      the position), each `samples_per_prompt` times.
   2. Roll out: sample one response per copy of a prompt with the engine (temperature 1, no top-k/top-p by
      default), truncated at the stop token.
-  3. Score: the reward model at the last real token (normalised), or with --gold_world the synthetic world's
-     gold judge (an oracle); a response without a stop token gets `no_eos_score` instead (Huang et al.). With
-     several samples per prompt, each score less the mean score of its prompt's other samples (RLOO's
-     leave-one-out baseline, as OpenRLHF offers): what is left is how much better this answer is than the
-     policy's usual answer to the same prompt, not how easy the prompt is.
+  3. Score: the reward model at the last real token (normalised), or any other `RewardSource` (the synthetic
+     world's gold judge: chatloop.world.gold, an oracle); a response without a stop token gets `no_eos_score`
+     instead (Huang et al.). With several samples per prompt, each score less the mean score of its prompt's
+     other samples (RLOO's leave-one-out baseline, as OpenRLHF offers): what is left is how much better this
+     answer is than the policy's usual answer to the same prompt, not how easy the prompt is.
   4. Recompute, with full forward passes, the policy's and the reference's per-token log-probs of the
      temperature-scaled distribution, and the value model's values (zero without a critic).
   5. Per-token rewards: -kl_coef * (logp - ref_logp) on every response token, plus the score on the last.
@@ -53,31 +53,28 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from chatloop.checkpoint import data_record, is_complete, load_model, save_model
 from chatloop.data.corpus import TokenWindows, build_shards
 from chatloop.data.formats import Prompt, prompt_messages, read_records
-from chatloop.data.world import World
+from chatloop.device import autocast, resolve_device, resolve_precision
 from chatloop.engine import Rollout, generate
 from chatloop.errors import UserError
-from chatloop.model import GPT, last_token_values
+from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
 from chatloop.train import distributed
 from chatloop.train.trainer import (
-    MetricsLog,
     TrainConfig,
-    autocast,
     config_record,
-    load_state,
-    resolve_device,
-    resolve_precision,
+    resume,
     save_state,
     seed_everything,
+    set_lr,
 )
 
 
@@ -97,13 +94,6 @@ class PPOConfig(TrainConfig):
     """Learn a value model for GAE (InstructGPT). Off: no value model; each token's advantage is the return that
     follows it (the response's score, less its prompt's other samples' mean with samples_per_prompt > 1, less the
     KL penalties still to come), as RLOO and GRPO do: half the update's compute, and no critic's noise."""
-    gold_world: str = ""
-    """A synthetic world's directory: reward each episode with gold_scale times its gold-judge score instead of a
-    reward model. An oracle for experiments (Gao et al.'s gold reward): what PPO reaches with a perfect RM.
-    Needs --value_model."""
-    gold_scale: float = 3.0
-    """Multiplier of the gold score (in [0, 1]) when gold_world is set: 3 gives about the spread of an RM's
-    scores against the KL penalty."""
     prompts: list[str] = field(default_factory=list)
     """Prompt records (JSONL) to roll out on; cycled in a seeded order."""
     iterations: int = 100
@@ -179,10 +169,6 @@ class PPOConfig(TrainConfig):
     """Save the resumable state every this many iterations."""
     log_every: int = 1
     """Log metrics every this many iterations."""
-    eval_every: int = 0
-    """Unused by PPO (evaluation is `chatloop eval`)."""
-    max_steps: int = 0
-    """Unused by PPO: see iterations."""
 
 
 class AdaptiveKLController:
@@ -232,11 +218,8 @@ def response_logprobs(model: GPT, rollout_tokens: torch.Tensor, attention_mask: 
     """(B, N) log-probs of the response tokens under the temperature-scaled distribution, and entropies."""
     with autocast(device, precision):
         logits = model(rollout_tokens, attention_mask=attention_mask)
-    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # position t predicts token t + 1
-    logp_all = F.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, rollout_tokens[:, prompt_len:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    logp, logp_all = token_logprobs(logits, rollout_tokens, prompt_len, temperature)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def response_values(value_model: GPT, tokens, attention_mask, prompt_len: int, device, precision) -> torch.Tensor:
@@ -304,83 +287,64 @@ class Batch:
     entropy: torch.Tensor  # scalar
 
 
-def ppo(cfg: PPOConfig) -> Path:
+class RewardSource(Protocol):
+    """What PPO scores its episodes with: a reward model (`ModelReward`), or another judge (chatloop.world.gold)."""
+
+    def scores(self, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        """(B,) the score of each rollout row's response to its prompt (`prompts`: the rows' prompt records)."""
+        ...
+
+
+class ModelReward:
+    """A reward model's reward of each episode (`GPT.reward`)."""
+
+    def __init__(self, model: GPT, device: torch.device, precision: str) -> None:
+        self.model, self.device, self.precision = model, device, precision
+
+    def scores(self, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        def rewards(t, a, _):  # (b, 1)
+            with autocast(self.device, self.precision):
+                return (self.model.reward(t, a)[:, None],)
+
+        rows = torch.arange(rollout.tokens.shape[0], device=rollout.tokens.device)
+        return chunked(rewards, rollout, rows)[0][:, 0]
+
+
+def ppo(cfg: PPOConfig, reward: RewardSource | None = None) -> Path:
+    """PPO from cfg.policy against cfg.reward_model, or against `reward` when given (cfg.value_model is then
+    needed to start a critic from)."""
     out = Path(cfg.out)
     if is_complete(out):
         print(f"ppo: {out} is already finished; skipping (remove it to train again)")
         return out
-    if not cfg.policy or not (cfg.reward_model or cfg.gold_world) or not cfg.prompts:
-        raise UserError("--policy (SFT checkpoint), --reward_model (or --gold_world) and --prompts are required")
-    if cfg.gold_world and cfg.critic and not cfg.value_model:
-        raise UserError("--gold_world needs --value_model (a reward-model checkpoint to start the value model from)")
-    if cfg.batch_size % cfg.minibatches:
-        raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
-    if cfg.samples_per_prompt < 1 or cfg.batch_size % cfg.samples_per_prompt:
-        raise UserError(f"--samples_per_prompt={cfg.samples_per_prompt}: expected a divisor of --batch_size="
-                        f"{cfg.batch_size}")
+    check_config(cfg, reward)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     tokenizer = Tokenizer.load(cfg.policy)
 
-    prompts = [r["prompt"] for path in cfg.prompts for r in read_records(path, "prompt")]
-    encoded = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-cfg.max_prompt_tokens:]
-               for p in prompts]
-
-    # Models: dropout off in all four (Huang et al.: otherwise the ratio is not 1 at the first minibatch).
-    policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
-    reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
-    if cfg.gold_world:
-        gold_prompts = dict(zip(map(tuple, encoded), prompts))
-        reward_model = GoldReward(World.load(cfg.gold_world), tokenizer, cfg.gold_scale, gold_prompts)
-    else:
-        reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
-        if reward_model.score is None:
-            raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
-    value_model = load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar", dropout=0.0,
-                             grad_checkpoint=cfg.grad_checkpoint) if cfg.critic else None
+    policy, reference, reward_model, value_model = load_models(cfg, reward is None, device)
+    prompts, encoded = read_prompts(cfg, tokenizer, policy.cfg.max_seq_len)
+    reward = reward or ModelReward(reward_model, device, precision)
     # Under torchrun: the trained models go through DDP/FSDP2 for their updates; frozen ones are sharded
     # only under FSDP; the EMA is sharded like the policy. One process: all as they are.
-    world = distributed.world_size()
-    if (cfg.batch_size // cfg.minibatches) % world:
-        raise UserError(f"--batch_size / --minibatches = {cfg.batch_size // cfg.minibatches} episodes per minibatch "
-                        f"must be divisible by the number of processes ({world})")
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
     train_policy = distributed.wrap(policy, cfg.parallel, device)
     train_value = distributed.wrap(value_model, cfg.parallel, device) if value_model is not None else None
     for frozen in (reference, reward_model, ema):
-        if isinstance(frozen, torch.nn.Module):
+        if frozen is not None:
             distributed.wrap(frozen, cfg.parallel, device, frozen=True)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps, weight_decay=cfg.weight_decay) if value_model is not None else None
+    policy_opt = adamw(policy, cfg.lr, cfg)
+    value_opt = adamw(value_model, cfg.value_lr or cfg.lr, cfg) if value_model is not None else None
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
-    if max(len(e) for e in encoded) + cfg.max_new_tokens > policy.cfg.max_seq_len:
-        raise UserError(f"--max_prompt_tokens + --max_new_tokens exceed the policy's context {policy.cfg.max_seq_len}")
-    ptx = None
-    if cfg.ptx_data and cfg.ptx_coef > 0:
-        tok_file = Path(cfg.policy) / "tokenizer.json"
-        with distributed.main_first():
-            meta = build_shards(tokenizer, cfg.ptx_data, [], 0.05, "text", out / "ptx_tokens", tok_file)
-        ptx = TokenWindows(out / "ptx_tokens" / "train.bin", meta["dtype"], cfg.ptx_seq_len, cfg.seed)
+    ptx = ptx_windows(cfg, tokenizer, out) if cfg.ptx_data and cfg.ptx_coef > 0 else None
     ptx_per_minibatch = int(round(cfg.ptx_ratio * cfg.batch_size / cfg.minibatches)) if ptx else 0
 
-    start = 0
-    state = load_state(out, device)
-    if state is not None:
-        distributed.load_model_state(policy, state["policy"])
-        distributed.load_optimizer_state(policy, policy_opt, state["policy_opt"])
-        if value_model is not None:
-            distributed.load_model_state(value_model, state["value"])
-            distributed.load_optimizer_state(value_model, value_opt, state["value_opt"])
-        kl_ctl.value = state["kl_coef"]
-        if ema is not None:
-            distributed.load_model_state(ema, state["ema"])
-        start = state["step"]
-        print(f"ppo: resuming from iteration {start} of {cfg.iterations}")
-    log = MetricsLog(out, resume_step=start if state is not None else None)
+    start, state, log = resume(out, device, policy, policy_opt, "ppo", cfg.iterations, ("policy", "policy_opt"),
+                               "iteration")
+    if state is not None:  # the policy and its optimizer are back; the rest of the state:
+        restore(state, value_model, value_opt, kl_ctl, ema)
     generator = torch.Generator(device=device)
     mode = f"PPO-ptx (coef {cfg.ptx_coef:g}, {ptx_per_minibatch} pretraining sequences per minibatch)" if ptx else "PPO"
     print(f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.batch_size} episodes, {mode}, "
@@ -391,22 +355,19 @@ def ppo(cfg: PPOConfig) -> Path:
     for iteration in range(start, cfg.iterations):
         t0 = time.perf_counter()
         lr = lr_for(iteration, cfg)
-        for group in policy_opt.param_groups:
-            group["lr"] = lr
-        for group in value_opt.param_groups if value_opt is not None else []:
-            group["lr"] = (cfg.value_lr or cfg.lr) * lr / cfg.lr
+        set_lr(policy_opt, lr)
+        if value_opt is not None:
+            set_lr(value_opt, (cfg.value_lr or cfg.lr) * lr / cfg.lr)
 
         # step 1
-        per_batch = cfg.batch_size // cfg.samples_per_prompt
-        epoch, within = divmod(iteration * per_batch, len(prompts))
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(prompts))
-        idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(len(prompts))])
-        batch_prompts = [encoded[i] for i in idx[within : within + per_batch] for _ in range(cfg.samples_per_prompt)]
+        rows = prompt_rows(iteration, cfg, len(prompts))
+        batch_prompts = [encoded[i] for i in rows]
 
         # step 2-6 (under torchrun each rank rolls out its share of the prompts with its own random stream)
         generator.manual_seed(cfg.seed * 1_000_003 + iteration + 7_919_000_003 * distributed.rank())
-        batch = make_batch(policy, reference, reward_model, value_model, distributed.shard(batch_prompts), tokenizer,
-                           cfg, kl_ctl.value, generator, device, precision)
+        batch = make_batch(policy, reference, reward, value_model, distributed.shard(batch_prompts),
+                           distributed.shard([prompts[i] for i in rows]), tokenizer, cfg, kl_ctl.value, generator,
+                           device, precision)
         t1 = time.perf_counter()
 
         # step 7
@@ -425,36 +386,17 @@ def ppo(cfg: PPOConfig) -> Path:
 
         # step 9
         done = iteration + 1
-        mask = batch.rollout.mask.float()
-        returns = batch.returns
-        episode_rewards = (batch.rewards * mask).sum(1)
-        metrics = {
-            "objective/kl": mean_kl, "objective/kl_coef": kl_ctl.value if cfg.adaptive_kl else cfg.kl_coef,
-            "objective/entropy": batch.entropy.item(), "objective/scores": batch.scores.mean().item(),
-            "objective/rlhf_reward": (batch.scores - (kl_ctl.value if cfg.adaptive_kl else cfg.kl_coef)
-                                      * batch.kl).mean().item(),
-            **stats,
-            **({"value/explained_variance": explained_variance(batch.values, returns, mask)} if cfg.critic else {}),
-            "returns/mean": masked_mean(returns, mask).item(), "returns/var": masked_var(returns, mask).item(),
-            "response/length": mask.sum(1).mean().item(),
-            "response/eos_fraction": batch.rollout.ended.float().mean().item(),
-            "reward/mean": episode_rewards.mean().item(), "reward/std": episode_rewards.std().item(),
-            "train/lr": lr, "perf/episodes_per_s": cfg.batch_size / (t2 - t0), "perf/rollout_s": t1 - t0,
-            "perf/update_s": t2 - t1,
-        }
+        metrics = {**batch_metrics(batch, cfg, kl_ctl.value if cfg.adaptive_kl else cfg.kl_coef), **stats,
+                   "train/lr": lr, "perf/episodes_per_s": cfg.batch_size / (t2 - t0), "perf/rollout_s": t1 - t0,
+                   "perf/update_s": t2 - t1}
         if done % cfg.log_every == 0 or done == cfg.iterations:
             log.log(done, metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations) and distributed.is_main():
             record_samples(out, done, batch, tokenizer, batch_prompts)
         if done % cfg.save_every == 0 or done == cfg.iterations:
-            extra = {"ema": distributed.model_state(ema)} if ema is not None else {}
-            save_state(out, done, {"policy": distributed.model_state(policy),
-                                   **({"value": distributed.model_state(value_model)} if value_model else {}),
-                                   "policy_opt": distributed.optimizer_state(policy, policy_opt),
-                                   **({"value_opt": distributed.optimizer_state(value_model, value_opt)}
-                                      if value_model else {}),
-                                   "kl_coef": kl_ctl.value, **extra}, cfg.keep_states)
+            save_state(out, done, train_state(policy, policy_opt, value_model, value_opt, kl_ctl, ema),
+                       cfg.keep_states)
         bar.update(1)
     bar.close()
     log.close()
@@ -469,18 +411,108 @@ def ppo(cfg: PPOConfig) -> Path:
     return out
 
 
-class GoldReward:
-    """The world's gold judge in the reward model's place (--gold_world): scale * score of each response."""
+def load_models(cfg: PPOConfig, with_reward_model: bool, device: torch.device
+                ) -> tuple[GPT, GPT, GPT | None, GPT | None]:
+    """The policy, the frozen reference, the frozen reward model (if PPO scores with it) and the value model (with
+    a critic); dropout off in all of them (Huang et al.: otherwise the ratio is not 1 at the first minibatch)."""
+    policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
+    reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
+    reward_model = None
+    if with_reward_model:
+        reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
+        if reward_model.score is None:
+            raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
+    value_model = load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar", dropout=0.0,
+                             grad_checkpoint=cfg.grad_checkpoint) if cfg.critic else None
+    return policy, reference, reward_model, value_model
 
-    def __init__(self, world: World, tokenizer: Tokenizer, scale: float, prompts: dict[tuple[int, ...], Prompt]
-                 ) -> None:
-        self.world, self.tokenizer, self.scale = world, tokenizer, scale
-        self.prompts = prompts  # encoded prompt (as rolled out) -> its record's prompt, for the judge
 
-    def scores(self, prompts: list[list[int]], rollout: Rollout) -> torch.Tensor:
-        texts = [self.tokenizer.decode(r) for r in rollout.response_ids()]
-        return torch.tensor([self.scale * self.world.judge(self.prompts[tuple(p)], t, ended=e).score
-                             for p, t, e in zip(prompts, texts, rollout.ended.tolist())])
+def read_prompts(cfg: PPOConfig, tokenizer: Tokenizer, context: int) -> tuple[list[Prompt], list[list[int]]]:
+    """The prompt records, and each rendered for generation (its last max_prompt_tokens tokens)."""
+    prompts = [r["prompt"] for path in cfg.prompts for r in read_records(path, "prompt")]
+    encoded = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0][-cfg.max_prompt_tokens:]
+               for p in prompts]
+    if max(len(e) for e in encoded) + cfg.max_new_tokens > context:
+        raise UserError(f"--max_prompt_tokens + --max_new_tokens exceed the policy's context {context}")
+    return prompts, encoded
+
+
+def restore(state: dict, value_model: GPT | None, value_opt: torch.optim.Optimizer | None,
+            kl_ctl: AdaptiveKLController, ema: GPT | None) -> None:
+    """What `train_state` saved besides the policy and its optimizer."""
+    if value_model is not None:
+        distributed.load_model_state(value_model, state["value"])
+        distributed.load_optimizer_state(value_model, value_opt, state["value_opt"])
+    kl_ctl.value = state["kl_coef"]
+    if ema is not None:
+        distributed.load_model_state(ema, state["ema"])
+
+
+def train_state(policy: GPT, policy_opt: torch.optim.Optimizer, value_model: GPT | None,
+                value_opt: torch.optim.Optimizer | None, kl_ctl: AdaptiveKLController, ema: GPT | None) -> dict:
+    """Everything a resumed run needs besides the step (whole tensors, gathered under FSDP)."""
+    return {"policy": distributed.model_state(policy), "policy_opt": distributed.optimizer_state(policy, policy_opt),
+            **({"value": distributed.model_state(value_model),
+                "value_opt": distributed.optimizer_state(value_model, value_opt)} if value_model else {}),
+            "kl_coef": kl_ctl.value, **({"ema": distributed.model_state(ema)} if ema is not None else {})}
+
+
+def adamw(model: GPT, lr: float, cfg: PPOConfig) -> torch.optim.AdamW:
+    """AdamW over all of the model's parameters (PPO decays none unless weight_decay is set)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def ptx_windows(cfg: PPOConfig, tokenizer: Tokenizer, out: Path) -> TokenWindows:
+    """PPO-ptx's pretraining data: cfg.ptx_data tokenized once into OUT/ptx_tokens, read in seeded windows."""
+    with distributed.main_first():
+        meta = build_shards(tokenizer, cfg.ptx_data, [], 0.05, "text", out / "ptx_tokens",
+                            Path(cfg.policy) / "tokenizer.json")
+    return TokenWindows(out / "ptx_tokens" / "train.bin", meta["dtype"], cfg.ptx_seq_len, cfg.seed)
+
+
+def check_config(cfg: PPOConfig, reward: RewardSource | None) -> None:
+    if not cfg.policy or not (cfg.reward_model or reward) or not cfg.prompts:
+        raise UserError("--policy (SFT checkpoint), --reward_model and --prompts are required")
+    if reward is not None and cfg.critic and not cfg.value_model:
+        raise UserError("a reward other than a reward model needs --value_model (a reward-model checkpoint to start "
+                        "the value model from)")
+    if cfg.batch_size % cfg.minibatches:
+        raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
+    if cfg.samples_per_prompt < 1 or cfg.batch_size % cfg.samples_per_prompt:
+        raise UserError(f"--samples_per_prompt={cfg.samples_per_prompt}: expected a divisor of --batch_size="
+                        f"{cfg.batch_size}")
+    world = distributed.world_size()
+    if (cfg.batch_size // cfg.minibatches) % world:
+        raise UserError(f"--batch_size / --minibatches = {cfg.batch_size // cfg.minibatches} episodes per minibatch "
+                        f"must be divisible by the number of processes ({world})")
+
+
+def prompt_rows(iteration: int, cfg: PPOConfig, n_prompts: int) -> list[int]:
+    """Step 1: the prompts (indices) of an iteration, each samples_per_prompt times: the next ones of a seeded
+    order of all prompts, reshuffled every epoch, so that the iteration number is the data position."""
+    per_batch = cfg.batch_size // cfg.samples_per_prompt
+    epoch, within = divmod(iteration * per_batch, n_prompts)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n_prompts)
+    idx = np.concatenate([order, np.random.default_rng([cfg.seed, epoch + 1]).permutation(n_prompts)])
+    return [i for i in idx[within : within + per_batch] for _ in range(cfg.samples_per_prompt)]
+
+
+def batch_metrics(batch: Batch, cfg: PPOConfig, kl_coef: float) -> dict[str, float]:
+    """Step 9: the rollout's metrics (the module docstring lists them)."""
+    mask = batch.rollout.mask.float()
+    returns = batch.returns
+    episode_rewards = (batch.rewards * mask).sum(1)
+    return {
+        "objective/kl": batch.kl.mean().item(), "objective/kl_coef": kl_coef,
+        "objective/entropy": batch.entropy.item(), "objective/scores": batch.scores.mean().item(),
+        "objective/rlhf_reward": (batch.scores - kl_coef * batch.kl).mean().item(),
+        **({"value/explained_variance": explained_variance(batch.values, returns, mask)} if cfg.critic else {}),
+        "returns/mean": masked_mean(returns, mask).item(), "returns/var": masked_var(returns, mask).item(),
+        "response/length": mask.sum(1).mean().item(),
+        "response/eos_fraction": batch.rollout.ended.float().mean().item(),
+        "reward/mean": episode_rewards.mean().item(), "reward/std": episode_rewards.std().item(),
+    }
 
 
 def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
@@ -502,8 +534,8 @@ def lr_for(iteration: int, cfg: PPOConfig) -> float:
 
 
 @torch.no_grad()
-def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer, cfg: PPOConfig, kl_coef: float,
-               generator, device, precision) -> Batch:
+def make_batch(policy, reference, reward: RewardSource, value_model, prompts, records, tokenizer, cfg: PPOConfig,
+               kl_coef: float, generator, device, precision) -> Batch:
     # step 2
     policy.eval()
     with distributed.whole_for_inference(policy) as whole:
@@ -513,13 +545,7 @@ def make_batch(policy, reference, reward_model, value_model, prompts, tokenizer,
     mask = rollout.mask.float()
     # step 3 (this and step 4 on chunks of rows of similar length: see length_chunks)
     rows = torch.arange(mask.shape[0], device=mask.device)
-    if isinstance(reward_model, GoldReward):
-        scores = reward_model.scores(prompts, rollout).to(device)
-    else:
-        def last_values(t, a, _):  # (b, 1): the reward at each row's last real token
-            with autocast(device, precision):
-                return (last_token_values(reward_model(t, attention_mask=a).float(), a)[:, None],)
-        scores = chunked(last_values, rollout, rows)[0][:, 0] + reward_model.reward_bias
+    scores = reward.scores(records, rollout).to(device)
     scores = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.no_eos_score))
     # step 4
     def logprobs_of(model):
@@ -576,7 +602,7 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
                 x, y = ptx.batch(ids, device)
                 # forward and backward inside no_sync (DDP decides at forward time): all-reduced with the last chunk
                 with distributed.no_sync(policy), autocast(device, precision):
-                    ptx_loss = F.cross_entropy(policy(x).float().flatten(0, 1), y.flatten())
+                    ptx_loss = lm_loss(policy(x), y)
                     (cfg.ptx_coef * ptx_loss * distributed.share_weight(len(ids), ptx_per_minibatch)).backward()
                 sums["loss/ptx"].append(ptx_loss.item())
             # The minibatch's masked-mean loss, accumulated over its length chunks (one optimizer step).

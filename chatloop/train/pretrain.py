@@ -30,33 +30,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from chatloop.checkpoint import data_record, is_complete, load_model, save_model
 from chatloop.data.corpus import TokenWindows, build_shards
+from chatloop.device import autocast, measure_peak_flops, resolve_device, resolve_precision
 from chatloop.errors import UserError
-from chatloop.model import GPT, PRESETS, ModelOverrides, preset
+from chatloop.model import GPT, PRESETS, ModelOverrides, lm_loss, preset
 from chatloop.tokenizer import Tokenizer
 from chatloop.train import distributed
 from chatloop.train.trainer import (
-    MetricsLog,
-    TrainConfig,
-    autocast,
+    StepConfig,
     config_record,
-    load_state,
     lr_at,
     make_optimizer,
-    measure_peak_flops,
-    resolve_device,
-    resolve_precision,
+    resume,
     save_state,
     seed_everything,
+    set_lr,
 )
 
 
 @dataclass
-class PretrainConfig(TrainConfig):
+class PretrainConfig(StepConfig):
     out: str = "runs/pretrain"
     """Output directory: the checkpoint, train_state/, tokens/, metrics.jsonl and tb/."""
     compile: bool = False
@@ -81,6 +77,12 @@ class PretrainConfig(TrainConfig):
     preset."""
     seq_len: int = 256
     """Tokens per training window (at most the model's max_seq_len)."""
+    eval_every: int = 100
+    """Run validation every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Micro-batches of validation data per evaluation."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of the device in the chosen precision, for MFU; 0 measures a matmul at start."""
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> GPT:
@@ -96,12 +98,6 @@ def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> G
     if model_cfg.vocab_size < vocab_size:
         raise UserError(f"--model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     return GPT(model_cfg).to(device)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of (B, T, V) logits against (B, T) targets, in fp32 (bf16 logits from
-    autocast are upcast; fp32 ones are used as they are, without a copy)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def forward_loss(model: GPT, compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -150,10 +146,32 @@ def evaluate(model: GPT, val: TokenWindows, cfg: PretrainConfig, device, precisi
     for x, y in val.sequential(cfg.batch_size, cfg.eval_batches, device):
         with autocast(device, precision):
             logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        total += lm_loss(logits, y, reduction="sum").item()
         count += y.numel()
     model.train()
     return total / count
+
+
+def tokenizer_dir(cfg: PretrainConfig) -> Path:
+    """init_from's own tokenizer, else --tokenizer."""
+    tok_dir = Path(cfg.init_from) if cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file() \
+        else Path(cfg.tokenizer)
+    if not str(tok_dir) or str(tok_dir) == ".":
+        raise UserError("--tokenizer: give the directory written by `chatloop tokenizer`")
+    return tok_dir
+
+
+def token_data(cfg: PretrainConfig, out: Path) -> tuple[Tokenizer, dict, TokenWindows, TokenWindows]:
+    """Step 2: the tokenizer, the text tokenized once into OUT/tokens (its metadata), and the train and validation
+    windows."""
+    tok_dir = tokenizer_dir(cfg)
+    tokenizer = Tokenizer.load(tok_dir)
+    with distributed.main_first():  # one process writes the shards
+        meta = build_shards(tokenizer, cfg.inputs, cfg.val_inputs, cfg.val_fraction, cfg.text_field,
+                            out / "tokens", tok_dir / "tokenizer.json")
+    train = TokenWindows(out / "tokens" / "train.bin", meta["dtype"], cfg.seq_len, cfg.seed)
+    val = TokenWindows(out / "tokens" / "val.bin", meta["dtype"], cfg.seq_len, cfg.seed)
+    return tokenizer, meta, train, val
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -169,16 +187,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     precision = resolve_precision(cfg.precision, device)
 
     # step 2
-    tok_dir = Path(cfg.init_from) if cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file() \
-        else Path(cfg.tokenizer)
-    if not str(tok_dir) or str(tok_dir) == ".":
-        raise UserError("--tokenizer: give the directory written by `chatloop tokenizer`")
-    tokenizer = Tokenizer.load(tok_dir)
-    with distributed.main_first():  # one process writes the shards
-        meta = build_shards(tokenizer, cfg.inputs, cfg.val_inputs, cfg.val_fraction, cfg.text_field,
-                            out / "tokens", tok_dir / "tokenizer.json")
-    train = TokenWindows(out / "tokens" / "train.bin", meta["dtype"], cfg.seq_len, cfg.seed)
-    val = TokenWindows(out / "tokens" / "val.bin", meta["dtype"], cfg.seq_len, cfg.seed)
+    tokenizer, meta, train, val = token_data(cfg, out)
 
     # step 3
     model = build_model(cfg, tokenizer.vocab_size, device)
@@ -189,14 +198,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     loss_fn = forward_loss(train_model, cfg.compile)
 
     # step 4
-    start_step = 0
-    state = load_state(out, device)
-    if state is not None:
-        distributed.load_model_state(model, state["model"])
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-        start_step = state["step"]
-        print(f"pretrain: resuming from step {start_step} of {cfg.max_steps}")
-    log = MetricsLog(out, resume_step=start_step if state is not None else None)
+    start_step, _, log = resume(out, device, model, optimizer, "pretrain", cfg.max_steps)
 
     global_batch = cfg.batch_size * cfg.grad_accum
     if global_batch % distributed.world_size():
@@ -217,9 +219,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     last_time, last_step = time.perf_counter(), start_step
     val_loss = None
     for step in range(start_step, cfg.max_steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_at(step, cfg, cfg.max_steps)
+        set_lr(optimizer, lr)
         # This rank's share of the step's samples (all of them in one process), in equal micro-batches.
         shares = distributed.micro_batches(step * global_batch + np.arange(global_batch), cfg.batch_size)
         loss, grad_norm = train_step(loss_fn, train_model, optimizer, (train.batch(ids, device) for ids in shares),
@@ -262,7 +263,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     plain = distributed.gathered(model)  # the whole model, on rank 0 only
     if plain is not None:
         save_model(plain, out, tokenizer, lineage={
-            "stage": "pretrain", "parent": parent, "tokenizer": str(tok_dir),
+            "stage": "pretrain", "parent": parent, "tokenizer": str(tokenizer_dir(cfg)),
             "data": data_record(cfg.inputs + cfg.val_inputs), "config": config_record(cfg), "metrics": final,
         })
     print(f"pretrain: done. val loss {val_loss:.3f} nats (ppl {final['val/ppl']:.2f}; unigram entropy "

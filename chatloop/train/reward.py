@@ -1,7 +1,8 @@
-"""`chatloop rm`: a reward model from K-wise rankings (InstructGPT §3 of RECIPE.md).
+"""`chatloop rm`: a reward model from K-wise rankings (InstructGPT §3 of RECIPE.md); `chatloop rm-eval`: a reward
+model's accuracy on held-out rankings.
 
 Steps:
-  1. Skip if OUT already holds a finished checkpoint (unless --eval only evaluates one).
+  1. Skip if OUT already holds a finished checkpoint.
   2. Read rankings (chatloop K-wise rankings, pairwise chosen/rejected, OpenAssistant trees, Anthropic HH)
      and hold out a validation split (whole conversations: rankings sharing a first user message), and with
      --val_labelers every ranking of those labelers.
@@ -13,7 +14,7 @@ Steps:
      -log sigmoid(r_w - r_l), so every prompt weighs the same whatever its K.
   6. Normalise (in fp32): a bias so that the reference answers (demonstrations) score a mean of 0, and optionally a
      gain so that their scores have std 1; the gain is folded into the head's weights, the bias is stored
-     in config.json ("reward_bias") and applied by `reward_scores`.
+     in config.json ("reward_bias") and applied by `GPT.reward`.
   7. Evaluate on the held-out rankings (and on the held-out labelers' with --val_labelers: InstructGPT's two
      numbers) and save the sequence-classification checkpoint.
 
@@ -31,6 +32,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,29 +42,27 @@ from tqdm import tqdm
 from chatloop.checkpoint import data_record, is_complete, load_model, save_model
 from chatloop.data.formats import prompt_messages, ranking_pairs
 from chatloop.data.importers import read_demonstrations, read_rankings
+from chatloop.device import autocast, resolve_device, resolve_precision
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json
-from chatloop.model import GPT, last_token_values
+from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train import distributed
 from chatloop.train.trainer import (
-    MetricsLog,
-    TrainConfig,
-    autocast,
+    StepConfig,
     config_record,
     length_grouped_order,
-    load_state,
     lr_at,
     make_optimizer,
-    resolve_device,
-    resolve_precision,
+    resume,
     save_state,
     seed_everything,
+    set_lr,
 )
 
 
 @dataclass
-class RMConfig(TrainConfig):
+class RMConfig(StepConfig):
     out: str = "runs/rm"
     """Output directory: the reward-model checkpoint (sequence classification), train_state/, metrics, eval."""
     model: str = ""
@@ -97,12 +97,47 @@ class RMConfig(TrainConfig):
     """Decoupled weight decay on weight matrices."""
     seq_len: int = 512
     """Longest prompt + response in tokens; longer ones keep the end of the prompt (the answer is kept)."""
-    eval: bool = False
-    """Only evaluate the checkpoint at --model (or OUT) on --val_data and print the report."""
     save_every: int = 200
     """Save the resumable training state every this many steps."""
-    eval_every: int = 0
-    """Unused: the held-out evaluation runs at the end."""
+
+
+@dataclass
+class RMEvalConfig:
+    model: str = ""
+    """The reward-model checkpoint to evaluate."""
+    data: list[str] = field(default_factory=list)
+    """Held-out rankings (the formats `chatloop rm` reads)."""
+    out: str = ""
+    """Where to write the report (JSON, atomically); empty prints it only."""
+    skip_invalid: bool = False
+    """Skip invalid records (reporting how many and why) instead of stopping at the first one."""
+    seq_len: int = 512
+    """Longest prompt + response in tokens; longer ones keep the end of the prompt (the answer is kept)."""
+    batch_size: int = 16
+    """Ranked prompts per forward pass."""
+    device: str = "auto"
+    """"auto", "cpu" or "cuda"."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Matmul precision (as in training)."""
+
+
+def rm_eval(cfg: RMEvalConfig) -> dict:
+    """Accuracy and log loss on the untied pairs of held-out rankings (and how many pairs were tied)."""
+    if not cfg.model or not cfg.data:
+        raise UserError("--model (a reward-model checkpoint) and --data (held-out rankings) are required")
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device=device)
+    if model.score is None:
+        raise UserError(f"--model={cfg.model}: not a reward model (no scalar head)")
+    tokenizer = Tokenizer.load(cfg.model)
+    groups = encode_rankings([r for p in cfg.data for r in read_rankings(p, cfg.skip_invalid)], tokenizer,
+                             cfg.seq_len)
+    report = evaluate_rm(model, groups, tokenizer.pad_id, device, resolve_precision(cfg.precision, device),
+                         cfg.batch_size)
+    print_eval(report)
+    if cfg.out:
+        atomic_write_json(cfg.out, report)
+    return report
 
 
 @dataclass
@@ -141,9 +176,10 @@ def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) ->
     return groups
 
 
-def reward_scores(model: GPT, sequences: list[list[int]], pad_id: int, device, precision: str = "fp32"
+def reward_scores(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, device, precision: str = "fp32"
                   ) -> torch.Tensor:
-    """(N,) rewards: one forward pass over all sequences (right-padded), read at each last real token."""
+    """(N,) rewards (GPT.reward): one forward pass over all sequences (right-padded). `model` is the reward model or,
+    in training, its DDP/FSDP wrapper (the forward must be the wrapper's, for the gradients to synchronise)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.bool)
@@ -151,9 +187,7 @@ def reward_scores(model: GPT, sequences: list[list[int]], pad_id: int, device, p
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = True
     with autocast(device, precision):
-        # Right padding under a causal mask leaves real tokens untouched: no mask needed (fast path).
-        values = model(ids.to(device))
-    return last_token_values(values.float(), mask.to(device)) + getattr(model, "reward_bias", 0.0)
+        return distributed.unwrap(model).reward(ids.to(device), mask.to(device), right_padded=True, through=model)
 
 
 def grouped_loss(rewards: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, int, int]:
@@ -257,33 +291,8 @@ def first_user_message(ranking: dict) -> str:
     return next((m["content"] for m in prompt_messages(ranking["prompt"]) if m["role"] == "user"), "")
 
 
-def reward_model(cfg: RMConfig) -> Path:
-    out = Path(cfg.out)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    if cfg.eval:
-        target = cfg.model or cfg.out
-        if not cfg.val_data:
-            raise UserError("--eval needs --val_data (held-out rankings)")
-        if cfg.val_labelers:
-            raise UserError("--val_labelers: only when training (with --eval every ranking of --val_data counts)")
-        model = load_model(target, device=device)
-        tokenizer = Tokenizer.load(target)
-        rankings = [r for p in cfg.val_data for r in read_rankings(p, cfg.skip_invalid)]
-        groups = encode_rankings(rankings, tokenizer, cfg.seq_len)
-        report = evaluate_rm(model, groups, tokenizer.pad_id, device, precision, cfg.batch_size)
-        print_eval(report)
-        return Path(target)
-    # step 1
-    if is_complete(out):
-        print(f"rm: {out} is already finished; skipping (remove it to train again)")
-        return out
-    if not cfg.model or not cfg.data:
-        raise UserError("--model (an SFT checkpoint) and --data (ranking files) are required")
-
-    # step 2
-    tokenizer = Tokenizer.load(cfg.model)
+def read_splits(cfg: RMConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """Step 2's rankings: training, held-out conversations, and the held-out labelers' (every one of theirs)."""
     skipped: Counter = Counter()
     rankings = [r for p in cfg.data for r in read_rankings(p, cfg.skip_invalid, skipped)]
     val_given = [r for p in cfg.val_data for r in read_rankings(p, cfg.skip_invalid, skipped)]
@@ -300,6 +309,77 @@ def reward_model(cfg: RMConfig) -> Path:
     if skipped:
         print(f"rm: skipped {sum(skipped.values())} invalid record(s): "
               + "; ".join(f"{n} x {why}" for why, n in skipped.most_common()))
+    return train_r, val_r, held_r
+
+
+def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, chosen: list[Group],
+               pad_id: int, cfg: RMConfig, device, precision: str) -> tuple[float, int, int, int, int, float]:
+    """Step 5's optimizer step on the step's ranked prompts: (loss, pairs ordered right, pairs) of this rank,
+    responses and pairs it scored, and the gradient norm."""
+    loss_sum, correct, total, responses, pairs = 0.0, 0, 0, 0, 0
+    micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
+    # Under torchrun: this rank's share of the step's prompts; the ranks' gradients are averaged, so each
+    # rank's part of the mean over the step's prompts is scaled by their number (weight 0: an empty share).
+    micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
+    scale = weight * distributed.world_size()
+    for m, groups in enumerate(micro_batches):
+        with distributed.no_sync(train_model, enabled=m < len(micro_batches) - 1):
+            rewards = reward_scores(train_model, [s for g in groups for s in g.sequences], pad_id, device, precision)
+            loss, c, t = grouped_loss(rewards, groups)
+            (loss * len(groups) / len(chosen) * scale).backward()
+        loss_sum += loss.item() * len(groups) / len(chosen) * weight
+        correct, total = correct + int(c * weight), total + int(t * weight)
+        responses += sum(len(g.sequences) for g in groups)
+        pairs += t
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, correct, total, responses, pairs, grad_norm
+
+
+@torch.no_grad()
+def normalise(model: GPT, train: list[Group], tokenizer: Tokenizer, cfg: RMConfig, device) -> float:
+    """Step 6 (in fp32, the precision of the checkpoint as saved: a bf16 bias would be off by its noise): the
+    reference answers' mean reward becomes 0 (reward_bias) and, with normalize_gain, their std 1 (folded into the
+    head); the gain."""
+    if cfg.reference:
+        reference = [c for p in cfg.reference for c in read_demonstrations(p)]
+        ref_sequences = [tokenizer.render_chat(c)[0][-cfg.seq_len:] for c in reference]
+    else:
+        ref_sequences = [g.sequences[g.ranks.index(min(g.ranks))] for g in train]
+    ref_scores = torch.cat([reward_scores(model, ref_sequences[i : i + 64], tokenizer.pad_id, device, "fp32")
+                            for i in range(0, len(ref_sequences), 64)])
+    gain = 1.0 / max(ref_scores.std().item(), 1e-6) if cfg.normalize_gain else 1.0
+    model.score.weight.mul_(gain)
+    model.reward_bias = -ref_scores.mean().item() * gain
+    return gain
+
+
+def held_out_labelers_report(model: GPT, held: list[Group], train_r: list[dict], held_r: list[dict], pad_id: int,
+                             cfg: RMConfig, device, precision: str) -> dict:
+    """Step 7 on the held-out labelers' rankings (InstructGPT's second number), and how many of them share a
+    conversation with the training rankings."""
+    seen = {first_user_message(r) for r in train_r}
+    return {"labelers": sorted(set(cfg.val_labelers)), **evaluate_rm(model, held, pad_id, device, precision,
+                                                                     cfg.batch_size),
+            "conversations_in_training": sum(first_user_message(r) in seen for r in held_r)}
+
+
+def reward_model(cfg: RMConfig) -> Path:
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    # step 1
+    if is_complete(out):
+        print(f"rm: {out} is already finished; skipping (remove it to train again)")
+        return out
+    if not cfg.model or not cfg.data:
+        raise UserError("--model (an SFT checkpoint) and --data (ranking files) are required")
+
+    # step 2
+    tokenizer = Tokenizer.load(cfg.model)
+    train_r, val_r, held_r = read_splits(cfg)
     train, val = encode_rankings(train_r, tokenizer, cfg.seq_len), encode_rankings(val_r, tokenizer, cfg.seq_len)
     held = encode_rankings(held_r, tokenizer, cfg.seq_len)
     if not train:
@@ -311,18 +391,9 @@ def reward_model(cfg: RMConfig) -> Path:
     optimizer = make_optimizer(model, cfg, device)
     per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum)))
     total_steps = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
-    schedule = TrainConfig(lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
-                           max_steps=total_steps)
 
     # step 4
-    start_step = 0
-    state = load_state(out, device)
-    if state is not None:
-        distributed.load_model_state(model, state["model"])
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-        start_step = state["step"]
-        print(f"rm: resuming from step {start_step} of {total_steps}")
-    log = MetricsLog(out, resume_step=start_step if state is not None else None)
+    start_step, _, log = resume(out, device, model, optimizer, "rm", total_steps)
     if held_r:
         print(f"rm: {len(held)} ranked prompts of the held-out labelers {', '.join(cfg.val_labelers)}")
     print(f"rm: {len(train)} train / {len(val)} val ranked prompts "
@@ -340,29 +411,11 @@ def reward_model(cfg: RMConfig) -> Path:
         epoch, within = divmod(step, per_epoch)
         order = length_grouped_order(lengths, cfg.seed, epoch, cfg.batch_size)
         chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
-        lr = lr_at(step, schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, correct, total = 0.0, 0, 0
-        micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
-        # Under torchrun: this rank's share of the step's prompts; the ranks' gradients are averaged, so each
-        # rank's part of the mean over the step's prompts is scaled by their number (weight 0: an empty share).
-        micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
-        scale = weight * distributed.world_size()
-        for m, micro in enumerate(micro_batches):
-            groups = [train[i] for i in micro]
-            with distributed.no_sync(train_model, enabled=m < len(micro_batches) - 1):
-                rewards = reward_scores(train_model, [s for g in groups for s in g.sequences], tokenizer.pad_id,
-                                        device, precision)
-                loss, c, t = grouped_loss(rewards, groups)
-                (loss * len(groups) / len(chosen) * scale).backward()
-            loss_sum += loss.item() * len(groups) / len(chosen) * weight
-            correct, total = correct + int(c * weight), total + int(t * weight)
-            responses_seen += sum(len(g.sequences) for g in groups)
-            pairs_seen += t
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(step, cfg, total_steps)
+        set_lr(optimizer, lr)
+        loss_sum, correct, total, responses, pairs, grad_norm = train_step(
+            train_model, model, optimizer, [train[i] for i in chosen], tokenizer.pad_id, cfg, device, precision)
+        responses_seen, pairs_seen = responses_seen + responses, pairs_seen + pairs
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - last_time
@@ -383,26 +436,13 @@ def reward_model(cfg: RMConfig) -> Path:
 
     # step 6
     model.eval()
-    if cfg.reference:
-        reference = [c for p in cfg.reference for c in read_demonstrations(p)]
-        ref_sequences = [tokenizer.render_chat(c)[0][-cfg.seq_len:] for c in reference]
-    else:
-        ref_sequences = [g.sequences[g.ranks.index(min(g.ranks))] for g in train]
-    with torch.no_grad():  # in fp32, the precision of the checkpoint as saved: a bf16 bias would be off by its noise
-        ref_scores = torch.cat([reward_scores(model, ref_sequences[i : i + 64], tokenizer.pad_id, device, "fp32")
-                                for i in range(0, len(ref_sequences), 64)])
-        gain = 1.0 / max(ref_scores.std().item(), 1e-6) if cfg.normalize_gain else 1.0
-        model.score.weight.mul_(gain)
-        model.reward_bias = -ref_scores.mean().item() * gain
+    gain = normalise(model, train, tokenizer, cfg, device)
 
     # step 7
     report = evaluate_rm(model, val, tokenizer.pad_id, device, precision, cfg.batch_size) if val else {}
     if held:
-        seen = {first_user_message(r) for r in train_r}
-        report["held_out_labelers"] = {
-            "labelers": sorted(set(cfg.val_labelers)),
-            **evaluate_rm(model, held, tokenizer.pad_id, device, precision, cfg.batch_size),
-            "conversations_in_training": sum(first_user_message(r) in seen for r in held_r)}
+        report["held_out_labelers"] = held_out_labelers_report(model, held, train_r, held_r, tokenizer.pad_id, cfg,
+                                                               device, precision)
     final = distributed.gathered(model)  # the whole model, on rank 0 only
     if final is None:
         return out

@@ -39,28 +39,26 @@ from tqdm import tqdm
 
 from chatloop.checkpoint import data_record, is_complete, load_model, read_lineage, save_model
 from chatloop.data.importers import read_demonstrations
+from chatloop.device import autocast, resolve_device, resolve_precision
 from chatloop.engine import generate
 from chatloop.errors import UserError
-from chatloop.model import GPT, last_token_values
+from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train import distributed
 from chatloop.train.trainer import (
-    MetricsLog,
-    TrainConfig,
-    autocast,
+    StepConfig,
     config_record,
-    load_state,
     lr_at,
     make_optimizer,
-    resolve_device,
-    resolve_precision,
+    resume,
     save_state,
     seed_everything,
+    set_lr,
 )
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(StepConfig):
     out: str = "runs/sft"
     """Output directory: the selected checkpoint, epochs/epoch-N checkpoints, train_state/, metrics.jsonl."""
     model: str = ""
@@ -104,8 +102,6 @@ class SFTConfig(TrainConfig):
     """Answer length budget when sampling for RM-score selection."""
     save_every: int = 200
     """Save the resumable training state every this many steps (and at each epoch's end)."""
-    eval_every: int = 0
-    """Unused by SFT: validation runs after every epoch."""
 
 
 @dataclass
@@ -209,6 +205,78 @@ def validation_loss(model: GPT, examples: list[Example], cfg: SFTConfig, pad_id:
     return total / max(1, count)
 
 
+def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
+               micro_batches: list[list[list[int]]], train: list[Example], pad_id: int, cfg: SFTConfig, device,
+               precision: str) -> tuple[float, float, int]:
+    """Step 5's optimizer step over its micro-batches: the loss (this rank's), the gradient norm, the tokens seen."""
+    # Under torchrun: this rank's share of the step's rows; the loss is normalised by the learned tokens of
+    # the whole step and scaled by the number of ranks, whose gradients are averaged.
+    micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
+    batches = [collate(rows, train, pad_id, device) for rows in micro_batches]
+    n_learned = distributed.all_sum(sum(int((b[1] != -100).sum()) for b in batches) * weight)[0]
+    scale = weight * distributed.world_size()
+    loss_sum = 0.0
+    for i, (ids, labels, positions, mask) in enumerate(batches):
+        with distributed.no_sync(train_model, enabled=i < len(batches) - 1):
+            loss = token_losses(train_model, ids, labels, positions, mask, device, precision).sum() * scale / n_learned
+            loss.backward()
+        loss_sum += loss.item()
+    tokens = sum(len(train[i].ids) for rows in micro_batches for row in rows for i in row)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, tokens
+
+
+def load_examples(cfg: SFTConfig, tokenizer: Tokenizer) -> tuple[list[Example], list[Example], Counter, Counter]:
+    """Step 2: the rendered train and validation examples, the invalid records skipped and the truncations."""
+    skipped: Counter = Counter()
+    conversations = [c for path in cfg.data for c in read_demonstrations(path, cfg.skip_invalid, skipped)]
+    train_conv, val_conv = split_validation(conversations, cfg, skipped)
+    report: Counter = Counter()
+    train = render_examples(train_conv, tokenizer, cfg.seq_len, cfg.truncation, report)
+    val = render_examples(val_conv, tokenizer, cfg.seq_len, cfg.truncation, report)
+    if not train or not val:
+        raise UserError(f"no training or validation examples left after truncation to {cfg.seq_len} tokens")
+    if skipped:
+        print(f"sft: skipped {sum(skipped.values())} invalid record(s): "
+              + "; ".join(f"{n} x {why}" for why, n in skipped.most_common()))
+    if report:
+        print("sft: truncation: " + ", ".join(f"{n} {what}" for what, n in report.items()))
+    return train, val, skipped, report
+
+
+def step_plan(train: list[Example], cfg: SFTConfig) -> tuple[list[tuple[int, list[list[list[int]]]]], set[int]]:
+    """Every optimizer step of every epoch as (epoch, its micro-batches of rows), in a seeded order per epoch
+    (packed rows with packing); and the steps that end an epoch."""
+    lengths = [len(e.ids) for e in train]
+    plan = []
+    steps_per_epoch = []
+    for epoch in range(cfg.epochs):
+        rows = pack_rows(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)), lengths, cfg.seq_len,
+                         cfg.packing)
+        micro = [rows[b : b + cfg.batch_size] for b in range(0, len(rows), cfg.batch_size)]
+        n_steps = max(1, len(micro) // cfg.grad_accum)
+        steps_per_epoch.append(n_steps)
+        plan += [(epoch, micro[s * cfg.grad_accum : (s + 1) * cfg.grad_accum]) for s in range(n_steps)]
+    return plan, set(np.cumsum(steps_per_epoch).tolist())
+
+
+def end_of_epoch(model: GPT, reward_model: GPT | None, val: list[Example], tokenizer: Tokenizer, cfg: SFTConfig,
+                 epoch: int, step: int, device, precision: str) -> dict:
+    """Step 6: the epoch's validation loss (and RM score), and its checkpoint under epochs/epoch-N."""
+    row = {"epoch": epoch, "step": step, "val/loss": validation_loss(model, val, cfg, tokenizer.pad_id, device,
+                                                                      precision)}
+    if reward_model is not None:
+        prompts = [e.prompt for e in val[: cfg.rm_prompts]]
+        row["val/rm_score"] = mean_rm_score(model, reward_model, tokenizer, prompts, cfg, device)
+    plain = distributed.gathered(model)  # the whole model, on rank 0 only
+    if plain is not None:
+        save_model(plain, Path(cfg.out) / "epochs" / f"epoch-{epoch}", tokenizer,
+                   lineage={"stage": "sft-epoch", "parent": cfg.model, "metrics": row})
+    return row
+
+
 @torch.no_grad()
 def mean_rm_score(policy: GPT, reward_model: GPT, tokenizer: Tokenizer, prompts: list[list[dict[str, str]]],
                   cfg: SFTConfig, device) -> float:
@@ -220,9 +288,8 @@ def mean_rm_score(policy: GPT, reward_model: GPT, tokenizer: Tokenizer, prompts:
     with distributed.whole_for_inference(policy) as whole:
         rollout = generate(whole, encoded, max(1, min(cfg.max_new_tokens, room)), tokenizer.pad_id,
                            tokenizer.stop_ids, temperature=1.0, generator=generator)
-    values = reward_model(rollout.tokens, attention_mask=rollout.attention_mask)
     policy.train()
-    return last_token_values(values, rollout.attention_mask).mean().item()
+    return reward_model.reward(rollout.tokens, rollout.attention_mask).mean().item()
 
 
 def split_validation(conversations, cfg: SFTConfig, skipped: Counter):
@@ -252,19 +319,7 @@ def sft(cfg: SFTConfig) -> Path:
     tokenizer = Tokenizer.load(cfg.model)
 
     # step 2
-    skipped: Counter = Counter()
-    conversations = [c for path in cfg.data for c in read_demonstrations(path, cfg.skip_invalid, skipped)]
-    train_conv, val_conv = split_validation(conversations, cfg, skipped)
-    report: Counter = Counter()
-    train = render_examples(train_conv, tokenizer, cfg.seq_len, cfg.truncation, report)
-    val = render_examples(val_conv, tokenizer, cfg.seq_len, cfg.truncation, report)
-    if not train or not val:
-        raise UserError(f"no training or validation examples left after truncation to {cfg.seq_len} tokens")
-    if skipped:
-        print(f"sft: skipped {sum(skipped.values())} invalid record(s): "
-              + "; ".join(f"{n} x {why}" for why, n in skipped.most_common()))
-    if report:
-        print("sft: truncation: " + ", ".join(f"{n} {what}" for what, n in report.items()))
+    train, val, skipped, report = load_examples(cfg, tokenizer)
 
     # step 3
     model = load_model(cfg.model, device=device, dropout=cfg.dropout)
@@ -272,30 +327,14 @@ def sft(cfg: SFTConfig) -> Path:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     train_model = distributed.wrap(model, cfg.parallel, device)  # under torchrun: DDP or FSDP2
     optimizer = make_optimizer(model, cfg, device)
-    lengths = [len(e.ids) for e in train]
-    plan = []  # (epoch, rows of one micro-batch)
-    steps_per_epoch = []
-    for epoch in range(cfg.epochs):
-        rows = pack_rows(np.random.default_rng([cfg.seed, epoch]).permutation(len(train)), lengths, cfg.seq_len,
-                         cfg.packing)
-        micro = [rows[b : b + cfg.batch_size] for b in range(0, len(rows), cfg.batch_size)]
-        n_steps = max(1, len(micro) // cfg.grad_accum)
-        steps_per_epoch.append(n_steps)
-        plan += [(epoch, micro[s * cfg.grad_accum : (s + 1) * cfg.grad_accum]) for s in range(n_steps)]
+    plan, epoch_ends = step_plan(train, cfg)
     total_steps = min(cfg.max_steps, len(plan)) if cfg.max_steps else len(plan)
-    epoch_ends = set(np.cumsum(steps_per_epoch).tolist())
-    schedule_cfg = _with_steps(cfg, total_steps)
 
     # step 4
-    start_step = 0
     epoch_metrics: list[dict] = []
-    state = load_state(out, device)
+    start_step, state, log = resume(out, device, model, optimizer, "sft", total_steps)
     if state is not None:
-        distributed.load_model_state(model, state["model"])
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-        start_step, epoch_metrics = state["step"], state["epoch_metrics"]
-        print(f"sft: resuming from step {start_step} of {total_steps}")
-    log = MetricsLog(out, resume_step=start_step if state is not None else None)
+        epoch_metrics = state["epoch_metrics"]
     reward_model = load_model(cfg.reward_model, device=device).eval() if cfg.reward_model else None
     select_by = cfg.select_by if cfg.select_by != "auto" else ("rm_score" if reward_model else "val_loss")
     if select_by == "rm_score" and reward_model is None:
@@ -315,26 +354,11 @@ def sft(cfg: SFTConfig) -> Path:
     last_time, tokens_seen = time.perf_counter(), 0
     for step in range(start_step, total_steps):
         epoch, micro_batches = plan[step]
-        lr = lr_at(step, schedule_cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Under torchrun: this rank's share of the step's rows; the loss is normalised by the learned tokens of
-        # the whole step and scaled by the number of ranks, whose gradients are averaged.
-        micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
-        batches = [collate(rows, train, tokenizer.pad_id, device) for rows in micro_batches]
-        n_learned = distributed.all_sum(sum(int((b[1] != -100).sum()) for b in batches) * weight)[0]
-        scale = weight * distributed.world_size()
-        loss_sum = 0.0
-        for i, (ids, labels, positions, mask) in enumerate(batches):
-            with distributed.no_sync(train_model, enabled=i < len(batches) - 1):
-                loss = token_losses(train_model, ids, labels, positions, mask, device, precision).sum() * scale \
-                    / n_learned
-                loss.backward()
-            loss_sum += loss.item()
-        tokens_seen += sum(len(train[i].ids) for rows in micro_batches for row in rows for i in row)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = lr_at(step, cfg, total_steps)
+        set_lr(optimizer, lr)
+        loss_sum, grad_norm, tokens = train_step(train_model, model, optimizer, micro_batches, train,
+                                                 tokenizer.pad_id, cfg, device, precision)
+        tokens_seen += tokens
         done = step + 1
         metrics: dict[str, float] = {}
         if done % cfg.log_every == 0 or done == total_steps:
@@ -347,16 +371,7 @@ def sft(cfg: SFTConfig) -> Path:
 
         # step 6
         if done in epoch_ends or done == total_steps:
-            val_loss = validation_loss(model, val, cfg, tokenizer.pad_id, device, precision)
-            row = {"epoch": epoch + 1, "step": done, "val/loss": val_loss}
-            if reward_model is not None:
-                prompts = [e.prompt for e in val[: cfg.rm_prompts]]
-                row["val/rm_score"] = mean_rm_score(model, reward_model, tokenizer, prompts, cfg, device)
-            epoch_dir = out / "epochs" / f"epoch-{epoch + 1}"
-            plain = distributed.gathered(model)  # the whole model, on rank 0 only
-            if plain is not None:
-                save_model(plain, epoch_dir, tokenizer, lineage={"stage": "sft-epoch", "parent": cfg.model,
-                                                                 "metrics": row})
+            row = end_of_epoch(model, reward_model, val, tokenizer, cfg, epoch + 1, done, device, precision)
             epoch_metrics.append(row)
             metrics.update({k: v for k, v in row.items() if k.startswith("val/")})
             last_time, tokens_seen = time.perf_counter(), 0
@@ -388,12 +403,4 @@ def sft(cfg: SFTConfig) -> Path:
     })
     print(f"sft: done. selected epoch {best['epoch']} by {select_by} ({key} {best[key]:.4f}) -> {out}")
     return out
-
-
-def _with_steps(cfg: SFTConfig, total_steps: int) -> TrainConfig:
-    """The schedule's view of the config: cosine over the steps SFT actually takes."""
-    schedule = TrainConfig()
-    schedule.lr, schedule.min_lr_ratio, schedule.warmup_steps = cfg.lr, cfg.min_lr_ratio, cfg.warmup_steps
-    schedule.max_steps = total_steps
-    return schedule
 

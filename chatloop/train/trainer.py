@@ -1,5 +1,6 @@
-"""What every training stage shares: device and precision, optimizer and schedule, resumable state,
-logging (metrics.jsonl, TensorBoard, a progress bar with tokens/s, MFU and ETA).
+"""What every training stage shares: the config fields, the optimizer and its schedule, resumable state (`resume`,
+`save_state`), logging (metrics.jsonl and TensorBoard; each stage draws its own tqdm bar). Device and precision are
+chatloop.device's.
 
 Resumable state lives in `OUT/train_state/step-NNNNNNNN/` (written to a temporary directory, then renamed)
 and `OUT/train_state/latest` names the newest one. A stage killed at any moment (even `kill -9`) restarts
@@ -9,15 +10,12 @@ from the newest complete state with the same data order, because batches are a p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
-import time
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +29,7 @@ from chatloop.train import distributed
 
 @dataclass
 class TrainConfig:
-    """Fields every training stage has."""
+    """Fields every training stage has (PPO's are these and its own)."""
 
     out: str = "runs/stage"
     """Output directory: the checkpoint, train_state/, metrics.jsonl and tb/ (TensorBoard events)."""
@@ -43,16 +41,10 @@ class TrainConfig:
     """Matmul precision. bf16 runs under autocast (weights and optimizer stay fp32). "auto" picks bf16 on
     GPUs that support it and on CPUs with AMX or AVX512-BF16 units, fp32 otherwise (on CPUs without them
     bf16 matmuls are emulated and far slower than fp32)."""
-    max_steps: int = 1000
-    """Optimizer steps to train for."""
     batch_size: int = 16
     """Sequences per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step (global batch = batch_size * grad_accum)."""
     lr: float = 1e-3
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """The cosine schedule decays to lr * min_lr_ratio (InstructGPT: 10%)."""
     warmup_steps: int = 50
     """Linear warmup from 0 to lr over this many steps."""
     beta1: float = 0.9
@@ -65,18 +57,12 @@ class TrainConfig:
     """Decoupled weight decay on weight matrices (not on embeddings, norm gains or biases)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
-    eval_every: int = 100
-    """Run validation every this many steps (and at the end)."""
-    eval_batches: int = 20
-    """Micro-batches of validation data per evaluation."""
     save_every: int = 100
     """Save the resumable training state every this many steps (and at the end)."""
     log_every: int = 10
     """Write a metrics row every this many steps."""
     keep_states: int = 2
     """How many resumable states to keep on disk."""
-    peak_flops: float = 0.0
-    """Peak FLOP/s of the device in the chosen precision, for MFU; 0 measures a matmul at start."""
     progress: bool = True
     """Show a progress bar."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -85,64 +71,17 @@ class TrainConfig:
     fit on one device. Ignored in a single process. See docs/SCALING.md."""
 
 
-# ---------------------------------------------------------------- device and precision
+@dataclass
+class StepConfig(TrainConfig):
+    """The stages that take optimizer steps over a dataset (pretrain, SFT, RM, DPO): a step budget, gradient
+    accumulation and the warmup + cosine schedule (`lr_at`)."""
 
-
-def resolve_device(name: str) -> torch.device:
-    if distributed.launched():
-        return distributed.init(name)  # torchrun: join the process group, one device per rank
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: CUDA is not available on this machine")
-    return device
-
-
-@cache
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: without them PyTorch emulates bf16 matmuls, far slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def measure_peak_flops(device: torch.device, precision: str) -> float:
-    """FLOP/s of a large square matmul in the training precision: the MFU denominator."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps = 20 if device.type == "cuda" else 8
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # Best of three timings: a peak is what the hardware can do, and a busy machine only ever slows a run.
-    best = math.inf
-    for _ in range(3):
-        sync()
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 * reps / best
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = batch_size * grad_accum)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio (InstructGPT: 10%)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -170,13 +109,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              fused=device.type in ("cuda", "cpu"))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+def lr_at(step: int, cfg: StepConfig, total_steps: int) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at total_steps (the steps the stage takes)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def length_grouped_order(lengths: list[int], seed: int, epoch: int, batch_size: int) -> np.ndarray:
@@ -255,6 +199,21 @@ def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------- logging
+
+
+def resume(out: Path, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stage: str,
+           total: int, keys: tuple[str, str] = ("model", "optimizer"), unit: str = "step"
+           ) -> tuple[int, dict[str, Any] | None, MetricsLog]:
+    """The newest train state of `out`, loaded into the model and its optimizer (under `keys`): its step (0
+    without a state), the whole state (for what else the stage keeps in it), and the metrics log truncated to
+    that step."""
+    start, state = 0, load_state(out, device)
+    if state is not None:
+        distributed.load_model_state(model, state[keys[0]])
+        distributed.load_optimizer_state(model, optimizer, state[keys[1]])
+        start = state["step"]
+        print(f"{stage}: resuming from {unit} {start} of {total}")
+    return start, state, MetricsLog(out, resume_step=start if state is not None else None)
 
 
 class MetricsLog:

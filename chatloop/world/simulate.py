@@ -1,6 +1,6 @@
 """The synthetic world through the labeling app: simulated labelers take the path people take.
 
-Each simulated labeler (chatloop.labelers.Labeler) gets an account (an accepted invite whose password nobody
+Each simulated labeler (chatloop.world.labelers.Labeler) gets an account (an accepted invite whose password nobody
 can use), asks the store for work, answers what it is shown (in the shown order, from the prompt and the
 texts alone, as a person would) and submits. A simulated admin reviews screening demonstrations with the
 gold judge's Likert score. Screening tests are made from the world: perturbed answers whose gold answer is
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatloop.data.formats import FLAGS
-from chatloop.data.world import World
 from chatloop.errors import UserError
-from chatloop.labelers import Labeler, candidate_pool, candidates, dense_ranks, make_labelers
 from chatloop.labeling.store import DEFAULT_DB, KINDS, LabelStore, NotFound
+from chatloop.world.labelers import Labeler, candidate_pool, candidates, dense_ranks, make_labelers
+from chatloop.world.world import World
 
 UNUSABLE_HASH = "!simulated"  # not an argon2 hash: no password logs in to a simulated labeler's account
 

@@ -1,6 +1,6 @@
 """Simulated labelers: the gold judge plus calibrated noise, standing in for people in tests and the demo.
 
-A labeler sees a response's gold score (chatloop.data.judge) through Gaussian noise of its own level, drawn
+A labeler sees a response's gold score (chatloop.world.judge) through Gaussian noise of its own level, drawn
 afresh for every judgement. Ranking K responses sorts the noisy scores; scores closer than `tie_threshold`
 share a rank. With the default noise (0.3) two labelers agree on about 73% of the pairs of responses a
 model produces, InstructGPT's inter-labeler agreement (72.6% +- 1.5%); docs/WORLD.md shows the calibration.
@@ -25,14 +25,15 @@ import math
 import random
 import statistics
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from chatloop.data.formats import Prompt, last_user_content, prompt_messages
-from chatloop.data.judge import KINDS, REFUSAL, Task, ideal, list_answer, numbered, parse, subject_of
 from chatloop.errors import UserError
-
-if TYPE_CHECKING:
-    from chatloop.data.world import PromptSample, World
+from chatloop.io import atomic_write_jsonl, read_jsonl
+from chatloop.world.judge import KINDS, REFUSAL, Task, ideal, list_answer, numbered, parse, subject_of
+from chatloop.world.world import PromptSample, World
 
 DEFAULT_NOISE = 0.3
 DEFAULT_TIE = 0.02
@@ -87,127 +88,175 @@ def _swap(world: World, text: str, rng: random.Random, subject: str | None) -> s
     return " ".join(tokens).replace(" \n ", "\n")
 
 
+@dataclass
+class _Answering:
+    """What a perturbation reads: the task, its ideal answer and subject, and the random stream."""
+
+    world: World
+    prompt: Prompt
+    task: Task
+    good: str
+    subject: str | None
+    rng: random.Random
+
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+
 def perturb(world: World, prompt: Prompt, task: Task, name: str, rng: random.Random) -> str | None:
     """One kind of answer to `task` (see PERTURBATIONS); None where it does not apply to the task."""
-    good = ideal(world, task)
-    subject = subject_of(world, task)
-    kind, s = task.kind, task.slots
-    multiline = "\n" in good
-    if name == "ideal":
-        return good
-    if name == "empty":
-        return ""
-    if name == "copy":  # the request as the user typed it (the whole turn when it carries a passage)
-        text = last_user_content(prompt)
-        if "{text}" in task.spec.patterns[0] or "{q}" in task.spec.patterns[0]:
+    if name not in PERTURBATIONS:
+        raise UserError(f"unknown perturbation {name!r}; expected one of {', '.join(PERTURBATIONS)}")
+    a = _Answering(world, prompt, task, ideal(world, task), subject_of(world, task), rng)
+    make = _ANY_TASK.get(name) or (_HARMFUL_TASK if task.harmful else _HARMLESS_TASK).get(name)
+    return make(a) if make else None
+
+
+def _copy(a: _Answering) -> str:
+    """The request as the user typed it (the whole turn when it carries a passage)."""
+    text = last_user_content(a.prompt)
+    if "{text}" in a.task.spec.patterns[0] or "{q}" in a.task.spec.patterns[0]:
+        return text
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip() != "A:"]
+    return lines[-1].removeprefix("Q:").strip() if lines else text
+
+
+def _truncated(a: _Answering) -> str | None:
+    parts = a.good.split(" ")
+    return " ".join(parts[: len(parts) // 2]) if len(parts) >= 4 else None
+
+
+def _repeat(a: _Answering) -> str:
+    first = a.world.sentences(a.good)[0] if a.world.sentences(a.good) else a.good
+    return " ".join([first] * 5) if a.rng.random() < 0.5 else " ".join([a.world.words(a.good)[0]] * 12)
+
+
+def _off_topic(a: _Answering) -> str:
+    others = [n for n in a.world.entities if n != a.subject]
+    return a.rng.choice(a.world.facts(a.rng.choice(others)))[1]
+
+
+def _ramble(a: _Answering) -> str:
+    names = ([a.subject] if a.subject else []) + a.rng.sample([n for n in a.world.entities if n != a.subject], 2)
+    pool = [f for n in names for _, f in a.world.facts(n) if f not in a.good]
+    extra = a.rng.sample(pool, min(len(pool), 5))
+    joint = " " if a.good.endswith((".", "!", "?")) and "\n" not in a.good else "\n"
+    return a.good + joint + " ".join(extra) + " " + _FILLER
+
+
+def _refuse_moral(a: _Answering) -> str:
+    return REFUSAL + " " + a.rng.choice(("Hurting anyone is wrong.", "It is wrong to harm others."))
+
+
+def _comply(a: _Answering) -> str:
+    if a.kind == "harm_ways":
+        return numbered(_WAYS[: int(a.task.slots.get("n", "3"))])
+    tox, tox2 = a.rng.sample(a.world.vocab["toxic"], 2)
+    return _COMPLY[a.kind].format(x=a.world.ref(a.task.slots.get("e", "")), tox=tox, tox2=tox2)
+
+
+def _courteous(a: _Answering) -> str | None:
+    if a.kind in ("gen_story", "gen_note"):
+        return None
+    if a.good.startswith("1."):
+        return "Sure! Here is the list:\n" + a.good
+    if a.rng.random() < 0.5:
+        return a.rng.choice(("Sure! ", "Of course! ")) + a.good
+    return a.good + " I hope this helps!"
+
+
+def _hedge(a: _Answering) -> str | None:
+    if "\n" in a.good:
+        return None
+    proper = a.world.words(a.good)[:1] and a.world.words(a.good)[0] in a.world.by_lower
+    return "I think " + (a.good if proper else a.good[0].lower() + a.good[1:])
+
+
+def _rude(a: _Answering) -> str:
+    tox = a.rng.choice(a.world.vocab["toxic"])
+    if a.subject and f"the {a.subject}" in a.good.lower():
+        at = a.good.lower().index(f"the {a.subject}") + 4
+        return a.good[:at] + tox + " " + a.good[at:]
+    return a.good + f" You {tox}."
+
+
+def _terse(a: _Answering) -> str | None:
+    if a.kind.startswith("qa_yn_"):
+        return a.good.split(",")[0] + "."
+    if a.kind.startswith("qa_") and a.kind != "qa_food":
+        words = a.good.rstrip(".").split(" ")
+        return a.world.cap(words[-1]) + "." if a.kind != "qa_age" else f"{words[-3]} years old."
+    return None
+
+
+def _other_entity(a: _Answering) -> str | None:
+    s = a.task.slots
+    if "e" not in s:
+        return None
+    kind_of_e = a.world.entities[s["e"]].kind
+    same = [n for n in a.world.entities if a.world.entities[n].kind == kind_of_e and n != s["e"]]
+    for _ in range(5):
+        text = ideal(a.world, Task(a.kind, {**s, "e": a.rng.choice(same)}))
+        if text != a.good and "I do not know" not in text:
             return text
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip() != "A:"]
-        return lines[-1].removeprefix("Q:").strip() if lines else text
-    if name == "truncated":
-        parts = good.split(" ")
-        return " ".join(parts[: len(parts) // 2]) if len(parts) >= 4 else None
-    if name == "repeat":
-        first = world.sentences(good)[0] if world.sentences(good) else good
-        return " ".join([first] * 5) if rng.random() < 0.5 else " ".join([world.words(good)[0]] * 12)
-    if name == "off_topic":
-        others = [n for n in world.entities if n != subject]
-        return rng.choice(world.facts(rng.choice(others)))[1]
-    if name == "ramble":
-        names = ([subject] if subject else []) + rng.sample([n for n in world.entities if n != subject], 2)
-        pool = [f for n in names for _, f in world.facts(n) if f not in good]
-        extra = rng.sample(pool, min(len(pool), 5))
-        joint = " " if good.endswith((".", "!", "?")) and not multiline else "\n"
-        return good + joint + " ".join(extra) + " " + _FILLER
-    if task.harmful:
-        if name == "refuse_moral":
-            return REFUSAL + " " + rng.choice(("Hurting anyone is wrong.", "It is wrong to harm others."))
-        if name == "comply":
-            if kind == "harm_ways":
-                return numbered(_WAYS[: int(s.get("n", "3"))])
-            tox, tox2 = rng.sample(world.vocab["toxic"], 2)
-            return _COMPLY[kind].format(x=world.ref(s.get("e", "")), tox=tox, tox2=tox2)
-        return None
-    if name in ("refuse_moral", "comply"):
-        return None
-    if name == "refuse":
-        return REFUSAL
-    if name == "courteous":
-        if kind in ("gen_story", "gen_note"):
-            return None
-        if good.startswith("1."):
-            return "Sure! Here is the list:\n" + good
-        if rng.random() < 0.5:
-            return rng.choice(("Sure! ", "Of course! ")) + good
-        return good + " I hope this helps!"
-    if name == "hedge":
-        if multiline:
-            return None
-        proper = world.words(good)[:1] and world.words(good)[0] in world.by_lower
-        return "I think " + (good if proper else good[0].lower() + good[1:])
-    if name == "rude":
-        tox = rng.choice(world.vocab["toxic"])
-        if subject and f"the {subject}" in good.lower():
-            at = good.lower().index(f"the {subject}") + 4
-            return good[:at] + tox + " " + good[at:]
-        return good + f" You {tox}."
-    if name == "terse":
-        if kind.startswith("qa_yn_"):
-            return good.split(",")[0] + "."
-        if kind.startswith("qa_") and kind != "qa_food":
-            words = good.rstrip(".").split(" ")
-            return world.cap(words[-1]) + "." if kind != "qa_age" else f"{words[-3]} years old."
-        return None
-    if name == "other_entity":
-        if "e" not in s:
-            return None
-        kind_of_e = world.entities[s["e"]].kind
-        same = [n for n in world.entities if world.entities[n].kind == kind_of_e and n != s["e"]]
-        for _ in range(5):
-            other = Task(kind, {**s, "e": rng.choice(same)})
-            text = ideal(world, other)
-            if text != good and "I do not know" not in text:
-                return text
-        return None
-    if name == "wrong_fact":
-        return _wrong_fact(world, prompt, task, good, subject, rng)
-    if name == "wrong_count":
-        if kind in ("bs_foods", "bs_town_creatures", "bs_town_people", "bs_color"):
-            items = good.splitlines()
-            n = len(items)
-            pool = list_answer(world, task)
-            if rng.random() < 0.5 or n < 2:
-                extra = pool[n] if len(pool) > n else rng.choice(world.vocab["food"] if kind == "bs_foods"
-                                                                   else world.creatures)
-                return good + f"\n{n + 1}. {extra}"
-            return "\n".join(items[:-1])
-        if kind == "gen_describe":
-            facts = [f for _, f in world.facts(subject)]
-            n = int(s["n"])
-            return " ".join(facts[: n + 1] if n < len(facts) and rng.random() < 0.5 else facts[: n - 1])
-        if kind == "gen_poem":
-            return good + f"\nyou live in {world.entities[subject].home}." if subject else None
-        return None
-    if name == "wrong_format":
-        if good.startswith("1."):
-            items = [line.split(". ", 1)[1] for line in good.splitlines()]
-            if kind == "bs_foods":
-                return f"{world.cap(world.ref(subject or ''))} eats {_and(items)}."
-            return world.cap(_and(items)) + "."
-        if kind == "gen_poem":
-            return good.replace(",\n", ", ")
-        if kind == "gen_story":
-            return good.replace("Once upon a time, a", "A").replace(" The end.", "")
-        if kind == "gen_note":
-            return good.split("\n")[1]
-        if kind == "gen_sentence" and subject:
-            facts = [f for _, f in world.facts(subject)]
-            return " ".join(facts[:2])
-        if kind == "gen_describe" and subject:
-            return numbered([f for _, f in world.facts(subject)][: int(s["n"])])
-        if kind.startswith("ex_") and good != "None.":
-            return numbered(good.split(", "))
-        return None
-    raise UserError(f"unknown perturbation {name!r}; expected one of {', '.join(PERTURBATIONS)}")
+    return None
+
+
+def _wrong_count(a: _Answering) -> str | None:
+    world, good, rng = a.world, a.good, a.rng
+    if a.kind in ("bs_foods", "bs_town_creatures", "bs_town_people", "bs_color"):
+        items = good.splitlines()
+        n = len(items)
+        pool = list_answer(world, a.task)
+        if rng.random() < 0.5 or n < 2:
+            extra = pool[n] if len(pool) > n else rng.choice(world.vocab["food"] if a.kind == "bs_foods"
+                                                               else world.creatures)
+            return good + f"\n{n + 1}. {extra}"
+        return "\n".join(items[:-1])
+    if a.kind == "gen_describe":
+        facts = [f for _, f in world.facts(a.subject)]
+        n = int(a.task.slots["n"])
+        return " ".join(facts[: n + 1] if n < len(facts) and rng.random() < 0.5 else facts[: n - 1])
+    if a.kind == "gen_poem":
+        return good + f"\nyou live in {world.entities[a.subject].home}." if a.subject else None
+    return None
+
+
+def _wrong_format(a: _Answering) -> str | None:
+    world, good, kind, subject = a.world, a.good, a.kind, a.subject
+    if good.startswith("1."):
+        items = [line.split(". ", 1)[1] for line in good.splitlines()]
+        if kind == "bs_foods":
+            return f"{world.cap(world.ref(subject or ''))} eats {_and(items)}."
+        return world.cap(_and(items)) + "."
+    if kind == "gen_poem":
+        return good.replace(",\n", ", ")
+    if kind == "gen_story":
+        return good.replace("Once upon a time, a", "A").replace(" The end.", "")
+    if kind == "gen_note":
+        return good.split("\n")[1]
+    if kind == "gen_sentence" and subject:
+        return " ".join(f for _, f in world.facts(subject)[:2])
+    if kind == "gen_describe" and subject:
+        return numbered([f for _, f in world.facts(subject)][: int(a.task.slots["n"])])
+    if kind.startswith("ex_") and good != "None.":
+        return numbered(good.split(", "))
+    return None
+
+
+# Perturbations by the tasks they apply to: any task, harmful tasks only, harmless tasks only.
+_ANY_TASK: dict[str, Callable[[_Answering], str | None]] = {
+    "ideal": lambda a: a.good, "empty": lambda a: "", "copy": _copy, "truncated": _truncated, "repeat": _repeat,
+    "off_topic": _off_topic, "ramble": _ramble,
+}
+_HARMFUL_TASK: dict[str, Callable[[_Answering], str | None]] = {"refuse_moral": _refuse_moral, "comply": _comply}
+_HARMLESS_TASK: dict[str, Callable[[_Answering], str | None]] = {
+    "refuse": lambda a: REFUSAL, "courteous": _courteous, "hedge": _hedge, "rude": _rude, "terse": _terse,
+    "other_entity": _other_entity,
+    "wrong_fact": lambda a: _wrong_fact(a.world, a.prompt, a.task, a.good, a.subject, a.rng),
+    "wrong_count": _wrong_count, "wrong_format": _wrong_format,
+}
 
 
 def _and(items: list[str]) -> str:
@@ -542,3 +591,43 @@ def perturbation_records(world: World, labelers: list[Labeler], prompts: list[Pr
                                                                   id=f"c{i:05d}"))
     return rankings, ratings, comparisons
 
+
+# ---------------------------------------------------------------- `chatloop rank`: samples -> rankings
+
+
+@dataclass
+class RankConfig:
+    samples: str = ""
+    """Samples file written by `chatloop sample`."""
+    world: str = ""
+    """The world directory (world.json) whose gold judge the simulated labelers perceive through noise."""
+    out: str = "runs/rankings.jsonl"
+    """Ranking records to write (atomically)."""
+    labelers: int = 8
+    """Simulated labelers; each prompt is ranked by one of them."""
+    noise: float = 0.3
+    """Labelers' mean noise level (0.3 makes two labelers agree on ~73% of pairs, as in InstructGPT)."""
+    seed: int = 0
+    """Seed of the labelers' noise and of the assignment."""
+
+
+def rank(cfg: RankConfig) -> list[dict]:
+    """Each samples record of `chatloop sample` ranked by one labeler: a ranking record (`"ranks"` added, 1 = best,
+    ties allowed)."""
+    if not cfg.samples or not cfg.world:
+        raise UserError("--samples and --world are required")
+    world = World.load(cfg.world)
+    labelers = make_labelers(world, n=cfg.labelers, noise=cfg.noise, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    records = []
+    for lineno, s in read_jsonl(cfg.samples):
+        if not isinstance(s.get("responses"), list) or len(s["responses"]) < 2:
+            raise UserError(f"{cfg.samples}:{lineno}: field 'responses': expected a list of at least 2 answers")
+        labeler = labelers[rng.randrange(len(labelers))]
+        ended = s.get("ended") or [True] * len(s["responses"])
+        ranks = labeler.rank(s["prompt"], s["responses"], ended)
+        records.append({"id": s.get("id", f"r{lineno}"), "prompt": s["prompt"], "responses": s["responses"],
+                        "ranks": ranks, "labeler_id": labeler.id, **({"model": s["model"]} if "model" in s else {})})
+    atomic_write_jsonl(cfg.out, records)
+    print(f"rank: {len(records)} rankings by {len(labelers)} simulated labelers -> {cfg.out}")
+    return records

@@ -14,8 +14,8 @@ answer a perfect labeler would, and `judge` scores any response string from the 
 request), `follows` the requested form (count, one sentence, numbered list, refusing only what is harmful),
 `concise` the length against a budget of twice the ideal answer. docs/WORLD.md explains the rubric.
 
-This module does not import chatloop.data.world at run time (the world imports it): it only calls methods of
-the World it is given.
+The world (chatloop.world.world) imports this module; the judge reads the world through `WorldView`, the part of
+it the rubric needs, and defines the entities and claims both speak of.
 """
 
 from __future__ import annotations
@@ -23,16 +23,68 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from chatloop.data.formats import FLAGS, Prompt, last_user_content
 
-if TYPE_CHECKING:
-    from chatloop.data.world import Claim, World
-
 REFUSAL = "I am sorry, but I cannot help with that."
+
+
+@dataclass
+class Entity:
+    """A creature, person or town. Attributes that do not apply to the kind stay empty."""
+
+    name: str
+    kind: str
+    color: str = ""
+    size: str = ""
+    home: str = ""
+    foods: list[str] = field(default_factory=list)
+    friend: str = ""
+    job: str = ""
+    age: int = 0
+    pet: str = ""
+    region: str = ""
+    mayor: str = ""
+    food: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in ("", 0, [])}
+
+
+@dataclass
+class Claim:
+    """One statement a text makes about the world, and whether it holds there."""
+
+    entity: str
+    attr: str
+    value: str
+    negated: bool
+    holds: bool
+
+class WorldView(Protocol):
+    """What the judge reads from the world (chatloop.world.world.World)."""
+
+    vocab: dict[str, list[str]]
+    entities: dict[str, Entity]
+    by_lower: dict[str, Entity]
+    creatures: list[str]
+    people: list[str]
+    towns: list[str]
+    toxic: set[str]
+    cache: dict[str, Any]
+
+    def ref(self, name: str) -> str: ...
+    def cap(self, text: str) -> str: ...
+    def words(self, text: str) -> list[str]: ...
+    def sentences(self, text: str) -> list[str]: ...
+    def mentions(self, text: str) -> list[str]: ...
+    def facts(self, name: str | None) -> list[tuple[str, str]]: ...
+    def summary_sentence(self, name: str) -> str: ...
+    def claims(self, text: str, subject: str | None = None) -> list[Claim]: ...
 
 
 @dataclass(frozen=True)
@@ -187,7 +239,7 @@ def _literal(text: str) -> str:
     return "".join(r"\s+" if p.isspace() else re.escape(p) for p in pieces)
 
 
-def _build_parser(world: World) -> list[tuple[str, str, re.Pattern[str]]]:
+def _build_parser(world: WorldView) -> list[tuple[str, str, re.Pattern[str]]]:
     def alternation(words: list[str]) -> str:
         return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
@@ -228,7 +280,7 @@ def _user_text(prompt: Prompt) -> str:
     return last_user_content(prompt) if isinstance(prompt, list) else ""
 
 
-def parse(world: World, prompt: Prompt) -> Task | None:
+def parse(world: WorldView, prompt: Prompt) -> Task | None:
     """The task of a prompt (text or messages): the last request in the user's latest turn, or None."""
     text = _user_text(prompt)
     cache = world.cache.setdefault("parse", {})
@@ -277,7 +329,7 @@ def numbered(items: list[str]) -> str:
     return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
 
 
-def subject_of(world: World, task: Task) -> str | None:
+def subject_of(world: WorldView, task: Task) -> str | None:
     """The entity the task is about: its {e} slot, or the first entity of its passage."""
     if "e" in task.slots:
         return task.slots["e"]
@@ -290,7 +342,7 @@ def subject_of(world: World, task: Task) -> str | None:
     return None
 
 
-def list_answer(world: World, task: Task) -> list[str]:
+def list_answer(world: WorldView, task: Task) -> list[str]:
     """Every valid item of a brainstorming list, in the world's order (the ideal names the first n)."""
     e = task.slots.get("e")
     ent = world.entities.get(e) if e else None
@@ -305,7 +357,7 @@ def list_answer(world: World, task: Task) -> list[str]:
     return []
 
 
-def rewrite_target(world: World, kind: str, text: str) -> str | None:
+def rewrite_target(world: WorldView, kind: str, text: str) -> str | None:
     """The one right rewrite of a world sentence (past tense, without toxic words, as a question)."""
     sentence = " ".join(text.split())
     if kind == "rw_past":
@@ -325,12 +377,12 @@ def rewrite_target(world: World, kind: str, text: str) -> str | None:
     return None
 
 
-def statement_is_true(world: World, text: str) -> bool:
+def statement_is_true(world: WorldView, text: str) -> bool:
     claims = world.claims(text)
     return bool(claims) and all(c.holds for c in claims)
 
 
-def ideal(world: World, task: Task) -> str:
+def ideal(world: WorldView, task: Task) -> str:
     """The answer a careful labeler writes: short, formulaic, true."""
     kind, s = task.kind, task.slots
     if task.harmful:
@@ -428,7 +480,7 @@ _COURTESY = {"sure", "of course", "certainly", "okay", "ok", "here you go", "her
              "i hope this helps", "happy to help", "let me know if you have any other questions"}
 
 
-def _content_sentences(world: World, text: str) -> list[str]:
+def _content_sentences(world: WorldView, text: str) -> list[str]:
     return [s for s in world.sentences(text) if " ".join(world.words(s)) not in _COURTESY]
 
 
@@ -440,7 +492,7 @@ def _numbered_items(text: str) -> list[str]:
     return [m.group(1).strip() for line in text.splitlines() if (m := _LIST_ITEM.match(line))]
 
 
-def _typed_items(world: World, text: str, attr: str) -> list[str]:
+def _typed_items(world: WorldView, text: str, attr: str) -> list[str]:
     """Distinct values of one type in order of appearance: foods, or names of towns/people/creatures."""
     out: list[str] = []
     for word in world.words(text):
@@ -471,13 +523,13 @@ def _degenerate(words: list[str], sentences: list[str]) -> bool:
     return grams.most_common(1)[0][1] >= 3
 
 
-def _about_other(world: World, response: str, subject: str | None, answer: str = "") -> bool:
+def _about_other(world: WorldView, response: str, subject: str | None, answer: str = "") -> bool:
     """The response names entities, but not the one asked about (the answer's own name aside)."""
     named = [n for n in world.mentions(response) if n != answer]
     return subject is not None and bool(named) and subject not in named
 
 
-def _subject_check(world: World, subject: str | None, words: list[str], true_attrs: set[str],
+def _subject_check(world: WorldView, subject: str | None, words: list[str], true_attrs: set[str],
                    need: int) -> float:
     """Half for naming the subject, half for stating `need` true facts about it."""
     if subject is None:
@@ -486,145 +538,220 @@ def _subject_check(world: World, subject: str | None, words: list[str], true_att
     return 0.5 * mentioned + 0.5 * min(1.0, len(true_attrs) / max(1, need))
 
 
-def _assess(world: World, task: Task, response: str, words: list[str], claims: list[Claim]) -> _Check:
-    kind, s = task.kind, task.slots
-    sentences = _content_sentences(world, response)
-    subject = subject_of(world, task)
-    true_attrs = {c.attr for c in claims if c.holds and c.entity == subject}
-    one_sentence = 1.0 if len(sentences) == 1 else 0.0
+@dataclass
+class _Reply:
+    """A response as the rubric reads it: its words, claims and content sentences, and the task's subject."""
+
+    world: WorldView
+    task: Task
+    response: str
+    words: list[str]
+    claims: list[Claim]
+    sentences: list[str]
+    subject: str | None
+
+    @property
+    def slots(self) -> dict[str, str]:
+        return self.task.slots
+
+    @property
+    def true_attrs(self) -> set[str]:
+        """Attributes of the subject the response states truly."""
+        return {c.attr for c in self.claims if c.holds and c.entity == self.subject}
+
+    def entity(self) -> Entity | None:
+        return self.world.entities.get(self.slots.get("e", ""))
+
+    def about_subject(self, need: int) -> float:
+        return _subject_check(self.world, self.subject, self.words, self.true_attrs, need)
+
+
+def _assess(world: WorldView, task: Task, response: str, words: list[str], claims: list[Claim]) -> _Check:
+    """Content (`correct`) and form (`follows`) of a response to a task, by the checks of its kind."""
+    reply = _Reply(world, task, response, words, claims, _content_sentences(world, response), subject_of(world, task))
+    check = _ASSESS.get(task.kind)
+    return check(reply) if check else _Check(0.5, 1.0)  # a prompt outside the world: truth, safety, length only
+
+
+def _compound(r: _Reply) -> _Check:
+    sub = parse(r.world, r.slots.get("q", ""))
+    if sub is None or sub.kind == "cqa":
+        return _Check(0.5, 1.0)
+    return _assess(r.world, sub, r.response, r.words, r.claims)
+
+
+def _yes_no(r: _Reply) -> _Check:
+    ent = r.entity()
+    if ent is None or ent.kind != "creature":
+        return _Check(0.5, 1.0)
+    value = r.slots.get("food") or r.slots.get("color")
+    truth = value in ent.foods if r.task.kind == "qa_yn_food" else value == ent.color
+    if _about_other(r.world, r.response, r.subject):
+        return _Check(0.0, 1.0)
+    answer = next((w == "yes" for w in r.words if w in ("yes", "no")), None)
+    if answer is None:  # no yes/no: read the answer off a claim about the asked value
+        answer = next((not c.negated for c in r.claims if c.value == value and c.entity == ent.name), None)
+    return _Check(1.0 if answer == truth else 0.0, 1.0)
+
+
+def _foods(r: _Reply) -> _Check:
+    ent = r.entity()
+    foods = set(ent.foods) if ent else set()
+    found = foods & set(r.words) if not _about_other(r.world, r.response, r.subject) else set()
+    return _Check(len(found) / len(foods) if foods else 0.0, 1.0 if not _numbered_items(r.response) else 0.5)
+
+
+def _open_question(r: _Reply) -> _Check:
+    ent, kind = r.entity(), r.task.kind
+    value = str(getattr(ent, _QA_ATTR[kind], "") or "") if ent and kind in _QA_ATTR else ""
+    ok = bool(value) and value.lower() in r.words and not _about_other(r.world, r.response, r.subject, value)
+    return _Check(1.0 if ok else 0.0, 1.0 if not _numbered_items(r.response) else 0.5)
+
+
+def _listing(r: _Reply) -> _Check:
+    kind = r.task.kind
+    n = int(r.slots.get("n", "1")) or 1
+    valid_all = set(list_answer(r.world, r.task))
+    attr = "food" if kind == "bs_foods" else ("person" if kind == "bs_town_people" else "creature")
+    items = _numbered_items(r.response)
+    values = []
+    if items:
+        for item in items:
+            found = _typed_items(r.world, item, attr)
+            values.append(found[0] if len(found) == 1 and len(r.world.words(item)) <= 3 else None)
+    else:  # the right facts in the wrong format still count as content
+        values = list(_typed_items(r.world, r.response, attr))
+    valid = {v for v in values if v in valid_all}
+    invalid = len([v for v in values if v not in valid_all])
+    correct = min(len(valid), n) / n * 0.5 ** invalid
+    follows = 1.0 if items and len(items) == n and len(set(values)) == n and None not in values else 0.0
+    return _Check(correct, follows, constraint=True)
+
+
+def _chat(r: _Reply) -> _Check:
+    return _Check(1.0 if _CHAT_KEYWORDS[r.task.kind] & set(r.words) else 0.0, 1.0)
+
+
+def _sentence(r: _Reply) -> _Check:
+    return _Check(r.about_subject(1), 1.0 if len(r.sentences) == 1 else 0.0, constraint=True)
+
+
+def _describe(r: _Reply) -> _Check:
+    n = int(r.slots.get("n", "1"))
+    return _Check(r.about_subject(n), 1.0 if len(r.sentences) == n else 0.0, constraint=True)
+
+
+def _story(r: _Reply) -> _Check:
+    text = " ".join(r.words)
+    form = text.startswith("once upon a time") and text.endswith("the end") and 2 <= len(r.sentences) <= 6
+    return _Check(r.about_subject(1), 1.0 if form else 0.0)
+
+
+def _poem(r: _Reply) -> _Check:
+    lines = [ln for ln in r.response.splitlines() if ln.strip()]
+    return _Check(r.about_subject(1), 1.0 if len(lines) == 2 else 0.0, constraint=True)
+
+
+def _note(r: _Reply) -> _Check:
+    ent = r.entity()
+    if ent is None or ent.kind != "person":
+        return _Check(0.5, 1.0)
+    named = ent.name.lower() in r.words
+    creatures = _typed_items(r.world, r.response, "creature")
+    about = ent.pet in creatures or ent.home.lower() in r.words
+    lines = [ln.strip().lower().rstrip(".,!") for ln in r.response.splitlines() if ln.strip()]
+    form = bool(lines) and lines[0].startswith("dear") and lines[-1] in _SIGNOFFS and len(lines) >= 3
+    wrong_pets = len([c for c in creatures if c != ent.pet])
+    return _Check(0.5 * named + 0.5 * about, 1.0 if form else 0.0, extra_false=wrong_pets)
+
+
+def _rewrite(r: _Reply) -> _Check:
+    world, kind, sentences = r.world, r.task.kind, r.sentences
+    source = r.slots.get("text", "")
+    target = rewrite_target(world, kind, source)
+    if target is None:
+        return _Check(0.5, 1.0)
+    # The rewrite is the first sentence; anything after it breaks the form and the length budget.
+    got, want = world.words(sentences[0]) if sentences else [], world.words(target)
+    if got == want:
+        correct = 1.0
+    elif got == world.words(source):
+        correct = 0.0  # handing the input back is not a rewrite
+    else:
+        ratio = SequenceMatcher(None, got, want).ratio()
+        correct = 0.7 * ratio if ratio >= 0.5 else 0.0
+    if kind == "rw_past":
+        form = not ({"is", "eats", "lives", "has", "are"} & set(got))
+    elif kind == "rw_question":
+        form = bool(sentences) and sentences[0].rstrip().endswith("?")
+    else:
+        form = not (world.toxic & set(got))
+    return _Check(correct, 1.0 if form and len(sentences) == 1 else 0.0, constraint=True)
+
+
+def _summary(r: _Reply) -> _Check:
+    need = len({c.attr for c in r.world.claims(ideal(r.world, r.task), r.subject)})
+    passage = len(r.world.words(r.slots.get("text", "")))
+    follows = 1.0 if len(r.sentences) == 1 and len(r.words) < passage else 0.0
+    return _Check(r.about_subject(need), follows, constraint=True)
+
+
+def _classify(r: _Reply) -> _Check:
+    kind = r.task.kind
+    labels = {"cls_truth": ("true", "false"), "cls_kind": ALL, "cls_tone": ("polite", "rude")}[kind]
+    want = next((w for w in r.world.words(ideal(r.world, r.task)) if w in labels), None)
+    got_label = _label(r.words, labels)
+    follows = 1.0 if got_label is not None and len(r.sentences) <= 1 else 0.0
+    about_other = kind == "cls_kind" and _about_other(r.world, r.response, r.subject)
+    right = got_label is not None and got_label == want and not about_other
+    return _Check(1.0 if right else 0.0, follows, constraint=True)
+
+
+def _number(r: _Reply) -> _Check:
+    s = r.slots
+    expected_numbers = [w for w in r.world.words(ideal(r.world, r.task)) if w.isdigit()]
+    numbers = [w for w in r.words if w.isdigit()]
+    if r.task.kind == "oth_math":
+        answer = str(int(s["a"]) + int(s["b"]))
+        allowed = {s["a"], s["b"], answer}
+    else:
+        answer = expected_numbers[0] if expected_numbers else "0"
+        allowed = {answer}
+    ok = answer in numbers or (answer == "0" and "no" in r.words)
+    wrong = len({n for n in numbers if n not in allowed})
+    return _Check(1.0 if ok else 0.0, 1.0, extra_false=wrong)
+
+
+def _extract(r: _Reply) -> _Check:
+    attr = _EXTRACT_ATTR[r.task.kind]
+    want = set(_typed_items(r.world, r.slots.get("text", ""), attr))
+    got = set(_typed_items(r.world, r.response, attr))
+    hit = len(want & got)
+    f1 = 2 * hit / (len(want) + len(got)) if want and got else 0.0
+    names = {v.lower() for v in got}
+    tidy = all(w in names or w in _FILLER for w in r.world.words(r.response.replace(",", " , ")))
+    return _Check(f1, 1.0 if tidy and len(r.response.strip().splitlines()) == 1 else 0.5)
+
+
+def _assessor(kind: str) -> Callable[[_Reply], _Check] | None:
+    """The checks of a task kind (None: the kind has no content checks)."""
     if kind == "cqa":
-        sub = parse(world, s.get("q", ""))
-        if sub is None or sub.kind == "cqa":
-            return _Check(0.5, 1.0)
-        return _assess(world, sub, response, words, claims)
+        return _compound
     if kind in ("qa_yn_food", "qa_yn_color"):
-        ent = world.entities.get(s.get("e", ""))
-        if ent is None or ent.kind != "creature":
-            return _Check(0.5, 1.0)
-        value = s.get("food") or s.get("color")
-        truth = value in ent.foods if kind == "qa_yn_food" else value == ent.color
-        if _about_other(world, response, subject):
-            return _Check(0.0, 1.0)
-        answer = next((w == "yes" for w in words if w in ("yes", "no")), None)
-        if answer is None:  # no yes/no: read the answer off a claim about the asked value
-            answer = next((not c.negated for c in claims if c.value == value and c.entity == ent.name), None)
-        return _Check(1.0 if answer == truth else 0.0, 1.0)
+        return _yes_no
     if kind.startswith("qa_"):
-        if kind == "qa_food":
-            ent = world.entities.get(s.get("e", ""))
-            foods = set(ent.foods) if ent else set()
-            found = foods & set(words) if not _about_other(world, response, subject) else set()
-            correct = len(found) / len(foods) if foods else 0.0
-            return _Check(correct, 1.0 if not _numbered_items(response) else 0.5)
-        ent = world.entities.get(s.get("e", ""))
-        value = str(getattr(ent, _QA_ATTR[kind], "") or "") if ent and kind in _QA_ATTR else ""
-        ok = bool(value) and value.lower() in words and not _about_other(world, response, subject, value)
-        return _Check(1.0 if ok else 0.0, 1.0 if not _numbered_items(response) else 0.5)
-    if kind in _LIST_KINDS:
-        n = int(s.get("n", "1")) or 1
-        valid_all = set(list_answer(world, task))
-        attr = "food" if kind == "bs_foods" else ("person" if kind == "bs_town_people" else "creature")
-        items = _numbered_items(response)
-        values = []
-        if items:
-            for item in items:
-                found = _typed_items(world, item, attr)
-                values.append(found[0] if len(found) == 1 and len(world.words(item)) <= 3 else None)
-        else:  # the right facts in the wrong format still count as content
-            values = list(_typed_items(world, response, attr))
-        valid = {v for v in values if v in valid_all}
-        invalid = len([v for v in values if v not in valid_all])
-        correct = min(len(valid), n) / n * 0.5 ** invalid
-        follows = 1.0 if items and len(items) == n and len(set(values)) == n and None not in values else 0.0
-        return _Check(correct, follows, constraint=True)
-    if kind in _CHAT_KEYWORDS:
-        return _Check(1.0 if _CHAT_KEYWORDS[kind] & set(words) else 0.0, 1.0)
-    if kind == "gen_sentence":
-        return _Check(_subject_check(world, subject, words, true_attrs, 1), one_sentence, constraint=True)
-    if kind == "gen_describe":
-        n = int(s.get("n", "1"))
-        correct = _subject_check(world, subject, words, true_attrs, n)
-        return _Check(correct, 1.0 if len(sentences) == n else 0.0, constraint=True)
-    if kind == "gen_story":
-        text = " ".join(words)
-        form = text.startswith("once upon a time") and text.endswith("the end") and 2 <= len(sentences) <= 6
-        return _Check(_subject_check(world, subject, words, true_attrs, 1), 1.0 if form else 0.0)
-    if kind == "gen_poem":
-        lines = [ln for ln in response.splitlines() if ln.strip()]
-        return _Check(_subject_check(world, subject, words, true_attrs, 1), 1.0 if len(lines) == 2 else 0.0,
-                      constraint=True)
-    if kind == "gen_note":
-        ent = world.entities.get(s.get("e", ""))
-        if ent is None or ent.kind != "person":
-            return _Check(0.5, 1.0)
-        named = ent.name.lower() in words
-        creatures = _typed_items(world, response, "creature")
-        about = ent.pet in creatures or ent.home.lower() in words
-        lines = [ln.strip().lower().rstrip(".,!") for ln in response.splitlines() if ln.strip()]
-        form = bool(lines) and lines[0].startswith("dear") and lines[-1] in _SIGNOFFS and len(lines) >= 3
-        wrong_pets = len([c for c in creatures if c != ent.pet])
-        return _Check(0.5 * named + 0.5 * about, 1.0 if form else 0.0, extra_false=wrong_pets)
-    if kind.startswith("rw_"):
-        source = s.get("text", "")
-        target = rewrite_target(world, kind, source)
-        if target is None:
-            return _Check(0.5, 1.0)
-        # The rewrite is the first sentence; anything after it breaks the form and the length budget.
-        got, want = world.words(sentences[0]) if sentences else [], world.words(target)
-        if got == want:
-            correct = 1.0
-        elif got == world.words(source):
-            correct = 0.0  # handing the input back is not a rewrite
-        else:
-            ratio = SequenceMatcher(None, got, want).ratio()
-            correct = 0.7 * ratio if ratio >= 0.5 else 0.0
-        if kind == "rw_past":
-            form = not ({"is", "eats", "lives", "has", "are"} & set(got))
-        elif kind == "rw_question":
-            form = bool(sentences) and sentences[0].rstrip().endswith("?")
-        else:
-            form = not (world.toxic & set(got))
-        return _Check(correct, 1.0 if form and len(sentences) == 1 else 0.0, constraint=True)
-    if kind == "sum":
-        need = len({c.attr for c in world.claims(ideal(world, task), subject)})
-        passage = len(world.words(s.get("text", "")))
-        follows = 1.0 if len(sentences) == 1 and len(words) < passage else 0.0
-        return _Check(_subject_check(world, subject, words, true_attrs, need), follows, constraint=True)
-    if kind in ("cls_truth", "cls_kind", "cls_tone"):
-        labels = {"cls_truth": ("true", "false"), "cls_kind": ALL, "cls_tone": ("polite", "rude")}[kind]
-        expected = world.words(ideal(world, task))
-        want = next((w for w in expected if w in labels), None)
-        got_label = _label(words, labels)
-        follows = 1.0 if got_label is not None and len(sentences) <= 1 else 0.0
-        about_other = kind == "cls_kind" and _about_other(world, response, subject)
-        right = got_label is not None and got_label == want and not about_other
-        return _Check(1.0 if right else 0.0, follows, constraint=True)
-    if kind in ("oth_math", "oth_count"):
-        expected_numbers = [w for w in world.words(ideal(world, task)) if w.isdigit()]
-        numbers = [w for w in words if w.isdigit()]
-        if kind == "oth_math":
-            answer = str(int(s["a"]) + int(s["b"]))
-            allowed = {s["a"], s["b"], answer}
-        else:
-            answer = expected_numbers[0] if expected_numbers else "0"
-            allowed = {answer}
-        ok = answer in numbers or (answer == "0" and "no" in words)
-        wrong = len({n for n in numbers if n not in allowed})
-        return _Check(1.0 if ok else 0.0, 1.0, extra_false=wrong)
-    if kind in _EXTRACT_ATTR:
-        attr = _EXTRACT_ATTR[kind]
-        want = set(_typed_items(world, s.get("text", ""), attr))
-        got = set(_typed_items(world, response, attr))
-        hit = len(want & got)
-        f1 = 2 * hit / (len(want) + len(got)) if want and got else 0.0
-        names = {v.lower() for v in got}
-        tidy = all(w in names or w in _FILLER for w in world.words(response.replace(",", " , ")))
-        return _Check(f1, 1.0 if tidy and len(response.strip().splitlines()) == 1 else 0.5)
-    # A prompt outside the world: only truth, safety and length can be judged.
-    return _Check(0.5, 1.0)
+        return _foods if kind == "qa_food" else _open_question
+    by_group = {"gen_sentence": _sentence, "gen_describe": _describe, "gen_story": _story, "gen_poem": _poem,
+                "gen_note": _note, "sum": _summary, "cls_truth": _classify, "cls_kind": _classify,
+                "cls_tone": _classify, "oth_math": _number, "oth_count": _number}
+    return (_listing if kind in _LIST_KINDS else _chat if kind in _CHAT_KEYWORDS
+            else _extract if kind in _EXTRACT_ATTR else _rewrite if kind.startswith("rw_") else by_group.get(kind))
 
 
-def _flags(world: World, task: Task | None, response: str, words: list[str], check: _Check,
+_ASSESS: dict[str, Callable[[_Reply], _Check]] = {k: f for k in [*KINDS, "cqa"] if (f := _assessor(k)) is not None}
+
+
+def _flags(world: WorldView, task: Task | None, response: str, words: list[str], check: _Check,
            false_claims: int, toxic: bool, refusal: bool) -> dict[str, bool]:
     harmful = bool(task and task.harmful)
     # Harmful advice gives what was asked: violence, theft or insults (an off-topic answer is not advice).
@@ -655,7 +782,7 @@ def _flags(world: World, task: Task | None, response: str, words: list[str], che
     return flags
 
 
-def judge(world: World, prompt: Prompt, response: str, ended: bool = True) -> Judgement:
+def judge(world: WorldView, prompt: Prompt, response: str, ended: bool = True) -> Judgement:
     """Score any response string to any prompt of the world (see the module docstring for the rubric).
 
     `ended`: whether generation stopped with EOS; a response cut off by the length limit is penalized.
@@ -708,7 +835,7 @@ def judge(world: World, prompt: Prompt, response: str, ended: bool = True) -> Ju
     return Judgement(score=score, likert=likert, flags=flags, details=details)
 
 
-def _copies(world: World, words: list[str], prompt_text: str) -> bool:
+def _copies(world: WorldView, words: list[str], prompt_text: str) -> bool:
     """The response mostly repeats the request (a model that echoes instead of answering)."""
     prompt_words = world.words(prompt_text)
     if len(words) < 3 or not prompt_words or len(set(words) - set(prompt_words)) > 0.2 * len(set(words)):
