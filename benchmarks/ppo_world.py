@@ -6,6 +6,8 @@
   3. The adaptive KL controller: KL per iteration after warmup, against the target.
   4. beta -> 0 at the long budget: the RM score rises while the gold win rate falls (over-optimisation).
   5. PPO-ptx against PPO: the pretraining validation loss regresses less.
+  6. knobs: the gold-reward ceiling at the config's budget with 4 PPO epochs, lr 2e-4, or KL coef 0.02 (does any
+     of PPO's knobs lift it?), each against SFT with its ties counted.
 Every run uses the run config's PPO settings unless an experiment changes them; results go to
 benchmarks/results/ppo_world.json (experiments not run keep their earlier results).
 
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml", help="its config (for the PPO settings)")
     parser.add_argument("--limit", type=int, default=200, help="held-out prompts per evaluation")
     parser.add_argument("--work", default="runs/ppo-world", help="where the experiment runs go")
-    parser.add_argument("--only", nargs="*", default=["seeds", "oracle", "adaptive", "beta0", "ptx"])
+    parser.add_argument("--only", nargs="*", default=["seeds", "oracle", "adaptive", "beta0", "ptx", "knobs"])
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --work instead of retraining")
     args = parser.parse_args()
     global REUSE
@@ -128,6 +130,16 @@ def main() -> None:
         plain = train(run, base, work / "seed-0", seed=0, ptx_data=[])
         results["ptx"] = {"ppo": against_sft(run, plain, args.limit, eval_seed=100),
                           "ppo-ptx": against_sft(run, out, args.limit, eval_seed=100)}
+    if "knobs" in args.only:  # 6
+        results["knobs"] = {}
+        for name, change in (("gold", {}), ("ppo_epochs-4", {"ppo_epochs": 4}), ("lr-2e-4", {"lr": 2e-4}),
+                             ("kl_coef-0.02", {"kl_coef": 0.02})):
+            started = time.time()
+            out = train(run, base, work / f"knob-{name}", gold=True, ptx_data=[], **change)
+            results["knobs"][name] = {**against_sft(run, out, args.limit, eval_seed=0),
+                                      "train_s": round(time.time() - started)}
+            w = results["knobs"][name]["gold_win_rate"]
+            print(f"{name}: {w['win_rate']:.3f}, {w['ties']} ties of {w['n']}, {w['win_rate_no_ties']:.3f} without")
     results["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "ppo_world.json"
