@@ -121,8 +121,6 @@ class DPOConfig(StepConfig):
     """Evaluate on the held-out rankings every this many steps (0: only at the end)."""
     grad_checkpoint: bool = False
     """Recompute the policy's block activations in the backward pass (less memory, ~1/3 more compute)."""
-    eval_every: int = 100
-    """Run validation every this many steps (and at the end)."""
 
 
 @dataclass
