@@ -733,22 +733,16 @@ def _extract(r: _Reply) -> _Check:
     return _Check(f1, 1.0 if tidy and len(r.response.strip().splitlines()) == 1 else 0.5)
 
 
-def _assessor(kind: str) -> Callable[[_Reply], _Check] | None:
-    """The checks of a task kind (None: the kind has no content checks)."""
-    if kind == "cqa":
-        return _compound
-    if kind in ("qa_yn_food", "qa_yn_color"):
-        return _yes_no
-    if kind.startswith("qa_"):
-        return _foods if kind == "qa_food" else _open_question
-    by_group = {"gen_sentence": _sentence, "gen_describe": _describe, "gen_story": _story, "gen_poem": _poem,
-                "gen_note": _note, "sum": _summary, "cls_truth": _classify, "cls_kind": _classify,
-                "cls_tone": _classify, "oth_math": _number, "oth_count": _number}
-    return (_listing if kind in _LIST_KINDS else _chat if kind in _CHAT_KEYWORDS
-            else _extract if kind in _EXTRACT_ATTR else _rewrite if kind.startswith("rw_") else by_group.get(kind))
-
-
-_ASSESS: dict[str, Callable[[_Reply], _Check]] = {k: f for k in [*KINDS, "cqa"] if (f := _assessor(k)) is not None}
+# The checks of each task kind (a kind not here, like the harmful requests, has no content checks).
+_ASSESS: dict[str, Callable[[_Reply], _Check]] = {
+    "cqa": _compound, "qa_yn_food": _yes_no, "qa_yn_color": _yes_no, "qa_food": _foods,
+    **dict.fromkeys(_QA_ATTR, _open_question), **dict.fromkeys(_LIST_KINDS, _listing),
+    **dict.fromkeys(_CHAT_KEYWORDS, _chat), **dict.fromkeys(_EXTRACT_ATTR, _extract),
+    **dict.fromkeys(("rw_past", "rw_polite", "rw_question"), _rewrite),
+    "gen_sentence": _sentence, "gen_describe": _describe, "gen_story": _story, "gen_poem": _poem, "gen_note": _note,
+    "sum": _summary, "cls_truth": _classify, "cls_kind": _classify, "cls_tone": _classify,
+    "oth_math": _number, "oth_count": _number,
+}
 
 
 def _flags(world: WorldView, task: Task | None, response: str, words: list[str], check: _Check,
