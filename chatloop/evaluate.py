@@ -113,7 +113,7 @@ def answer(model: GPT, tokenizer: Tokenizer, prompts: list, max_new_tokens: int 
         ids = [i[-(model.cfg.max_seq_len - max_new_tokens):] for i in ids]  # keep the end of over-long prompts
         rollout = generate(model, ids, max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
                            temperature=temperature, generator=generator)
-        result.texts += [tokenizer.decode(r) for r in rollout.response_ids()]
+        result.texts += [tokenizer.decode_reply(r) for r in rollout.response_ids()]
         result.ended += rollout.ended.tolist()
         result.tokens.append(rollout.tokens)
         result.masks.append(rollout.attention_mask)

@@ -62,7 +62,7 @@ def generate(cfg: GenerateConfig) -> list[str]:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     rollout = sample(model, ids, min(cfg.max_new_tokens, room), tokenizer.pad_id, tokenizer.stop_ids,
                      cfg.temperature, cfg.top_k, cfg.top_p, generator)
-    texts = [tokenizer.decode(r) for r in rollout.response_ids()]
+    texts = [tokenizer.decode_reply(r) for r in rollout.response_ids()]
     for prompt, text in zip(prompts, texts):
         print(f"--- {prompt!r}\n{prompt}{text}")
     return texts

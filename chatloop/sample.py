@@ -86,7 +86,7 @@ def sample(cfg: SampleConfig) -> list[dict]:
                                tokenizer.stop_ids, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
             for i, response, ended in zip(chunk, rollout.response_ids(), rollout.ended.tolist()):
                 draws[i] += 1
-                text = tokenizer.decode(response)
+                text = tokenizer.decode_reply(response)
                 if text not in found[i] and len(found[i]) < ks[i]:
                     found[i][text] = ended
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}

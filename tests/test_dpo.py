@@ -50,11 +50,12 @@ def test_the_answer_is_the_last_assistant_turn_and_ties_are_skipped_and_counted(
     prompt_ids = tok.render_chat(context, add_generation_prompt=True)[0]
     for sequence, start, answer in zip(g.sequences, g.starts, ["runs", "the hill", "the town"]):
         assert sequence[:start] == prompt_ids  # the earlier assistant turn is prompt, not answer
-        assert sequence[start:] == tok.encode(answer) + [tok.end_of_turn_id]
+        assert sequence[start:] == tok.encode_reply(answer) + [tok.end_of_turn_id]
     cut = encode_rankings([{"prompt": context, "responses": ["the red fox runs " * 20, "x"], "ranks": [1, 2]}],
                           tok, 16, report)[0]
     assert len(cut.sequences[0]) == 16 and cut.starts[0] == 1  # the answer keeps its start; one prompt token
-    assert cut.sequences[1][-2:] == tok.encode("x") + [tok.end_of_turn_id] and len(cut.sequences[1]) == 16
+    x = tok.encode_reply("x") + [tok.end_of_turn_id]
+    assert cut.sequences[1][-len(x):] == x and len(cut.sequences[1]) == 16
     assert report["answer cut"] == 1 and report["prompt cut"] == 1
 
 

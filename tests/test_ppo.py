@@ -223,7 +223,7 @@ def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     prompts = [world.render_core(t, rng) for t in tasks]
     answers = [ideal(world, tasks[0]), ideal(world, tasks[1]), "Hello there."]  # the last answers nothing
     stop = tok.stop_ids[0]
-    ids = [tok.encode(a) + [stop] for a in answers]
+    ids = [tok.encode_reply(a) + [stop] for a in answers]  # as the model writes them
     width = max(map(len, ids))
     response = torch.tensor([i + [tok.pad_id] * (width - len(i)) for i in ids])
     mask = response != tok.pad_id

@@ -54,9 +54,10 @@ def test_an_over_long_response_is_cut_but_keeps_its_end_of_turn_token(tokenizer_
                              tok, 32)
     cut, whole = groups[0].sequences
     assert len(cut) == 32 and cut[-1] == tok.end_of_turn_id  # the reward is read at an end of turn
-    assert cut[1:-1] == tok.encode(long)[: 30] and cut[0] == tok.render_chat(
+    assert cut[1:-1] == tok.encode_reply(long)[: 30] and cut[0] == tok.render_chat(
         [{"role": "user", "content": "where does the fox run?"}], add_generation_prompt=True)[0][-1]
-    assert whole[-1] == tok.end_of_turn_id and whole[-len(tok.encode(short)) - 1 : -1] == tok.encode(short)
+    short_ids = tok.encode_reply(short)
+    assert whole[-1] == tok.end_of_turn_id and whole[-len(short_ids) - 1 : -1] == short_ids
 
 
 def test_exactly_one_forward_pass_per_response(tokenizer_dir):

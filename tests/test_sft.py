@@ -33,7 +33,7 @@ def test_labels_are_the_next_assistant_token_exactly_token_by_token(tokenizer_di
         expected = rendered[t + 1] if t + 1 < len(rendered) and mask[t + 1] else -100
         assert labels[0, t].item() == expected
     learned = tok.decode([rendered[t + 1] for t in range(len(rendered) - 1) if mask[t + 1]], False)
-    assert learned == "To the river.<|end|>It stays on the hill.<|end|>"
+    assert learned == " To the river.<|end|> It stays on the hill.<|end|>"
 
 
 def test_packing_gives_the_same_per_example_loss_as_no_packing(tokenizer_dir):

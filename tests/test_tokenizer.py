@@ -27,7 +27,7 @@ def test_chat_loss_mask_covers_assistant_content_and_end_of_turn_only(tokenizer_
     ids, mask = tok.render_chat(CONVERSATION)
     assert len(ids) == len(mask)
     learned = [i for i, m in zip(ids, mask) if m]
-    expected = tok.encode("To the river.") + [tok.end_of_turn_id] + tok.encode("It stays on the hill.") + [
+    expected = tok.encode(" To the river.") + [tok.end_of_turn_id] + tok.encode(" It stays on the hill.") + [
         tok.end_of_turn_id]
     assert learned == expected
     # Token by token: role tokens, system and user text are never learned.
@@ -37,6 +37,31 @@ def test_chat_loss_mask_covers_assistant_content_and_end_of_turn_only(tokenizer_
     prompt, prompt_mask = tok.render_chat(CONVERSATION[:2], add_generation_prompt=True)
     assert prompt[-1] == tok.role_ids["assistant"] and not any(prompt_mask)
     assert ids[: len(prompt)] == prompt
+
+
+def test_an_answer_starts_with_the_token_the_word_has_in_the_prompt(tokenizer_dir):
+    """The prefix space: "fox" opens the answer as the same token as in "the red fox" of the question (without it,
+    a small model must learn a second token for every name it is asked about); decode_reply drops the space."""
+    tok = Tokenizer.load(tokenizer_dir)
+    question = {"role": "user", "content": "Where does the red fox run?"}
+    ids, mask = tok.render_chat([question, {"role": "assistant", "content": "fox runs to the river."}])
+    prompt_ids = tok.render_chat([question], add_generation_prompt=True)[0]
+    first_answer_token = ids[len(prompt_ids)]
+    assert first_answer_token == tok.encode(" fox")[0] and first_answer_token in prompt_ids
+    assert tok.decode_reply(ids[len(prompt_ids):-1]) == "fox runs to the river."
+    assert tok.decode(ids[len(prompt_ids):-1]) == " fox runs to the river."
+
+
+def test_a_checkpoint_from_before_the_prefix_space_renders_as_it_was_trained(tokenizer_dir):
+    from chatloop.tokenizer import LEGACY_CHAT_TEMPLATE
+
+    new = Tokenizer.load(tokenizer_dir)
+    old = Tokenizer(new.hf, chat_template=LEGACY_CHAT_TEMPLATE)
+    assert not old.uses_template and old.prefix == ""
+    ids, mask = old.render_chat(CONVERSATION)
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert learned[: len(old.encode("To the river."))] == old.encode("To the river.")
+    assert old.decode_reply(old.encode("To the river.")) == "To the river."
 
 
 def test_transformers_loads_it_and_its_chat_template_renders_the_same_ids(tokenizer_dir):

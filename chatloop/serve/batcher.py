@@ -290,7 +290,7 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a token; return the text that became final (possibly empty)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode_reply(self.ids)
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s)))
             if at >= 0:
@@ -310,7 +310,7 @@ class TextStream:
         """At the end of the response: whatever is still held back."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode_reply(self.ids)
         return self._release(text, len(text))
 
     def _release(self, text: str, end: int) -> str:

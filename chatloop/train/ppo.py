@@ -669,8 +669,9 @@ def record_samples(out: Path, iteration: int, batch: Batch, tokenizer: Tokenizer
     """Append a few samples to samples.jsonl and print the first."""
     rows = []
     for i, ids in enumerate(batch.rollout.response_ids()[:4]):
-        rows.append({"iteration": iteration, "prompt": tokenizer.decode(prompts[i]), "response": tokenizer.decode(ids),
-                     "score": round(batch.scores[i].item(), 4), "kl": round(batch.kl[i].item(), 4)})
+        rows.append({"iteration": iteration, "prompt": tokenizer.decode(prompts[i]),
+                     "response": tokenizer.decode_reply(ids), "score": round(batch.scores[i].item(), 4),
+                     "kl": round(batch.kl[i].item(), 4)})
     with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     tqdm.write(f"[{iteration}] {rows[0]['prompt'][-60:]!r} -> {rows[0]['response'][:80]!r} "

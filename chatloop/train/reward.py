@@ -168,7 +168,7 @@ def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) ->
         prompt_ids = tokenizer.render_chat(prompt_messages(r["prompt"]), add_generation_prompt=True)[0]
         sequences = []
         for response in r["responses"]:
-            answer = tokenizer.encode(response) + [tokenizer.end_of_turn_id or tokenizer.eos_id]
+            answer = tokenizer.encode_reply(response) + [tokenizer.end_of_turn_id or tokenizer.eos_id]
             if len(answer) > seq_len - 1:
                 answer = answer[: seq_len - 2] + answer[-1:]
             sequences.append(prompt_ids[-(seq_len - len(answer)):] + answer)

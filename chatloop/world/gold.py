@@ -23,7 +23,7 @@ class GoldReward:
         self.world, self.tokenizer, self.scale = world, tokenizer, scale
 
     def scores(self, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
-        texts = [self.tokenizer.decode(r) for r in rollout.response_ids()]
+        texts = [self.tokenizer.decode_reply(r) for r in rollout.response_ids()]
         return torch.tensor([self.scale * self.world.judge(p, t, ended=e).score
                              for p, t, e in zip(prompts, texts, rollout.ended.tolist())])
 
