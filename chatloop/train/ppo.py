@@ -669,7 +669,7 @@ def record_samples(out: Path, iteration: int, batch: Batch, tokenizer: Tokenizer
     """Append a few samples to samples.jsonl and print the first."""
     rows = []
     for i, ids in enumerate(batch.rollout.response_ids()[:4]):
-        rows.append({"iteration": iteration, "prompt": tokenizer.decode(prompts[i]),
+        rows.append({"iteration": iteration, "prompt": tokenizer.decode(prompts[i]).strip(),
                      "response": tokenizer.decode_reply(ids), "score": round(batch.scores[i].item(), 4),
                      "kl": round(batch.kl[i].item(), 4)})
     with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
