@@ -110,13 +110,13 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode_reply(self, text: str) -> list[int]:
-        """An answer's tokens as a chat renders them after the assistant's role (and as the model writes them)."""
+        """A message's content as chatloop's chat renders it after the role token: for an answer, the tokens the
+        model writes."""
         return self.encode(self.prefix + text)
 
     def decode_reply(self, ids: list[int]) -> str:
         """The text of a generated answer: without the space chatloop's chat format starts a message with."""
-        text = self.decode(ids)
-        return text[len(self.prefix):] if self.prefix and text.startswith(self.prefix) else text
+        return self.decode(ids).removeprefix(self.prefix)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[bool]]:
