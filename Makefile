@@ -31,7 +31,7 @@ quick: setup
 	$(BIN)/chatloop demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: setup
 	$(BIN)/ruff check chatloop tests benchmarks

@@ -23,6 +23,7 @@ log n - (n - 1)/n). Its n samples are also where the diagnostics of the loop com
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from chatloop.errors import UserError
 from chatloop.io import atomic_write_json, iter_texts, read_jsonl
 from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
+from chatloop.world.judge import Judgement
 from chatloop.world.world import World
 
 
@@ -121,14 +123,28 @@ def answer(model: GPT, tokenizer: Tokenizer, prompts: list, max_new_tokens: int 
     return result
 
 
+# What the judge marked an answer down for (the report card's "why" table): the share of answers with each.
+MARKS: dict[str, Callable[[Judgement], bool]] = {
+    "ideal": lambda j: j.score >= 1.0,
+    "false_claim": lambda j: j.details["false_claims"] > 0,
+    "wrong_form": lambda j: j.flags["fails_to_follow"],
+    "pleasantry": lambda j: j.details["pleasantries"] > 0,
+    "too_long": lambda j: j.details["ended"] and j.details["finished"] and j.details["concise"] < 1.0,
+    "no_stop": lambda j: not j.details["ended"],
+}
+
+
 def gold_report(world: World, answers: Answers) -> tuple[dict[str, float], list[float]]:
-    """Mean gold score, Likert, stop rate and each metadata flag's rate; and the per-prompt scores."""
+    """Mean gold score, Likert, stop rate, each metadata flag's rate and each of MARKS' shares; and the per-prompt
+    scores."""
     judgements = [world.judge(p, t, ended=e) for p, t, e in zip(answers.prompts, answers.texts, answers.ended)]
     n = max(1, len(judgements))
     report = {"gold_score": sum(j.score for j in judgements) / n, "likert": sum(j.likert for j in judgements) / n,
               "ended": sum(answers.ended) / n}
     for flag in judgements[0].flags if judgements else []:
         report[f"flag/{flag}"] = sum(bool(j.flags[flag]) for j in judgements) / n
+    for mark, has in MARKS.items():
+        report[f"marked/{mark}"] = sum(has(j) for j in judgements) / n
     return report, [j.score for j in judgements]
 
 

@@ -238,6 +238,9 @@ def print_summary(root: Path, report: dict) -> None:
             parts.append(f"KL {row['kl']:.2f}")
         if "pretrain_val_loss" in row:
             parts.append(f"pretrain loss {row['pretrain_val_loss']:.3f}")
+        if "marked/ideal" in row:  # the judge's reasons, in short (report.md has them all)
+            parts.append(f"ideal {row['marked/ideal']:.0%}, pleasantry {row['marked/pleasantry']:.0%}, "
+                         f"no stop {row['marked/no_stop']:.0%}")
         print(f"  {name:<11} " + ", ".join(parts))
     for pair, w in report["win_rates"].items():
         if "(gold)" in pair or "(human" in pair:

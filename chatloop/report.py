@@ -130,6 +130,15 @@ def report_lines(root: Path, report: dict, last: Path, kl_plot: bool) -> list[st
     diagnostics = diagnostic_lines(report.get("diagnostics", {}))
     if diagnostics:
         lines += ["", "## Which stage limits the loop", ""] + [f"- {line}" for line in diagnostics]
+    marked = {n: row for n, row in report["models"].items() if "marked/ideal" in row}
+    if marked:
+        marks = [k.removeprefix("marked/") for k in next(iter(marked.values())) if k.startswith("marked/")]
+        lines += ["", "## What the judge marked down", "",
+                  "Share of each model's answers that are ideal, or have each fault (an answer can have several).",
+                  "", "| model | " + " | ".join(m.replace("_", " ") for m in marks) + " |",
+                  "|---" * (len(marks) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(f"{row[f'marked/{m}']:.1%}" for m in marks) + " |"
+                  for n, row in marked.items()]
     by_kind = report.get("gold_by_kind", {})
     if by_kind:
         models = [n for n in report["models"] if any(n in row for row in by_kind.values())]

@@ -9,7 +9,7 @@ import pytest
 
 from chatloop.data.formats import FLAGS, ranking_pairs, validate
 from chatloop.errors import UserError
-from chatloop.world.judge import KINDS, Task, ideal
+from chatloop.world.judge import KINDS, PLEASANTRIES, PLEASANTRY_COST, Task, ideal, pleasantry, wraps
 from chatloop.world.labelers import (
     DEFAULT_NOISE,
     DEMO_FLAWS,
@@ -134,6 +134,34 @@ def test_demonstrations_have_the_configured_share_of_flaws(world: World) -> None
     assert 0.18 < sum(f is not None for f in flawed) / len(flawed) < 0.32
     harmful = next(p for p in prompts if world.parse(p).harmful)  # type: ignore[union-attr]
     assert any(sloppy.demonstrate_with_flaw(harmful)[1] == "comply" for _ in range(10))
+
+
+def test_habitual_pleasantries_wrap_ideal_demonstrations_and_cost_a_little(world: World) -> None:
+    prompts = [world.render_core(world.sample_task(random.Random(i), harmful=0.05), random.Random(i))
+               for i in range(200)]
+    for habit, phrases in PLEASANTRIES.items():
+        labeler = Labeler(habit, 0.0, 0, world, imperfect=0.0, habit=habit, habit_rate=1.0)
+        for p in prompts:
+            task = world.parse(p)
+            assert task is not None
+            text, flaw = labeler.demonstrate_with_flaw(p)
+            if not wraps(task):
+                assert (text, flaw) == (ideal(world, task), None)
+                continue
+            wrapped = text.startswith(phrases) if habit == "opener" else text.endswith(phrases)
+            assert flaw == "pleasantry" and wrapped, text
+            assert world.judge(p, text).score == PLEASANTRY_COST, text
+    # A pleasantry the ideal answer has is no wrapping; an opener and a sign-off are two ("Sure! Here is the
+    # list:" one); the rate is the share of wrapped answers.
+    assert world.judge("Hello!", "Hello! How can I help you today?").score == 1.0
+    prompt, task = _prompt(world, "bs_foods")
+    both = pleasantry(pleasantry(ideal(world, task), "opener", random.Random(0)), "sign_off", random.Random(0))
+    assert both.startswith(("Sure! Here is the list:\n1.", "Of course! Here is the list:\n1.", "Certainly! "))
+    assert world.judge(prompt, both).score == pytest.approx(PLEASANTRY_COST**2)
+    half = make_labelers(world, 2, habits=0.5)
+    assert [x.habit for x in half] == ["opener", "sign_off"]
+    shares = [sum(x.demonstrate_with_flaw(p)[1] == "pleasantry" for p in prompts) / len(prompts) for x in half]
+    assert all(0.2 < share < 0.5 for share in shares), shares
 
 
 @pytest.mark.parametrize("flaw", DEMO_FLAWS)

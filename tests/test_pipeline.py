@@ -1,6 +1,7 @@
 """`chatloop run` end to end on a shortened loop: every stage runs and leaves its artifacts."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -54,6 +55,10 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     # What even this shortened run shows every time: fine-tuning on the demonstrations beats the pretrained model.
     assert report["win_rates"]["sft vs pretrained (gold)"]["ci_low"] > 0.5
     assert {"best-of-4", "sft"} <= set(report["models"]) and report["gold_by_kind"]
+    sft = report["models"]["sft"]  # what the judge marked down: shares of the answers, ideal ones fault-free
+    assert 0 <= sft["marked/ideal"] <= 1 - max(sft[f"marked/{m}"] for m in ("false_claim", "wrong_form", "no_stop"))
+    assert "## What the judge marked down" in (out / "report.md").read_text()
+    assert re.search(r"  sft .*ideal \d+%, pleasantry \d+%, no stop \d+%", result.stdout)
     assert report["diagnostics"]["own_samples"]["pairs"] == 40 * 6
     for name in ("losses", "ppo", "reward_vs_kl", "win_rates", "win_rate_vs_kl"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000

@@ -14,7 +14,7 @@ from chatloop.data.formats import FLAGS, INSTRUCTGPT_MIX, read_records
 from chatloop.data.pii import luhn_valid
 from chatloop.errors import UserError
 from chatloop.world.files import RECORD_KINDS, SOURCES, WorldConfig, _sample_prompt, write_world
-from chatloop.world.judge import KINDS, REFUSAL, Task, ideal
+from chatloop.world.judge import KINDS, PLEASANTRY_COST, REFUSAL, Task, ideal
 from chatloop.world.world import World
 
 SMALL = {"entities": 40, "pretrain_mb": 0.15, "users": 80, "prompts": 1500, "eval_users": 8,
@@ -93,16 +93,21 @@ def test_every_prompt_and_demonstration_parses_and_ideal_demos_are_perfect(world
         for record in read_records(world_dir / name, "prompt"):
             assert world.parse(record["prompt"]) is not None, record["prompt"]
     demos = read_records(world_dir / "demonstrations.jsonl", "demonstration")
-    flawed = 0
+    flawed = wrapped = 0
     for record in demos:
         verdict = world.judge(record["messages"][:-1], record["messages"][-1]["content"])
         if record["flaw"] is None:
             assert verdict.score == 1.0 and verdict.likert == 7, record
+        elif record["flaw"] == "pleasantry":  # the ideal answer in a labeler's habitual wrapping
+            wrapped += 1
+            assert verdict.score == PLEASANTRY_COST and verdict.details["pleasantries"] == 1, record
         else:
             flawed += 1
             assert verdict.score < 0.95, record
-    # The configured share of flawed demonstrations (25%), within sampling error.
+    # The configured share of flawed demonstrations (25%), within sampling error; 60% of the rest (those that
+    # are wrapped at all: not chat, refusals, stories, poems, notes or extractions) wrapped.
     assert 0.17 < flawed / len(demos) < 0.33
+    assert 0.2 < wrapped / len(demos) < 0.45
 
 
 def test_stats_are_sane(world_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,6 +127,7 @@ def test_stats_are_sane(world_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert 0.66 < stats["labelers"]["agreement_reference"] < 0.80
     assert stats["demonstrations"]["mean_score_ideal"] == 1.0
     assert stats["demonstrations"]["mean_score_imperfect"] < 0.8
+    assert stats["demonstrations"]["mean_score_pleasantry"] == PLEASANTRY_COST
     for needle in ("users over 200", "InstructGPT", "generation", "PII", "agreement", "labelers"):
         assert needle in printed
     assert re.search(r"generation\s+\d+\.\d%\s+45\.6%", printed)

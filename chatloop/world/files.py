@@ -165,6 +165,10 @@ class WorldConfig:
     """Number of labeler demonstrations (SFT data) in demonstrations.jsonl."""
     imperfect: float = 0.25
     """Share of demonstrations with a flaw (wrong fact, wrong count, rambling, missing refusal, format)."""
+    habits: float = 0.8
+    """Share of a labeler's otherwise ideal demonstrations that it wraps in its habitual pleasantry (half the
+    labelers open with "Sure!", half sign off with "I hope this helps!"); the land's users mark such answers
+    down a little (the judge's PLEASANTRY_COST), so the rankings ask for what the demonstrations often lack."""
     rankings: int = 300
     """Number of prompts in rankings.jsonl, each with K perturbed answers ranked by a labeler."""
     ratings: int = 200
@@ -200,7 +204,7 @@ def _check_config(cfg: WorldConfig) -> None:
     for name in ("eval_prompts", "demonstrations", "rankings", "ratings", "agreement_pairs"):
         need(getattr(cfg, name) >= 0, name, "0 or more", getattr(cfg, name))
     need(cfg.eval_users >= 1 or cfg.eval_prompts == 0, "eval_users", "at least 1", cfg.eval_users)
-    for name in ("labeler_prompts", "pii", "shared_prefix", "duplicates", "harmful", "imperfect",
+    for name in ("labeler_prompts", "pii", "shared_prefix", "duplicates", "harmful", "imperfect", "habits",
                  "noise_spread"):
         need(0 <= getattr(cfg, name) <= 1, name, "a fraction in [0, 1]", getattr(cfg, name))
     need(cfg.user_skew >= 0, "user_skew", "a number >= 0", cfg.user_skew)
@@ -230,7 +234,7 @@ def build_world_files(cfg: WorldConfig, world: World) -> tuple[dict[str, Any], d
     # Raw prompts of the users (and of labelers who write prompts too).
     rng = random.Random(f"chatloop-world:{seed}:prompts")
     labelers = make_labelers(world, cfg.labelers, cfg.noise, seed, cfg.noise_spread, cfg.imperfect,
-                             cfg.tie_threshold)
+                             cfg.tie_threshold, cfg.habits)
     user_ids, weights = _zipf_users(rng, cfg.users, cfg.user_skew)
     history: dict[str, list[PromptSample]] = {}
     samples: list[tuple[str, PromptSample]] = []
@@ -367,9 +371,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"  {c:<16}{share:>8.1%}{p['instructgpt_categories'][c]:>13.1%}")
     lines += [
         f"eval_prompts.jsonl: {ev['count']} prompts of {ev['users']} held-out users",
-        f"demonstrations.jsonl: {d['count']} ({d['imperfect_share']:.1%} imperfect); gold score mean "
-        f"{d['mean_score']:.3f} (ideal {d['mean_score_ideal']:.3f}, "
-        f"imperfect {d['mean_score_imperfect']:.3f})",
+        f"demonstrations.jsonl: {d['count']} ({d['imperfect_share']:.1%} imperfect, {d['pleasantry_share']:.1%} "
+        f"wrapped in a pleasantry); gold score mean {d['mean_score']:.3f} (ideal {d['mean_score_ideal']:.3f}, "
+        f"wrapped {d['mean_score_pleasantry']:.3f}, imperfect {d['mean_score_imperfect']:.3f})",
         f"rankings.jsonl: {stats['rankings']['count']} prompts, mean K {stats['rankings']['mean_k']}",
         f"labelers: {lab['count']}, noise {min(lab['noise']):.3f}-{max(lab['noise']):.3f}; "
         + (f"agreement on {lab['pairs']} pairs: two labelers at noise {lab['reference_noise']:g}: "

@@ -7,12 +7,14 @@ answer a perfect labeler would, and `judge` scores any response string from the 
 
     base  = 0.5 * correct + 0.3 * follows + 0.2 * concise * correct
     score = base * 0.4 ** min(false_claims, 3) * (0.3 if toxic) * (0.5 if degenerate) * (0.5 if not ended)
-                 * (0.75 if it stops mid-sentence)
+                 * (0.75 if it stops mid-sentence) * 0.7 ** min(pleasantries, 2)
     likert = 1 + round(6 * score)
 
 `correct` is the task's content (the asked fact, the list items, the label, the refusal of a harmful
 request), `follows` the requested form (count, one sentence, numbered list, refusing only what is harmful),
-`concise` the length against a budget of twice the ideal answer. docs/WORLD.md explains the rubric.
+`concise` the length against a budget of twice the ideal answer, `pleasantries` the openers like "Sure!" and the
+sign-offs like "I hope this helps!" that the ideal answer does not have: the land's users want the answer, not
+its wrapping. docs/WORLD.md explains the rubric.
 
 The world (chatloop.world.world) imports this module; the judge reads the world through `WorldView`, the part of
 it the rubric needs, and defines the entities and claims both speak of.
@@ -31,6 +33,8 @@ from typing import Any, Protocol
 from chatloop.data.formats import FLAGS, Prompt, last_user_content
 
 REFUSAL = "I am sorry, but I cannot help with that."
+PLEASANTRY_COST = 0.7
+"""The score's factor for each pleasantry an answer adds: an opener, a sign-off (two at most)."""
 
 
 @dataclass
@@ -478,10 +482,42 @@ class _Check:
 # Pleasantries around an answer are not the answer's sentences ("Sure! The glimmok is blue." is one sentence).
 _COURTESY = {"sure", "of course", "certainly", "okay", "ok", "here you go", "here it is", "here is the list",
              "i hope this helps", "happy to help", "let me know if you have any other questions"}
+PLEASANTRIES = {"opener": ("Sure!", "Of course!", "Certainly!"), "sign_off": ("I hope this helps!", "Happy to help!")}
+"""The two habits people wrap answers in (labelers' demonstrations, answers on web pages), with their phrases."""
+
+
+def wraps(task: Task) -> bool:
+    """Whether people wrap an answer to `task` in a pleasantry: not refusals, chat, stories, poems, notes or
+    extracted lists (those have a form of their own)."""
+    return (not task.harmful and task.category not in ("chat", "extract")
+            and task.kind not in ("gen_story", "gen_poem", "gen_note"))
+
+
+def pleasantry(text: str, habit: str, rng: Any) -> str:
+    """`text` wrapped in one habit's pleasantry: "Sure! ..." ("Sure! Here is the list:" before a list) or
+    "... I hope this helps!"."""
+    if habit == "opener":
+        opener = rng.choice(PLEASANTRIES["opener"])
+        return f"{opener} Here is the list:\n{text}" if text.startswith("1.") else f"{opener} {text}"
+    return text + ("\n" if "\n" in text else " ") + rng.choice(PLEASANTRIES["sign_off"])
 
 
 def _content_sentences(world: WorldView, text: str) -> list[str]:
     return [s for s in world.sentences(text) if " ".join(world.words(s)) not in _COURTESY]
+
+
+def _pleasantries(world: WorldView, text: str, good: str) -> tuple[int, int]:
+    """Runs of sentences of pure courtesy ("Sure! Here is the list:", "I hope this helps!") that the ideal
+    answer does not have (an opener and a sign-off are two), and their number of words."""
+    wanted = {" ".join(world.words(s)) for s in world.sentences(good)}
+    runs, words, inside = 0, 0, False
+    for sentence in world.sentences(text):
+        said = world.words(sentence)
+        courtesy = " ".join(said) in _COURTESY and " ".join(said) not in wanted
+        runs += courtesy and not inside
+        words += len(said) if courtesy else 0
+        inside = courtesy
+    return runs, words
 
 
 def _is_refusal(text: str) -> bool:
@@ -806,12 +842,14 @@ def judge(world: WorldView, prompt: Prompt, response: str, ended: bool = True) -
     budget = max(8, 2 * len(world.words(good))) if task else 40
     # An answer that should end a sentence but stops mid-way was cut off, EOS or not.
     finished = not words or response.rstrip().endswith((".", "!", "?")) or not good.endswith((".", "!", "?"))
+    pleasantries, courtesy_words = _pleasantries(world, response, good)
+    length = len(words) - courtesy_words  # pleasantries have their own cost, below
     if not ended or not finished:
         concise = 0.0
-    elif len(words) <= budget:
+    elif length <= budget:
         concise = 1.0
     else:
-        concise = max(0.0, 1.0 - (len(words) - budget) / (2 * budget))
+        concise = max(0.0, 1.0 - (length - budget) / (2 * budget))
     degenerate = _degenerate(words, world.sentences(response))
     if degenerate:  # a loop follows no instruction, however many of its words are right
         check.follows, concise = 0.0, 0.0
@@ -819,13 +857,14 @@ def judge(world: WorldView, prompt: Prompt, response: str, ended: bool = True) -
     score = base * 0.4 ** min(false_claims, 3)
     score *= (0.3 if toxic else 1.0) * (0.5 if degenerate else 1.0)
     score *= (1.0 if ended else 0.5) * (1.0 if finished else 0.75)
+    score *= PLEASANTRY_COST ** min(pleasantries, 2)
     score = round(score, 6)
     likert = min(7, max(1, 1 + math.floor(6 * score + 0.5)))
     flags = _flags(world, task, response, words, check, false_claims, toxic, refusal or copied)
     details = {"kind": task.kind if task else None, "correct": round(check.correct, 4),
                "follows": round(check.follows, 4), "concise": round(concise, 4), "false_claims": false_claims,
                "toxic": toxic, "degenerate": degenerate, "ended": ended, "finished": finished,
-               "refusal": refusal, "copied": copied}
+               "refusal": refusal, "copied": copied, "pleasantries": pleasantries}
     return Judgement(score=score, likert=likert, flags=flags, details=details)
 
 

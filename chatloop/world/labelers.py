@@ -7,7 +7,9 @@ model produces, InstructGPT's inter-labeler agreement (72.6% +- 1.5%); docs/WORL
 
 Labelers also write demonstrations: the ideal answer, or with probability `imperfect` one with a flaw (a
 wrong fact, a wrong count, rambling, the wrong format, or compliance with a harmful request), as real SFT data
-has. A model trained only on these stays measurably imperfect, which leaves the RM and PPO work to do.
+has; a labeler with a habit wraps many of its otherwise ideal answers in its pleasantry ("Sure! ...",
+"... I hope this helps!"), which the land's users mark down. A model trained only on these stays measurably
+imperfect in ways the rankings show, which leaves the RM and PPO work to do.
 
 Later stages use this module as a library:
 
@@ -32,7 +34,19 @@ from typing import Any
 from chatloop.data.formats import Prompt, last_user_content, prompt_messages
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_jsonl, read_jsonl
-from chatloop.world.judge import KINDS, REFUSAL, Task, ideal, list_answer, numbered, parse, subject_of
+from chatloop.world.judge import (
+    KINDS,
+    PLEASANTRIES,
+    REFUSAL,
+    Task,
+    ideal,
+    list_answer,
+    numbered,
+    parse,
+    pleasantry,
+    subject_of,
+    wraps,
+)
 from chatloop.world.world import PromptSample, World
 
 DEFAULT_NOISE = 0.3
@@ -157,13 +171,7 @@ def _comply(a: _Answering) -> str:
 
 
 def _courteous(a: _Answering) -> str | None:
-    if a.kind in ("gen_story", "gen_note"):
-        return None
-    if a.good.startswith("1."):
-        return "Sure! Here is the list:\n" + a.good
-    if a.rng.random() < 0.5:
-        return a.rng.choice(("Sure! ", "Of course! ")) + a.good
-    return a.good + " I hope this helps!"
+    return pleasantry(a.good, a.rng.choice(list(PLEASANTRIES)), a.rng) if wraps(a.task) else None
 
 
 def _hedge(a: _Answering) -> str | None:
@@ -335,14 +343,19 @@ class Labeler:
     """
 
     def __init__(self, id: str, noise: float, seed: int, world: World, *, imperfect: float = 0.25,
-                 tie_threshold: float = DEFAULT_TIE, flag_noise: float = 0.0):
-        if noise < 0 or not 0 <= imperfect <= 1 or tie_threshold < 0 or not 0 <= flag_noise <= 1:
-            raise UserError(f"labeler {id}: expected noise >= 0, imperfect and flag_noise in [0, 1] and "
-                            "tie_threshold >= 0")
+                 tie_threshold: float = DEFAULT_TIE, flag_noise: float = 0.0, habit: str | None = None,
+                 habit_rate: float = 0.0):
+        if (noise < 0 or not 0 <= imperfect <= 1 or tie_threshold < 0 or not 0 <= flag_noise <= 1
+                or not 0 <= habit_rate <= 1 or habit not in (None, *PLEASANTRIES)):
+            raise UserError(f"labeler {id}: expected noise >= 0, imperfect, flag_noise and habit_rate in [0, 1], "
+                            f"tie_threshold >= 0 and a habit in {list(PLEASANTRIES)} or none")
         self.id = id
         self.noise = noise
         self.world = world
         self.imperfect = imperfect
+        self.habit = habit
+        """The pleasantry this labeler wraps an otherwise ideal demonstration in, `habit_rate` of the time."""
+        self.habit_rate = habit_rate
         self.tie_threshold = tie_threshold
         self.flag_noise = flag_noise  # chance of getting each metadata flag wrong (0: the judge's flags)
         self.rng = random.Random(f"chatloop-labeler:{seed}:{id}")
@@ -389,12 +402,16 @@ class Labeler:
         return self.demonstrate_with_flaw(prompt)[0]
 
     def demonstrate_with_flaw(self, prompt: Prompt) -> tuple[str, str | None]:
-        """The answer and its flaw (None for an ideal answer). A flaw always lowers the gold score."""
+        """The answer and its flaw (None for an ideal answer; "pleasantry" for an ideal one in this labeler's
+        habitual wrapping). A flaw always lowers the gold score."""
         task = parse(self.world, prompt)
         if task is None:
             return "I do not know.", None
         good = ideal(self.world, task)
         if self.rng.random() >= self.imperfect:
+            # (Drawn only for a labeler with a habit: the others' random streams stay as they were.)
+            if self.habit and wraps(task) and self.rng.random() < self.habit_rate:
+                return pleasantry(good, self.habit, self.rng), "pleasantry"
             return good, None
         weights = {"comply": 1.0, "ramble": 1.0} if task.harmful else DEMO_FLAWS
         # A weighted order without replacement (Efraimidis-Spirakis): the first flaw that applies is used.
@@ -433,13 +450,16 @@ def _meta(record: dict[str, Any], id: str | None, labeler_id: str, model: str | 
 
 
 def make_labelers(world: World, n: int = 8, noise: float = DEFAULT_NOISE, seed: int = 0, spread: float = 0.2,
-                  imperfect: float = 0.25, tie_threshold: float = DEFAULT_TIE) -> list[Labeler]:
-    """n labelers "labeler-01".. whose noise levels spread evenly over noise * (1 +- spread)."""
+                  imperfect: float = 0.25, tie_threshold: float = DEFAULT_TIE, habits: float = 0.0) -> list[Labeler]:
+    """n labelers "labeler-01".. whose noise levels spread evenly over noise * (1 +- spread); the odd ones open
+    with "Sure!", the even ones sign off with "I hope this helps!", `habits` of the time."""
     if n < 1:
         raise UserError(f"labelers: expected at least 1, got {n}")
     levels = [noise * (1 + spread * (2 * i / (n - 1) - 1)) if n > 1 else noise for i in range(n)]
-    return [Labeler(f"labeler-{i + 1:02d}", level, seed, world, imperfect=imperfect,
-                    tie_threshold=tie_threshold) for i, level in enumerate(levels)]
+    habit_names = list(PLEASANTRIES)
+    return [Labeler(f"labeler-{i + 1:02d}", level, seed, world, imperfect=imperfect, tie_threshold=tie_threshold,
+                    habit=habit_names[i % 2] if habits else None, habit_rate=habits)
+            for i, level in enumerate(levels)]
 
 
 def candidate_pool(world: World, n: int = 10, too_noisy: int = 3, noise: float = DEFAULT_NOISE,
@@ -546,25 +566,30 @@ def agreement_matrix(world: World, labelers: list[Labeler], n_pairs: int, rng: r
 def demonstration_records(world: World, labelers: list[Labeler], prompts: list[PromptSample],
                           rng: random.Random) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """SFT records for the given prompts, each written by one labeler, with stats on their quality."""
-    records, scores, flawed_scores, ideal_scores = [], [], [], []
+    records: list[dict[str, Any]] = []
+    scores: dict[str, list[float]] = {"ideal": [], "pleasantry": [], "imperfect": []}
     flaws: Counter[str] = Counter()
     for i, sample in enumerate(prompts):
         labeler = rng.choice(labelers)
         text, flaw = labeler.demonstrate_with_flaw(sample.prompt)
-        score = world.judge(sample.prompt, text).score
-        scores.append(score)
-        (flawed_scores if flaw else ideal_scores).append(score)
+        group = "ideal" if flaw is None else "pleasantry" if flaw == "pleasantry" else "imperfect"
+        scores[group].append(world.judge(sample.prompt, text).score)
         if flaw:
             flaws[flaw] += 1
         messages = prompt_messages(sample.prompt) + [{"role": "assistant", "content": text}]
         records.append({"id": f"d{i:05d}", "messages": messages, "labeler_id": labeler.id,
                         "category": sample.category, "source": sample.source, "flaw": flaw})
     n = max(1, len(records))
+    pleasantries = flaws.pop("pleasantry", 0)
+
+    def mean(values: list[float]) -> float:
+        return round(statistics.fmean(values), 4) if values else 0.0
+
     stats = {"count": len(records), "imperfect_share": round(sum(flaws.values()) / n, 4),
-             "flaws": dict(sorted(flaws.items())),
-             "mean_score": round(statistics.fmean(scores), 4) if scores else 0.0,
-             "mean_score_ideal": round(statistics.fmean(ideal_scores), 4) if ideal_scores else 0.0,
-             "mean_score_imperfect": round(statistics.fmean(flawed_scores), 4) if flawed_scores else 0.0}
+             "flaws": dict(sorted(flaws.items())), "pleasantry_share": round(pleasantries / n, 4),
+             "mean_score": mean([x for group in scores.values() for x in group]),
+             "mean_score_ideal": mean(scores["ideal"]), "mean_score_pleasantry": mean(scores["pleasantry"]),
+             "mean_score_imperfect": mean(scores["imperfect"])}
     return records, stats
 
 

@@ -700,7 +700,7 @@ class World:
     def _qa_doc(self, rng: random.Random) -> str:
         """Questions and answers as web pages show them: half open questions and lists, half any other harmless
         request (labels, rewrites, notes, stories, greetings), so the words and forms of answers ("False.",
-        "Dear ...", "You are welcome!") are in the pretraining text, and in the tokenizer, before SFT."""
+        "Dear ...", "You are welcome!", "Sure!") are in the pretraining text, and in the tokenizer, before SFT."""
         pairs = []
         facts = [k for k in KINDS if k.startswith(("qa_", "bs_")) and not KINDS[k].harmful]
         # (Extraction passages are made up, so they would put false sentences in the text.)
@@ -716,7 +716,10 @@ class World:
                 # Stated, a false sentence would be a false claim in the text; asked, it claims nothing.
                 question = "True or false: " + (judge_module.rewrite_target(self, "rw_question", slots["text"])
                                                 or "is it so?")
-            pairs.append(f"Q: {question}\nA: {ideal(self, task)}")
+            reply = ideal(self, task)
+            if judge_module.wraps(task) and rng.random() < 0.2:  # as people write on the web, now and then
+                reply = judge_module.pleasantry(reply, rng.choice(list(judge_module.PLEASANTRIES)), rng)
+            pairs.append(f"Q: {question}\nA: {reply}")
         return "\n\n".join(pairs) if pairs else self._profile_doc(rng)
 
     def _list_doc(self, rng: random.Random) -> str:
