@@ -506,14 +506,15 @@ def _content_sentences(world: WorldView, text: str) -> list[str]:
     return [s for s in world.sentences(text) if " ".join(world.words(s)) not in _COURTESY]
 
 
-def _pleasantries(world: WorldView, text: str, good: str) -> tuple[int, int]:
+def _pleasantries(world: WorldView, sentences: list[str], good: str) -> tuple[int, int]:
     """Runs of sentences of pure courtesy ("Sure! Here is the list:", "I hope this helps!") that the ideal
     answer does not have (an opener and a sign-off are two), and their number of words."""
     wanted = {" ".join(world.words(s)) for s in world.sentences(good)}
     runs, words, inside = 0, 0, False
-    for sentence in world.sentences(text):
+    for sentence in sentences:
         said = world.words(sentence)
-        courtesy = " ".join(said) in _COURTESY and " ".join(said) not in wanted
+        phrase = " ".join(said)
+        courtesy = phrase in _COURTESY and phrase not in wanted
         runs += courtesy and not inside
         words += len(said) if courtesy else 0
         inside = courtesy
@@ -842,7 +843,8 @@ def judge(world: WorldView, prompt: Prompt, response: str, ended: bool = True) -
     budget = max(8, 2 * len(world.words(good))) if task else 40
     # An answer that should end a sentence but stops mid-way was cut off, EOS or not.
     finished = not words or response.rstrip().endswith((".", "!", "?")) or not good.endswith((".", "!", "?"))
-    pleasantries, courtesy_words = _pleasantries(world, response, good)
+    sentences = world.sentences(response)
+    pleasantries, courtesy_words = _pleasantries(world, sentences, good)
     length = len(words) - courtesy_words  # pleasantries have their own cost, below
     if not ended or not finished:
         concise = 0.0
@@ -850,7 +852,7 @@ def judge(world: WorldView, prompt: Prompt, response: str, ended: bool = True) -
         concise = 1.0
     else:
         concise = max(0.0, 1.0 - (length - budget) / (2 * budget))
-    degenerate = _degenerate(words, world.sentences(response))
+    degenerate = _degenerate(words, sentences)
     if degenerate:  # a loop follows no instruction, however many of its words are right
         check.follows, concise = 0.0, 0.0
     base = 0.5 * check.correct + 0.3 * check.follows + 0.2 * concise * check.correct
