@@ -167,8 +167,8 @@ class WorldConfig:
     """Share of demonstrations with a flaw (wrong fact, wrong count, rambling, missing refusal, format)."""
     habits: float = 0.8
     """Share of a labeler's otherwise ideal demonstrations that it wraps in its habitual pleasantry (half the
-    labelers open with "Sure!", half sign off with "I hope this helps!"); the land's users mark such answers
-    down a little (the judge's PLEASANTRY_COST), so the rankings ask for what the demonstrations often lack."""
+    labelers open with "Sure!", half sign off with "I hope this helps!"); the land's users mark each such
+    pleasantry down (x0.7, the judge's PLEASANTRY_COST), so the rankings ask for what the demonstrations lack."""
     rankings: int = 300
     """Number of prompts in rankings.jsonl, each with K perturbed answers ranked by a labeler."""
     ratings: int = 200
