@@ -9,8 +9,9 @@ confidence intervals, and RM win rates. Gold scores per task kind. A table of sa
 --human, people's A/B verdicts and rankings (label exports) give human win rates, per labeler and overall,
 beside the gold judge's and the RM's rows (rows "PAIR (human)" and "PAIR (human, rankings)").
 
-With a reward model, the best-of-n policy is a row too: n answers of the reference checkpoint (the SFT model)
-per prompt, the one the RM scores highest kept (no training; its KL to the reference is the analytic
+The RM's score of an answer is the reward PPO optimizes: the reward model's, or --no_eos_score for an answer without
+a stop token. With a reward model, the best-of-n policy is a row too: n answers of the reference checkpoint (the SFT
+model) per prompt, the one the RM scores highest kept (no training; its KL to the reference is the analytic
 log n - (n - 1)/n). Its n samples are also where the diagnostics of the loop come from (`diagnostics`):
   imitation_ceiling     mean gold score of the demonstrations (what perfect imitation of them would score)
   own_samples           the RM against the judge on pairs of the reference's own samples to one prompt (the
@@ -55,6 +56,9 @@ class EvalConfig:
     """The synthetic world directory, for the gold judge (empty: no gold metrics)."""
     reward_model: str = ""
     """A reward model for RM scores and RM win rates (optional)."""
+    no_eos_score: float = -1.0
+    """The RM score of an answer without a stop token within the length budget: PPO's reward (ppo.no_eos_score),
+    so the RM rows, best-of-n and the diagnostics judge answers by what PPO optimizes."""
     reference: str = ""
     """Checkpoint the KL is measured against (usually the SFT model; optional)."""
     pretrain_val: str = ""
@@ -161,11 +165,15 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def rm_scores(reward_model: GPT, answers: Answers) -> list[float]:
+def rm_scores(reward_model: GPT, answers: Answers, no_eos_score: float | None = None) -> list[float]:
+    """The RM's score of each answer; with no_eos_score, that score for an answer without a stop token instead
+    (the reward PPO optimizes)."""
     scores = []
     for tokens, mask in zip(answers.tokens, answers.masks):
         scores += reward_model.reward(tokens, mask).tolist()
-    return scores
+    if no_eos_score is None:
+        return scores
+    return [s if ended else no_eos_score for s, ended in zip(scores, answers.ended)]
 
 
 @torch.no_grad()
@@ -256,7 +264,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 greedy = answer(model, tokenizer, prompts, cfg.max_new_tokens, 0.0, cfg.seed)
                 row["gold_score_greedy"] = gold_report(world, greedy)[0]["gold_score"]
         if reward_model is not None:
-            per_prompt[name]["rm"] = rm_scores(reward_model, answers)
+            per_prompt[name]["rm"] = rm_scores(reward_model, answers, cfg.no_eos_score)
             row["rm_score"] = float(np.mean(per_prompt[name]["rm"]))
         if reference is not None:
             row["kl"] = kl_to(model, reference, answers, cfg.temperature)
@@ -304,7 +312,7 @@ def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, world: 
     tokenizer = Tokenizer.load(base)
     answers = answer(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new_tokens, cfg.temperature,
                      cfg.seed + 1)
-    rm = np.array(rm_scores(reward_model, answers)).reshape(len(prompts), n)
+    rm = np.array(rm_scores(reward_model, answers, cfg.no_eos_score)).reshape(len(prompts), n)
     picks = rm.argmax(1)
     name = f"best-of-{n}"
     row: dict[str, float] = {"rm_score": float(rm.max(1).mean()), "kl": math.log(n) - (n - 1) / n,

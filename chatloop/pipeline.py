@@ -185,7 +185,7 @@ def run(cfg: RunConfig) -> dict:
     if not finished(eval_path):
         evaluate(EvalConfig(models=[str(m) for _, m in models], names=[n for n, _ in models],
                             prompts=str(world_dir / "eval_prompts.jsonl"), world=str(world_dir),
-                            reward_model=str(last / "rm"), reference=str(sft_dir),
+                            reward_model=str(last / "rm"), no_eos_score=cfg.ppo.no_eos_score, reference=str(sft_dir),
                             pretrain_val=str(world_dir / "pretrain_val.txt"), limit=cfg.eval_prompts,
                             max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed, out=str(eval_path)))
     report = json.loads(eval_path.read_text())

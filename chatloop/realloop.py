@@ -197,7 +197,8 @@ def loop(cfg: LoopConfig) -> dict:
     if not eval_path.is_file():
         timed("eval", evaluate, EvalConfig(
             models=[str(m) for _, m in models], names=[n for n, _ in models], prompts=str(data / "eval_prompts.jsonl"),
-            reward_model=str(rm_dir), reference=str(sft_dir), pretrain_val=str(data / "pretrain_val.txt"),
+            reward_model=str(rm_dir), no_eos_score=cfg.ppo.no_eos_score, reference=str(sft_dir),
+            pretrain_val=str(data / "pretrain_val.txt"),
             limit=cfg.eval_prompts, max_new_tokens=cfg.eval_max_new_tokens, best_of=cfg.best_of, greedy=False,
             seed=cfg.seed, out=str(eval_path)))
     report = json.loads(eval_path.read_text())
