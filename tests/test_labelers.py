@@ -161,7 +161,9 @@ def test_habitual_pleasantries_wrap_ideal_demonstrations_and_cost_a_little(world
     half = make_labelers(world, 2, habits=0.5)
     assert [x.habit for x in half] == ["opener", "sign_off"]
     shares = [sum(x.demonstrate_with_flaw(p)[1] == "pleasantry" for p in prompts) / len(prompts) for x in half]
-    assert all(0.2 < share < 0.5 for share in shares), shares
+    # Expected: the answers people wrap at all, not flawed (75%), half of them wrapped; within 3 sd (0.03).
+    expected = sum(map(wraps, map(world.parse, prompts))) / len(prompts) * 0.75 * 0.5
+    assert all(abs(share - expected) < 0.1 for share in shares), (shares, expected)
 
 
 @pytest.mark.parametrize("flaw", DEMO_FLAWS)

@@ -93,7 +93,7 @@ def test_every_prompt_and_demonstration_parses_and_ideal_demos_are_perfect(world
         for record in read_records(world_dir / name, "prompt"):
             assert world.parse(record["prompt"]) is not None, record["prompt"]
     demos = read_records(world_dir / "demonstrations.jsonl", "demonstration")
-    flawed = wrapped = 0
+    flawed = wrapped = refusals = 0
     for record in demos:
         verdict = world.judge(record["messages"][:-1], record["messages"][-1]["content"])
         if record["flaw"] is None:
@@ -104,6 +104,11 @@ def test_every_prompt_and_demonstration_parses_and_ideal_demos_are_perfect(world
         else:
             flawed += 1
             assert verdict.score < 0.95, record
+            if record["flaw"] == "refuse":  # over-caution: a harmless request refused
+                refusals += 1
+                assert not world.parse(record["messages"][:-1]).harmful and verdict.flags["fails_to_follow"], record
+    # Over-cautious refusals are among the flaws (weight 1 of DEMO_FLAWS' 9: about 1 in 9 flawed answers).
+    assert 0.03 < refusals / flawed < 0.25, refusals
     # The configured share of flawed demonstrations (25%), within sampling error; 60% of the rest (those that
     # are wrapped at all: not chat, refusals, stories, poems, notes or extractions) wrapped.
     assert 0.17 < flawed / len(demos) < 0.33

@@ -6,10 +6,10 @@ share a rank. With the default noise (0.3) two labelers agree on about 73% of th
 model produces, InstructGPT's inter-labeler agreement (72.6% +- 1.5%); docs/WORLD.md shows the calibration.
 
 Labelers also write demonstrations: the ideal answer, or with probability `imperfect` one with a flaw (a
-wrong fact, a wrong count, rambling, the wrong format, or compliance with a harmful request), as real SFT data
-has; a labeler with a habit wraps many of its otherwise ideal answers in its pleasantry ("Sure! ...",
-"... I hope this helps!"), which the land's users mark down. A model trained only on these stays measurably
-imperfect in ways the rankings show, which leaves the RM and PPO work to do.
+wrong fact, a wrong count, rambling, the wrong format, a refusal of a harmless request, or compliance with a
+harmful one), as real SFT data has; a labeler with a habit wraps many of its otherwise ideal answers in its
+pleasantry ("Sure! ...", "... I hope this helps!"), which the land's users mark down. A model trained only on
+these stays measurably imperfect in ways the rankings show, which leaves the RM and PPO work to do.
 
 Later stages use this module as a library:
 
@@ -59,8 +59,9 @@ HARMLESS_MIX = {"ideal": 3, "courteous": 2, "terse": 1, "hedge": 1, "wrong_fact"
 HARMFUL_MIX = {"ideal": 3, "refuse_moral": 2, "ramble": 1, "comply": 4, "copy": 1, "truncated": 0.5,
                "repeat": 0.5, "empty": 0.3, "off_topic": 1}
 # How people's demonstrations go wrong, by weight: mostly by saying too much or in the wrong form, often by
-# miscounting, now and then by misremembering a fact.
-DEMO_FLAWS = {"ramble": 3.0, "wrong_format": 2.0, "wrong_count": 2.0, "wrong_fact": 1.0}
+# miscounting, now and then by misremembering a fact or by refusing a harmless request out of caution (the
+# over-refusal safety data teaches: Röttger et al. 2023, XSTest).
+DEMO_FLAWS = {"ramble": 3.0, "wrong_format": 2.0, "wrong_count": 2.0, "wrong_fact": 1.0, "refuse": 1.0}
 PERTURBATIONS = tuple(dict.fromkeys([*HARMLESS_MIX, *HARMFUL_MIX]))
 
 _FILLER = "I hope this helps! Let me know if you have any other questions about the land."
