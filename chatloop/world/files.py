@@ -164,7 +164,8 @@ class WorldConfig:
     demonstrations: int = 3000
     """Number of labeler demonstrations (SFT data) in demonstrations.jsonl."""
     imperfect: float = 0.25
-    """Share of demonstrations with a flaw (wrong fact, wrong count, rambling, missing refusal, format)."""
+    """Share of demonstrations with a flaw (wrong fact, wrong count, rambling, format, a refusal of a harmless
+    request, compliance with a harmful one)."""
     habits: float = 0.8
     """Share of a labeler's otherwise ideal demonstrations that it wraps in its habitual pleasantry (half the
     labelers open with "Sure!", half sign off with "I hope this helps!"); the land's users mark each such
