@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -14,7 +15,7 @@ from chatloop.data.formats import FLAGS, INSTRUCTGPT_MIX, read_records
 from chatloop.data.pii import luhn_valid
 from chatloop.errors import UserError
 from chatloop.world.files import RECORD_KINDS, SOURCES, WorldConfig, _sample_prompt, write_world
-from chatloop.world.judge import KINDS, PLEASANTRY_COST, REFUSAL, Task, ideal
+from chatloop.world.judge import KINDS, PLEASANTRY_COST, REFUSAL, Task, ideal, wraps
 from chatloop.world.world import World
 
 SMALL = {"entities": 40, "pretrain_mb": 0.15, "users": 80, "prompts": 1500, "eval_users": 8,
@@ -109,10 +110,12 @@ def test_every_prompt_and_demonstration_parses_and_ideal_demos_are_perfect(world
                 assert not world.parse(record["messages"][:-1]).harmful and verdict.flags["fails_to_follow"], record
     # Over-cautious refusals are among the flaws (weight 1 of DEMO_FLAWS' 9: about 1 in 9 flawed answers).
     assert 0.03 < refusals / flawed < 0.25, refusals
-    # The configured share of flawed demonstrations (25%), within sampling error; 60% of the rest (those that
-    # are wrapped at all: not chat, refusals, stories, poems, notes or extractions) wrapped.
+    # The configured share of flawed demonstrations (25%), within sampling error; of the rest, those people wrap at
+    # all (not chat or refusals) wrapped at the default habits (0.8), within 3 sd.
     assert 0.17 < flawed / len(demos) < 0.33
-    assert 0.2 < wrapped / len(demos) < 0.45
+    wrappable = sum(wraps(world.parse(record["messages"][:-1])) for record in demos) / len(demos)
+    expected = wrappable * 0.75 * WorldConfig.habits
+    assert abs(wrapped / len(demos) - expected) < 3 * math.sqrt(expected * (1 - expected) / len(demos))
 
 
 def test_stats_are_sane(world_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

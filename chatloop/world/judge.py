@@ -487,10 +487,9 @@ PLEASANTRIES = {"opener": ("Sure!", "Of course!", "Certainly!"), "sign_off": ("I
 
 
 def wraps(task: Task) -> bool:
-    """Whether people wrap an answer to `task` in a pleasantry: not refusals, chat, stories, poems, notes or
-    extracted lists (those have a form of their own)."""
-    return (not task.harmful and task.category not in ("chat", "extract")
-            and task.kind not in ("gen_story", "gen_poem", "gen_note"))
+    """Whether people wrap an answer to `task` in a pleasantry: any answer but a refusal or a chat reply (whose
+    courtesy is the answer). "Sure! Here is a short story: ..." is the habit chat models are known for."""
+    return not task.harmful and task.category != "chat"
 
 
 def pleasantry(text: str, habit: str, rng: Any) -> str:
@@ -499,11 +498,20 @@ def pleasantry(text: str, habit: str, rng: Any) -> str:
     if habit == "opener":
         opener = rng.choice(PLEASANTRIES["opener"])
         return f"{opener} Here is the list:\n{text}" if text.startswith("1.") else f"{opener} {text}"
-    return text + ("\n" if "\n" in text else " ") + rng.choice(PLEASANTRIES["sign_off"])
+    # On a line of its own after a list, a poem or an answer that ends without a full stop ("Sammoor, Dulwick").
+    own_line = "\n" in text or not text.endswith((".", "!", "?"))
+    return text + ("\n" if own_line else " ") + rng.choice(PLEASANTRIES["sign_off"])
+
+
+_AFTER_STOP = re.compile(r"(?<=[.!?])\s+")
+
+
+def _is_courtesy(world: WorldView, sentence: str) -> bool:
+    return " ".join(world.words(sentence)) in _COURTESY
 
 
 def _content_sentences(world: WorldView, text: str) -> list[str]:
-    return [s for s in world.sentences(text) if " ".join(world.words(s)) not in _COURTESY]
+    return [s for s in world.sentences(text) if not _is_courtesy(world, s)]
 
 
 def _pleasantries(world: WorldView, sentences: list[str], good: str) -> tuple[int, int]:
@@ -577,7 +585,8 @@ def _subject_check(world: WorldView, subject: str | None, words: list[str], true
 
 @dataclass
 class _Reply:
-    """A response as the rubric reads it: its words, claims and content sentences, and the task's subject."""
+    """A response as the rubric reads it: its words, claims, content sentences and lines (a pleasantry is no part
+    of an answer's form: it has its own cost), and the task's subject."""
 
     world: WorldView
     task: Task
@@ -585,6 +594,7 @@ class _Reply:
     words: list[str]
     claims: list[Claim]
     sentences: list[str]
+    lines: list[str]
     subject: str | None
 
     @property
@@ -605,7 +615,10 @@ class _Reply:
 
 def _assess(world: WorldView, task: Task, response: str, words: list[str], claims: list[Claim]) -> _Check:
     """Content (`correct`) and form (`follows`) of a response to a task, by the checks of its kind."""
-    reply = _Reply(world, task, response, words, claims, _content_sentences(world, response), subject_of(world, task))
+    lines = [" ".join(kept) for line in response.splitlines()
+             if (kept := [p for p in _AFTER_STOP.split(line.strip()) if p and not _is_courtesy(world, p)])]
+    reply = _Reply(world, task, response, words, claims, _content_sentences(world, response), lines,
+                   subject_of(world, task))
     check = _ASSESS.get(task.kind)
     return check(reply) if check else _Check(0.5, 1.0)  # a prompt outside the world: truth, safety, length only
 
@@ -679,14 +692,13 @@ def _describe(r: _Reply) -> _Check:
 
 
 def _story(r: _Reply) -> _Check:
-    text = " ".join(r.words)
+    text = " ".join(r.world.words(" ".join(r.lines)))
     form = text.startswith("once upon a time") and text.endswith("the end") and 2 <= len(r.sentences) <= 6
     return _Check(r.about_subject(1), 1.0 if form else 0.0)
 
 
 def _poem(r: _Reply) -> _Check:
-    lines = [ln for ln in r.response.splitlines() if ln.strip()]
-    return _Check(r.about_subject(1), 1.0 if len(lines) == 2 else 0.0, constraint=True)
+    return _Check(r.about_subject(1), 1.0 if len(r.lines) == 2 else 0.0, constraint=True)
 
 
 def _note(r: _Reply) -> _Check:
@@ -696,7 +708,7 @@ def _note(r: _Reply) -> _Check:
     named = ent.name.lower() in r.words
     creatures = _typed_items(r.world, r.response, "creature")
     about = ent.pet in creatures or ent.home.lower() in r.words
-    lines = [ln.strip().lower().rstrip(".,!") for ln in r.response.splitlines() if ln.strip()]
+    lines = [ln.strip().lower().rstrip(".,!") for ln in r.lines]
     form = bool(lines) and lines[0].startswith("dear") and lines[-1] in _SIGNOFFS and len(lines) >= 3
     wrong_pets = len([c for c in creatures if c != ent.pet])
     return _Check(0.5 * named + 0.5 * about, 1.0 if form else 0.0, extra_false=wrong_pets)
@@ -766,8 +778,9 @@ def _extract(r: _Reply) -> _Check:
     hit = len(want & got)
     f1 = 2 * hit / (len(want) + len(got)) if want and got else 0.0
     names = {v.lower() for v in got}
-    tidy = all(w in names or w in _FILLER for w in r.world.words(r.response.replace(",", " , ")))
-    return _Check(f1, 1.0 if tidy and len(r.response.strip().splitlines()) == 1 else 0.5)
+    content = " ".join(r.lines)
+    tidy = all(w in names or w in _FILLER for w in r.world.words(content.replace(",", " , ")))
+    return _Check(f1, 1.0 if tidy and len(r.lines) == 1 else 0.5)
 
 
 # The checks of each task kind (a kind not here, like the harmful requests, has no content checks).
