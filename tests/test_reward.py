@@ -139,6 +139,11 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     sequences = [tok.render_chat(d["messages"])[0] for d in demos]
     scores = reward_scores(rm, sequences, tok.pad_id, torch.device("cpu"))
     assert abs(scores.mean().item()) < 1e-3  # the bias centres the reference answers
+    # The gain: the K answers to one prompt spread with std 1 (all these prompts are alike, held out or not).
+    groups = encode_rankings(rankings, tok, 64)
+    spreads = [reward_scores(rm, g.sequences, tok.pad_id, torch.device("cpu")).std().item() for g in groups]
+    assert sum(spreads) / len(spreads) == pytest.approx(1.0, abs=0.05)
+    assert json.loads((out / "chatloop.json").read_text())["metrics"]["reward_gain"] != 1.0
     transformers = need_module("transformers")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():

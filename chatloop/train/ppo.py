@@ -118,7 +118,8 @@ class PPOConfig(TrainConfig):
     top_p: float = 1.0
     """Nucleus truncation of rollouts (1: none)."""
     kl_coef: float = 0.02
-    """beta of the per-token KL penalty (InstructGPT: 0.02); the start value when adaptive."""
+    """beta of the per-token KL penalty (InstructGPT: 0.02); the start value when adaptive. It weighs nats against
+    the RM's units: `chatloop rm` scales those so that the answers to one prompt spread with std 1."""
     adaptive_kl: bool = False
     """Adapt beta toward kl_target (Ziegler et al.)."""
     kl_target: float = 6.0

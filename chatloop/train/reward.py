@@ -12,9 +12,9 @@ Steps:
      prompts go through ONE forward pass (K passes per prompt, not 2*C(K,2)); the reward is read at each
      response's last real token; each prompt contributes the mean over its C(K,2) pairs (ties give none) of
      -log sigmoid(r_w - r_l), so every prompt weighs the same whatever its K.
-  6. Normalise (in fp32): a bias so that the reference answers (demonstrations) score a mean of 0, and optionally a
-     gain so that their scores have std 1; the gain is folded into the head's weights, the bias is stored
-     in config.json ("reward_bias") and applied by `GPT.reward`.
+  6. Normalise (in fp32): a gain so that the training answers to one prompt spread with std 1 on average (unless
+     --no-normalize_gain), folded into the head's weights, and a bias so that the reference answers
+     (demonstrations) score a mean of 0, stored in config.json ("reward_bias") and applied by `GPT.reward`.
   7. Evaluate on the held-out rankings (and on the held-out labelers' with --val_labelers: InstructGPT's two
      numbers) and save the sequence-classification checkpoint.
 
@@ -81,8 +81,10 @@ class RMConfig(StepConfig):
     """Skip invalid records (reporting how many and why) instead of stopping at the first one."""
     reference: list[str] = field(default_factory=list)
     """Demonstrations whose answers define reward 0 (the bias); empty means the best-ranked training answers."""
-    normalize_gain: bool = False
-    """Also scale rewards to std 1 on the reference answers (Ziegler et al.), folded into the head."""
+    normalize_gain: bool = True
+    """Also scale rewards so that the answers to one prompt (the training rankings' K answers) spread with std 1
+    on average, folded into the head: what PPO's advantages see, so that its kl_coef weighs the same against any
+    RM (Ziegler et al. scale to std 1 too). Without it, two RMs of the same data differ in scale by up to 1.4x."""
     epochs: int = 1
     """Passes over the rankings (InstructGPT: 1; the RM overfits quickly)."""
     max_steps: int = 0
@@ -340,19 +342,27 @@ def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.
 @torch.no_grad()
 def normalise(model: GPT, train: list[Group], tokenizer: Tokenizer, cfg: RMConfig, device) -> float:
     """Step 6 (in fp32, the precision of the checkpoint as saved: a bf16 bias would be off by its noise): the
-    reference answers' mean reward becomes 0 (reward_bias) and, with normalize_gain, their std 1 (folded into the
-    head); the gain."""
+    reference answers' mean reward becomes 0 (reward_bias) and, with normalize_gain, the training answers' mean
+    spread within a prompt 1 (folded into the head); the gain."""
     if cfg.reference:
         reference = [c for p in cfg.reference for c in read_demonstrations(p)]
         ref_sequences = [tokenizer.render_chat(c)[0][-cfg.seq_len:] for c in reference]
     else:
         ref_sequences = [g.sequences[g.ranks.index(min(g.ranks))] for g in train]
-    ref_scores = torch.cat([reward_scores(model, ref_sequences[i : i + 64], tokenizer.pad_id, device, "fp32")
-                            for i in range(0, len(ref_sequences), 64)])
-    gain = 1.0 / max(ref_scores.std().item(), 1e-6) if cfg.normalize_gain else 1.0
+    ref_scores = _scores_in_chunks(model, ref_sequences, tokenizer.pad_id, device)
+    gain = 1.0
+    if cfg.normalize_gain:
+        answers = _scores_in_chunks(model, [s for g in train for s in g.sequences], tokenizer.pad_id, device)
+        spread = torch.stack([k.std() for k in answers.split([len(g.sequences) for g in train])]).mean().item()
+        gain = 1.0 / max(spread, 1e-6)
     model.score.weight.mul_(gain)
     model.reward_bias = -ref_scores.mean().item() * gain
     return gain
+
+
+def _scores_in_chunks(model: GPT, sequences: list[list[int]], pad_id: int, device, chunk: int = 64) -> torch.Tensor:
+    return torch.cat([reward_scores(model, sequences[i : i + chunk], pad_id, device, "fp32")
+                      for i in range(0, len(sequences), chunk)])
 
 
 def held_out_labelers_report(model: GPT, held: list[Group], train_r: list[dict], held_r: list[dict], pad_id: int,
