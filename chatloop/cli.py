@@ -66,6 +66,15 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _meet_other_ranks() -> None:
+    """Under torchrun, a stage that finished waits for the other ranks before its process group goes: a rank
+    that tore gloo down while another was still closing its connections aborted that one (SIGABRT at exit,
+    after a finished stage). Only here, on success: a rank that failed must not wait for the others."""
+    distributed = sys.modules.get("chatloop.train.distributed")  # imported by every stage that can run under it
+    if distributed is not None:
+        distributed.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(config_cls, rest)
         getattr(module, function_name)(cfg)
+        _meet_other_ranks()
     except UserError as e:
         print(f"chatloop {verb}: error: {e}", file=sys.stderr)
         return 2

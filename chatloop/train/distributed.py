@@ -66,7 +66,14 @@ def init(device_name: str) -> torch.device:
     return device
 
 
-def _finish() -> None:
+def finish() -> None:
+    """The end of a stage that succeeded on every rank: all ranks meet, then leave the process group."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _finish() -> None:  # at exit, also after an error (no barrier: the other ranks may never come)
     if dist.is_initialized():
         dist.destroy_process_group()
 
