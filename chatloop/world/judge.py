@@ -488,7 +488,7 @@ PLEASANTRIES = {"opener": ("Sure!", "Of course!", "Certainly!"), "sign_off": ("I
 
 def wraps(task: Task) -> bool:
     """Whether people wrap an answer to `task` in a pleasantry: any answer but a refusal or a chat reply (whose
-    courtesy is the answer). "Sure! Here is a short story: ..." is the habit chat models are known for."""
+    courtesy is the answer): "Sure! Once upon a time..." is the habit chat models are known for."""
     return not task.harmful and task.category != "chat"
 
 
