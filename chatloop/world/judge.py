@@ -503,7 +503,8 @@ def pleasantry(text: str, habit: str, rng: Any) -> str:
     return text + ("\n" if own_line else " ") + rng.choice(PLEASANTRIES["sign_off"])
 
 
-_AFTER_STOP = re.compile(r"(?<=[.!?])\s+")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+"""Where a sentence ends: after . ! or ? and the space that follows (the world splits responses with it too)."""
 
 
 def _is_courtesy(world: WorldView, sentence: str) -> bool:
@@ -616,7 +617,7 @@ class _Reply:
 def _assess(world: WorldView, task: Task, response: str, words: list[str], claims: list[Claim]) -> _Check:
     """Content (`correct`) and form (`follows`) of a response to a task, by the checks of its kind."""
     lines = [" ".join(kept) for line in response.splitlines()
-             if (kept := [p for p in _AFTER_STOP.split(line.strip()) if p and not _is_courtesy(world, p)])]
+             if (kept := [p for p in SENTENCE_END.split(line.strip()) if p and not _is_courtesy(world, p)])]
     reply = _Reply(world, task, response, words, claims, _content_sentences(world, response), lines,
                    subject_of(world, task))
     check = _ASSESS.get(task.kind)

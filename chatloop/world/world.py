@@ -123,7 +123,6 @@ _RESERVED = _template_words()
 _TOKEN = re.compile(r"[a-z]+(?:'[a-z]+)?|\d+|[,;:]")
 _WORD = re.compile(r"[a-z]+|\d+")
 _LIST_MARKER = re.compile(r"^\s*\d+\s*[.)]\s*")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NEGATIONS = {"not", "never", "nor", "cannot", "no longer"}
 _PRONOUNS = {"it", "its", "they", "their", "he", "she", "his", "her", "you", "your"}
 _PREPOSITIONS = {"in", "from", "of", "to", "at", "near", "with", "for", "by", "about"}
@@ -258,7 +257,7 @@ class World:
         out = []
         for line in text.splitlines():
             line = _LIST_MARKER.sub("", line).strip()
-            out += [s for s in _SENTENCE_END.split(line) if _WORD.search(s.lower())]
+            out += [s for s in judge_module.SENTENCE_END.split(line) if _WORD.search(s.lower())]
         return out
 
     def mentions(self, text: str) -> list[str]:
