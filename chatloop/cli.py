@@ -66,10 +66,9 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _meet_other_ranks() -> None:
-    """Under torchrun, a stage that finished waits for the other ranks before its process group goes: a rank
-    that tore gloo down while another was still closing its connections aborted that one (SIGABRT at exit,
-    after a finished stage). Only here, on success: a rank that failed must not wait for the others."""
+def _finish_distributed() -> None:
+    """Under torchrun, a stage that finished ends its process here, once every rank has finished
+    (distributed.finish). Only on success: a rank that failed must not wait for the others."""
     distributed = sys.modules.get("chatloop.train.distributed")  # imported by every stage that can run under it
     if distributed is not None:
         distributed.finish()
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(config_cls, rest)
         getattr(module, function_name)(cfg)
-        _meet_other_ranks()
+        _finish_distributed()
     except UserError as e:
         print(f"chatloop {verb}: error: {e}", file=sys.stderr)
         return 2
