@@ -163,12 +163,15 @@ def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, models):
     assert_same_step(weights(tmp_path / "one"), weights(tmp_path / "two"), weights(root / "base"))
 
 
-def test_one_rm_step_on_two_processes_equals_one_process(tmp_path, models):
+@pytest.mark.parametrize("members", [1, 2])
+def test_one_rm_step_on_two_processes_equals_one_process(tmp_path, models, members):
+    """With 2 members under FSDP: each member's step sharded, then their weights averaged shard by shard."""
     root = models
     args = ["rm", f"--model={root / 'base'}", f"--data={root / 'rankings.jsonl'}", "--max_steps=1",
-            "--batch_size=3", "--grad_accum=2", "--lr=1e-3", "--val_fraction=0.25", "--progress=false", FP32]
+            "--batch_size=3", "--grad_accum=2", "--lr=1e-3", "--val_fraction=0.25", "--progress=false", FP32,
+            f"--members={members}"]
     single(*args, f"--out={tmp_path / 'one'}")
-    torchrun(*args, f"--out={tmp_path / 'two'}")
+    torchrun(*args, f"--out={tmp_path / 'two'}", *(["--parallel=fsdp"] if members > 1 else []))
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert_same_step(one, two, weights(root / "base"))
     # Same normalisation: the bias is the mean reference score, computed identically on every rank.

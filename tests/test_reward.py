@@ -14,6 +14,7 @@ from chatloop.errors import UserError
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.reward import Group, encode_rankings, grouped_loss, reward_scores
+from chatloop.train.trainer import load_state
 from tests.conftest import FP32, need, need_module, run_cli
 
 
@@ -111,10 +112,9 @@ def test_shared_preference_data_imports(shared_data):
     assert len(hh) > 2000 and all(len(r["responses"]) == 2 for r in hh) and 0 < sum(skipped.values()) < 100
 
 
-def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokenizer_dir):
-    """A tiny model learns a rule (answers about the red fox beat the others), then the bias centres the
-    reference answers at 0 and transformers reproduces the raw scores."""
-    tok = Tokenizer.load(tokenizer_dir)
+def red_fox_task(tmp_path, tok: Tokenizer):
+    """A tiny base model, rankings where answers about the red fox beat the others, and demonstrations:
+    (base, rankings file, demonstrations file, rankings, demonstrations)."""
     base = tmp_path / "base"
     torch.manual_seed(0)
     save_model(GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=64)), base, tok)
@@ -129,6 +129,14 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     data, ref = tmp_path / "rankings.jsonl", tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rankings))
     ref.write_text("".join(json.dumps(d) + "\n" for d in demos))
+    return base, data, ref, rankings, demos
+
+
+def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokenizer_dir):
+    """A tiny model learns a rule (answers about the red fox beat the others), then the bias centres the
+    reference answers at 0 and transformers reproduces the raw scores."""
+    tok = Tokenizer.load(tokenizer_dir)
+    base, data, ref, rankings, demos = red_fox_task(tmp_path, tok)
     out = tmp_path / "rm"
     result = run_cli("rm", f"--model={base}", f"--data={data}", f"--out={out}", f"--reference={ref}", "--epochs=3",
                      "--lr=3e-3", "--batch_size=8", "--seq_len=64", "--progress=false", FP32)
@@ -149,6 +157,26 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     with torch.no_grad():
         raw = hf(input_ids=torch.tensor([sequences[0]])).logits[0, 0].item()
     assert raw + rm.reward_bias == pytest.approx(scores[0].item(), abs=1e-4)
+
+
+def test_members_train_apart_and_are_averaged_weight_by_weight(tmp_path, tokenizer_dir):
+    """--members 2: two reward models (their own head initialisation and data order) whose weights, averaged, are
+    the saved model's (the head's times the normalising gain); the average still learns the rule."""
+    tok = Tokenizer.load(tokenizer_dir)
+    base, data, ref, _, _ = red_fox_task(tmp_path, tok)
+    out = tmp_path / "rm"
+    result = run_cli("rm", f"--model={base}", f"--data={data}", f"--out={out}", f"--reference={ref}", "--epochs=2",
+                     "--lr=3e-3", "--batch_size=8", "--seq_len=64", "--progress=false", "--members=2", FP32)
+    assert result.returncode == 0, result.stderr
+    assert "x 2 members (averaged)" in result.stdout
+    members = [load_state(out / "members" / str(i), torch.device("cpu"))["model"] for i in range(2)]
+    final = load_model(out).state_dict()
+    gain = json.loads((out / "chatloop.json").read_text())["metrics"]["reward_gain"]
+    assert max((members[0][k] - members[1][k]).abs().max().item() for k in final) > 1e-2  # they differ
+    for k in final:
+        mean = (members[0][k] + members[1][k]) / 2 * (gain if k == "score.weight" else 1.0)
+        assert torch.allclose(final[k], mean, atol=1e-6), k
+    assert json.loads((out / "eval.json").read_text())["accuracy"] > 0.9
 
 
 def test_val_data_is_used_as_given_and_skip_invalid_still_splits(tmp_path, tokenizer_dir):

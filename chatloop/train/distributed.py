@@ -256,6 +256,14 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(unwrap(model), FSDPModule)
 
 
+def reshard(model: nn.Module) -> None:
+    """Under FSDP, put the parameters back into their shards before changing them in place: FSDP2 leaves the
+    root's (embeddings, final norm, head) gathered after a forward, for the backward that usually follows, and
+    a change to the gathered copy is lost."""
+    if is_sharded(model):
+        unwrap(model).reshard()  # type: ignore[operator]
+
+
 @contextlib.contextmanager
 def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Skip the gradient all-reduce of backward passes inside (gradient accumulation: sync on the last)."""

@@ -12,6 +12,8 @@ Steps:
      prompts go through ONE forward pass (K passes per prompt, not 2*C(K,2)); the reward is read at each
      response's last real token; each prompt contributes the mean over its C(K,2) pairs (ties give none) of
      -log sigmoid(r_w - r_l), so every prompt weighs the same whatever its K.
+     With --members N, steps 3-5 run N times (seeds seed, seed+1, ...: each its own head initialisation and
+     data order; train states in OUT/members/I) and the N models' weights are averaged into one (WARM).
   6. Normalise (in fp32): a gain so that the training answers to one prompt spread with std 1 on average (unless
      --no-normalize_gain), folded into the head's weights, and a bias so that the reference answers
      (demonstrations) score a mean of 0, stored in config.json ("reward_bias") and applied by `GPT.reward`.
@@ -85,6 +87,11 @@ class RMConfig(StepConfig):
     """Also scale rewards so that the answers to one prompt (the training rankings' K answers) spread with std 1
     on average, folded into the head: what PPO's advantages see, so that its kl_coef weighs the same against any
     RM (Ziegler et al. scale to std 1 too). Without it, two RMs of the same data differ in scale by up to 1.4x."""
+    members: int = 1
+    """Reward models trained from the same start on the same rankings (seeds seed, seed+1, ...) and averaged
+    weight by weight into the one saved: WARM (Ramé et al. 2024), much of an ensemble's accuracy and robustness
+    at the inference cost of one model, for N times the training. Default world, seed 0, against the judge on
+    SFT's own pairs: 2 members 0.770 where each alone scores 0.755 and 0.728."""
     epochs: int = 1
     """Passes over the rankings (InstructGPT: 1; the RM overfits quickly)."""
     max_steps: int = 0
@@ -355,6 +362,7 @@ def normalise(model: GPT, train: list[Group], tokenizer: Tokenizer, cfg: RMConfi
         answers = _scores_in_chunks(model, [s for g in train for s in g.sequences], tokenizer.pad_id, device)
         spread = torch.stack([k.std() for k in answers.split([len(g.sequences) for g in train])]).mean().item()
         gain = 1.0 / max(spread, 1e-6)
+    distributed.reshard(model)
     model.score.weight.mul_(gain)
     model.reward_bias = -ref_scores.mean().item() * gain
     return gain
@@ -375,51 +383,36 @@ def held_out_labelers_report(model: GPT, held: list[Group], train_r: list[dict],
             "conversations_in_training": sum(first_user_message(r) in seen for r in held_r)}
 
 
-def reward_model(cfg: RMConfig) -> Path:
-    out = Path(cfg.out)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    # step 1
-    if is_complete(out):
-        print(f"rm: {out} is already finished; skipping (remove it to train again)")
-        return out
-    if not cfg.model or not cfg.data:
-        raise UserError("--model (an SFT checkpoint) and --data (ranking files) are required")
+def steps(cfg: RMConfig, prompts: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, in all) of one reward model trained on `prompts` ranked prompts."""
+    per_epoch = max(1, math.ceil(prompts / (cfg.batch_size * cfg.grad_accum)))
+    return per_epoch, min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
 
-    # step 2
-    tokenizer = Tokenizer.load(cfg.model)
-    train_r, val_r, held_r = read_splits(cfg)
-    train, val = encode_rankings(train_r, tokenizer, cfg.seq_len), encode_rankings(val_r, tokenizer, cfg.seq_len)
-    held = encode_rankings(held_r, tokenizer, cfg.seq_len)
-    if not train:
-        raise UserError("no ranked prompt with at least one untied pair in --data")
 
+def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[Group], tokenizer: Tokenizer, device,
+                 precision: str) -> GPT:
+    """Steps 3-5 for one reward model (its head's initialisation and its data order from `seed`), its train
+    states and metrics in `out`; the trained model (sharded under FSDP)."""
     # step 3
+    seed_everything(seed)  # the head's initialisation
     model = load_model(cfg.model, device=device, head="scalar", dropout=0.0)
     train_model = distributed.wrap(model, cfg.parallel, device)  # under torchrun: DDP or FSDP2
     optimizer = make_optimizer(model, cfg, device)
-    per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum)))
-    total_steps = min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
+    per_epoch, total_steps = steps(cfg, len(train))
 
     # step 4
-    start_step, _, log = resume(out, device, model, optimizer, "rm", total_steps)
-    if held_r:
-        print(f"rm: {len(held)} ranked prompts of the held-out labelers {', '.join(cfg.val_labelers)}")
-    print(f"rm: {len(train)} train / {len(val)} val ranked prompts "
-          f"({sum(len(g.pairs) for g in train)} comparisons, {sum(g.ties for g in train)} tied pairs left out), "
-          f"{total_steps} steps, {device} {precision}")
+    start_step, _, log = resume(out, device, model, optimizer, name, total_steps)
 
     # step 5
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress or not distributed.is_main(),
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, desc=None if name == "rm" else name)
     last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
     prompts_per_step = cfg.batch_size * cfg.grad_accum
     lengths = [max(len(s) for s in g.sequences) for g in train]
     for step in range(start_step, total_steps):
         epoch, within = divmod(step, per_epoch)
-        order = length_grouped_order(lengths, cfg.seed, epoch, cfg.batch_size)
+        order = length_grouped_order(lengths, seed, epoch, cfg.batch_size)
         chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
         lr = lr_at(step, cfg, total_steps)
         set_lr(optimizer, lr)
@@ -443,8 +436,55 @@ def reward_model(cfg: RMConfig) -> Path:
         bar.update(1)
     bar.close()
     log.close()
+    return model
+
+
+def reward_model(cfg: RMConfig) -> Path:
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    # step 1
+    if is_complete(out):
+        print(f"rm: {out} is already finished; skipping (remove it to train again)")
+        return out
+    if not cfg.model or not cfg.data:
+        raise UserError("--model (an SFT checkpoint) and --data (ranking files) are required")
+    if cfg.members < 1:
+        raise UserError(f"--members: expected 1 or more reward models to average, got {cfg.members}")
+
+    # step 2
+    tokenizer = Tokenizer.load(cfg.model)
+    train_r, val_r, held_r = read_splits(cfg)
+    train, val = encode_rankings(train_r, tokenizer, cfg.seq_len), encode_rankings(val_r, tokenizer, cfg.seq_len)
+    held = encode_rankings(held_r, tokenizer, cfg.seq_len)
+    if not train:
+        raise UserError("no ranked prompt with at least one untied pair in --data")
+    if held_r:
+        print(f"rm: {len(held)} ranked prompts of the held-out labelers {', '.join(cfg.val_labelers)}")
+    members = f" x {cfg.members} members (averaged)" if cfg.members > 1 else ""
+    print(f"rm: {len(train)} train / {len(val)} val ranked prompts "
+          f"({sum(len(g.pairs) for g in train)} comparisons, {sum(g.ties for g in train)} tied pairs left out), "
+          f"{steps(cfg, len(train))[1]} steps{members}, {device} {precision}")
+
+    # steps 3-5, once per member: with --members N, N reward models whose weights are then averaged into one
+    model: GPT | None = None
+    for i in range(cfg.members):
+        alone = cfg.members == 1
+        member = train_member(cfg, cfg.seed + i, out if alone else out / "members" / str(i),
+                              "rm" if alone else f"rm member {i}", train, tokenizer, device, precision)
+        if model is None:
+            model = member
+        else:  # the running mean of the members' weights (elementwise, so shard by shard under FSDP)
+            distributed.reshard(model)
+            distributed.reshard(member)
+            with torch.no_grad():
+                for mean, weight in zip(model.parameters(), member.parameters()):
+                    mean.lerp_(weight, 1 / (i + 1))
+            del member
 
     # step 6
+    assert model is not None
     model.eval()
     gain = normalise(model, train, tokenizer, cfg, device)
 
