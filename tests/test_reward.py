@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from collections import Counter
 
 import pytest
@@ -177,6 +178,14 @@ def test_members_train_apart_and_are_averaged_weight_by_weight(tmp_path, tokeniz
         mean = (members[0][k] + members[1][k]) / 2 * (gain if k == "score.weight" else 1.0)
         assert torch.allclose(final[k], mean, atol=1e-6), k
     assert json.loads((out / "eval.json").read_text())["accuracy"] > 0.9
+    # Interrupted during the second member: the first is not trained again, and the result is the same.
+    (out / "chatloop.json").unlink()
+    shutil.rmtree(out / "members" / "1")
+    again = run_cli("rm", f"--model={base}", f"--data={data}", f"--out={out}", f"--reference={ref}", "--epochs=2",
+                    "--lr=3e-3", "--batch_size=8", "--seq_len=64", "--progress=false", "--members=2", FP32)
+    assert again.returncode == 0, again.stderr
+    assert "rm member 0: resuming from step 36 of 36" in again.stdout
+    assert all(torch.equal(final[k], load_model(out).state_dict()[k]) for k in final)
 
 
 def test_val_data_is_used_as_given_and_skip_invalid_still_splits(tmp_path, tokenizer_dir):
