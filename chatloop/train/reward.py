@@ -89,9 +89,10 @@ class RMConfig(StepConfig):
     RM (Ziegler et al. scale to std 1 too). Without it, two RMs of the same data differ in scale by up to 1.4x."""
     members: int = 1
     """Reward models trained from the same start on the same rankings (seeds seed, seed+1, ...) and averaged
-    weight by weight into the one saved: WARM (Ramé et al. 2024), much of an ensemble's accuracy and robustness
-    at the inference cost of one model, for N times the training. Default world, seed 0, against the judge on
-    SFT's own pairs: 2 members 0.770 where each alone scores 0.755 and 0.728."""
+    weight by weight into the one saved: WARM (Ramé et al. 2024), an ensemble's robustness at the inference cost
+    of one model, for N times the training. Not in the default loop: on the default world (seed 0, RM against
+    the judge on SFT's own pairs / best-of-4) 2 members scored 0.734 / 60.5% where the first alone scores 0.755 /
+    60.3% (BENCHMARKS.md, session 11)."""
     epochs: int = 1
     """Passes over the rankings (InstructGPT: 1; the RM overfits quickly)."""
     max_steps: int = 0
