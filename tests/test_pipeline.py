@@ -54,9 +54,9 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert set(report["models"]) == {"pretrained", "sft", "ppo", "ppo-ptx", "dpo", "best-of-4"}
     assert "sft vs pretrained (gold)" in report["win_rates"] and report["rm_accuracy_vs_gold"]["pairs"] > 0
-    # What even this shortened run shows every time: fine-tuning on the demonstrations beats the pretrained model.
-    # SFT over the pretrained model, as this short run shows it every time (its win rate: 55-71% over 7 variants of
-    # it, fp32 and bf16; 40 prompts are too few for the 95% interval to clear 50% every time).
+    # What even this shortened run shows every time: fine-tuning on the demonstrations beats the pretrained model
+    # (win rate 55-71% over 7 variants of it, fp32 and bf16; 40 prompts are too few for the 95% interval to clear
+    # 50% every time).
     assert report["win_rates"]["sft vs pretrained (gold)"]["win_rate"] > 0.5
     assert report["models"]["sft"]["gold_score"] > 2 * report["models"]["pretrained"]["gold_score"]
     assert {"best-of-4", "sft"} <= set(report["models"]) and report["gold_by_kind"]
