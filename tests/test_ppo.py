@@ -1,4 +1,4 @@
-"""PPO: hand-computed pieces, the invariants of RECIPE.md §5, and short real runs through the CLI."""
+"""PPO: hand-computed pieces, the invariants of docs/RECIPE.md §5, and short real runs through the CLI."""
 
 import json
 

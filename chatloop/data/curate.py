@@ -1,4 +1,4 @@
-"""`chatloop prompts curate`: the curated view of the prompt store that training uses (RECIPE.md §1).
+"""`chatloop prompts curate`: the curated view of the prompt store that training uses (docs/RECIPE.md §1).
 
 The steps, in this order (each one reports what it removed and why, with a few redacted examples):
 

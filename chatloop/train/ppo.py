@@ -1,4 +1,4 @@
-"""`chatloop ppo`: PPO (and PPO-ptx) against the reward model (RECIPE.md §4, §5, §7).
+"""`chatloop ppo`: PPO (and PPO-ptx) against the reward model (docs/RECIPE.md §4, §5, §7).
 
 Models: the policy starts from the SFT model; the frozen reference is the same SFT model; the value model is
 separate and starts from the reward model (or, with --no-critic, there is none); the reward model is frozen.
@@ -25,7 +25,7 @@ Steps of one iteration:
      value loss (with a critic), and for PPO-ptx ptx_coef times the language-model loss on pretraining windows,
      accumulated into the same optimizer step. (At the first minibatch of an iteration the ratio is exactly 1.)
   8. Update the adaptive KL controller with the batch's KL, and the EMA of the policy weights.
-  9. Log every metric of RECIPE.md §7; print samples every `sample_every` iterations; save the state.
+  9. Log every metric of docs/RECIPE.md §7; print samples every `sample_every` iterations; save the state.
 Finally the policy (its EMA if enabled) is saved as the stage's checkpoint.
 
 Logged metrics (docs/METRICS.md says what healthy runs look like):

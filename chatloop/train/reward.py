@@ -1,5 +1,5 @@
-"""`chatloop rm`: a reward model from K-wise rankings (InstructGPT §3 of RECIPE.md); `chatloop rm-eval`: a reward
-model's accuracy on held-out rankings.
+"""`chatloop rm`: a reward model from K-wise rankings (docs/RECIPE.md §3: InstructGPT §3.5, C.2); `chatloop rm-eval`:
+a reward model's accuracy on held-out rankings.
 
 Steps:
   1. Skip if OUT already holds a finished checkpoint.

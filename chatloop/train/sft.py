@@ -1,4 +1,4 @@
-"""`chatloop sft`: supervised fine-tuning on demonstrations (InstructGPT §2 of RECIPE.md).
+"""`chatloop sft`: supervised fine-tuning on demonstrations (docs/RECIPE.md §2: InstructGPT §3.5, Appendix C.1).
 
 Steps:
   1. Skip if OUT already holds a finished checkpoint.
