@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatloop.data.curate import CurateConfig, curate  # noqa: E402
 from chatloop.data.pii import luhn_valid  # noqa: E402
-from chatloop.data.prompts import ExportConfig, PromptStore, export  # noqa: E402
+from chatloop.data.prompts import PromptExportConfig, PromptStore, export  # noqa: E402
 
 # A vocabulary of 8,000 made-up words from syllables, so that random prompts rarely share 60 characters by
 # chance and dedup removes mostly what the generator meant to repeat.
@@ -150,7 +150,7 @@ def main() -> None:
         size_mb = data.stat().st_size / 1e6
         phase("ingest", lambda: PromptStore(db).ingest_file(data))
         phase("curate", lambda: curate(CurateConfig(db=db)))
-        phase("export", lambda: export(ExportConfig(db=db, out=str(work / "sets"))))
+        phase("export", lambda: export(PromptExportConfig(db=db, out=str(work / "sets"))))
         manifest = json.loads((work / "sets" / "manifest.json").read_text())
         report = json.loads((work / "sets" / "report.json").read_text())
 

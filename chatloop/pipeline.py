@@ -29,7 +29,7 @@ from pathlib import Path
 
 from chatloop.checkpoint import is_complete
 from chatloop.data.curate import CurateConfig, curate
-from chatloop.data.prompts import ExportConfig, IngestConfig, export, ingest
+from chatloop.data.prompts import IngestConfig, PromptExportConfig, export, ingest
 from chatloop.errors import UserError
 from chatloop.evaluate import EvalConfig, add_human, diagnostic_lines, evaluate, human_win_rates
 from chatloop.report import write_report
@@ -214,7 +214,7 @@ def curated_prompts(root: Path, world_dir: Path, seed: int) -> Path:
     if not finished(out / "manifest.json"):
         ingest(IngestConfig(inputs=[str(world_dir / "prompts.jsonl")], db=db))
         curate(CurateConfig(db=db, seed=seed))
-        export(ExportConfig(db=db, out=str(out), sft=0.0, rm=0.5, ppo=0.5, seed=seed))
+        export(PromptExportConfig(db=db, out=str(out), sft=0.0, rm=0.5, ppo=0.5, seed=seed))
     return out
 
 

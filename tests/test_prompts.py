@@ -17,10 +17,10 @@ from chatloop.data.formats import iter_records, read_records
 from chatloop.data.pii import scan
 from chatloop.data.prompts import (
     EXPORT_FILES,
-    ExportConfig,
     IngestConfig,
+    PromptExportConfig,
+    PromptStatsConfig,
     PromptStore,
-    StatsConfig,
     divide_train,
     export,
     ingest,
@@ -184,7 +184,7 @@ def test_missing_inputs_and_stores(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="has no prompts"):
         curate(CurateConfig(db=str(tmp_path / "empty.db")))
     with pytest.raises(UserError, match="no curation yet"):
-        export(ExportConfig(db=str(tmp_path / "empty.db"), out=str(tmp_path / "out")))
+        export(PromptExportConfig(db=str(tmp_path / "empty.db"), out=str(tmp_path / "out")))
 
 
 def test_a_store_of_another_format_is_refused(tmp_path: Path) -> None:
@@ -234,7 +234,7 @@ def test_export_writes_disjoint_valid_sets(tmp_path: Path) -> None:
     curate(CurateConfig(db=str(db), report_dir=str(tmp_path / "report")))
     assert (tmp_path / "report" / "report.md").is_file()
     out = tmp_path / "sets"
-    counts = export(ExportConfig(db=str(db), out=str(out), sft=0.25, rm=0.25, ppo=0.5))
+    counts = export(PromptExportConfig(db=str(db), out=str(out), sft=0.25, rm=0.25, ppo=0.5))
     sets = {name: list(iter_records(out / f"{name}.jsonl", "prompt")) for name in ("sft", "rm", "ppo", "val", "test")}
     assert {k: len(v) for k, v in sets.items()} == counts
     ids = [r["id"] for records in sets.values() for r in records]
@@ -255,7 +255,7 @@ def test_export_writes_disjoint_valid_sets(tmp_path: Path) -> None:
     assert report["curation_id"] == manifest["curation"]
     assert "| dedup |" in (out / "report.md").read_text()
     # a second export replaces the directory as a whole, leaving no temporary files behind
-    export(ExportConfig(db=str(db), out=str(out), sft=0.2, rm=0.4, ppo=0.4))
+    export(PromptExportConfig(db=str(db), out=str(out), sft=0.2, rm=0.4, ppo=0.4))
     assert sorted(p.name for p in out.iterdir()) == sorted([*EXPORT_FILES, "manifest.json", "report.json",
                                                             "report.md"])
     assert not list(tmp_path.glob(".sets*"))
@@ -269,15 +269,15 @@ def test_export_shares(tmp_path: Path) -> None:
     db = small_store(tmp_path)
     curate(CurateConfig(db=str(db)))
     with pytest.raises(UserError, match="sum to at most 1"):
-        export(ExportConfig(db=str(db), out=str(tmp_path / "o"), sft=0.5, rm=0.5, ppo=0.5))
+        export(PromptExportConfig(db=str(db), out=str(tmp_path / "o"), sft=0.5, rm=0.5, ppo=0.5))
     with pytest.raises(UserError, match="--curation: no curation 9"):
-        export(ExportConfig(db=str(db), out=str(tmp_path / "o"), curation=9))
+        export(PromptExportConfig(db=str(db), out=str(tmp_path / "o"), curation=9))
 
 
 def test_stats(tmp_path: Path, capsys) -> None:
     db = small_store(tmp_path)
     curate(CurateConfig(db=str(db)))
-    s = stats(StatsConfig(db=str(db)))
+    s = stats(PromptStatsConfig(db=str(db)))
     assert s["prompts"] == count(db) and s["users"] == 40 and s["curations"][0]["id"] == 1
     assert sum(s["latest_curation_splits"].values()) == s["curations"][0]["prompts"]
     assert "prompts from 40 users" in capsys.readouterr().out

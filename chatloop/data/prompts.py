@@ -615,7 +615,7 @@ def ingest(cfg: IngestConfig) -> list[IngestResult]:
 
 
 @dataclass
-class ExportConfig:
+class PromptExportConfig:
     db: str = DEFAULT_DB
     """The prompt store: an SQLAlchemy URL (sqlite:///file.db, postgresql://...) or a plain SQLite file path."""
     out: str = "runs/prompt_sets"
@@ -648,7 +648,7 @@ def divide_train(records: list[dict[str, Any]], shares: dict[str, float], seed: 
     return out
 
 
-def export(cfg: ExportConfig) -> dict[str, int]:
+def export(cfg: PromptExportConfig) -> dict[str, int]:
     shares = {"sft": cfg.sft, "rm": cfg.rm, "ppo": cfg.ppo}
     for name, share in shares.items():
         if not 0 <= share <= 1:
@@ -685,12 +685,12 @@ def export(cfg: ExportConfig) -> dict[str, int]:
 
 
 @dataclass
-class StatsConfig:
+class PromptStatsConfig:
     db: str = DEFAULT_DB
     """The prompt store: an SQLAlchemy URL (sqlite:///file.db, postgresql://...) or a plain SQLite file path."""
 
 
-def stats(cfg: StatsConfig) -> dict[str, Any]:
+def stats(cfg: PromptStatsConfig) -> dict[str, Any]:
     store = PromptStore(cfg.db, create=False)
     s = store.stats()
     print(f"{store.db}: {s['prompts']} prompts from {s['users']} users, {s['ingests']} ingests")
