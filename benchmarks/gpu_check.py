@@ -136,9 +136,9 @@ def generate_check(run: Path, dry: bool) -> dict:
 def run_stage(args: argparse.Namespace) -> None:
     import torch
 
+    from chatloop import distributed
     from chatloop.device import measure_peak_flops
     from chatloop.realloop import LoopConfig, data_root
-    from chatloop.train import distributed
     from chatloop.train.dpo import dpo
     from chatloop.train.ppo import ppo
     from chatloop.train.pretrain import pretrain
@@ -158,7 +158,7 @@ def run_stage(args: argparse.Namespace) -> None:
     else:
         fn = {"pretrain": pretrain, "sft": sft, "rm": reward_model, "dpo": dpo, "ppo": ppo}[args.stage]
         cfg = stage_config(args.stage, run, data, dry)
-        fn(cfg)  # under torchrun the stage joins the process group itself (chatloop.train.distributed)
+        fn(cfg)  # under torchrun the stage joins the process group itself (chatloop.distributed)
         rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line]
         perf = {}
         for row in rows[1:]:  # the first step includes warm-up (compilation of kernels, allocator growth)
@@ -192,7 +192,7 @@ def prepare(args: argparse.Namespace) -> None:
     """The imported model (RUN/import) and the data every stage reads (RUN/data: `chatloop loop`'s data step)."""
     import shutil
 
-    from chatloop.importer import ImportConfig, import_model, smollm2_gguf
+    from chatloop.model_import import ImportConfig, import_model, smollm2_gguf
     from chatloop.realloop import LoopConfig, write_data
 
     run = Path(args.run_dir)

@@ -1,9 +1,10 @@
 """The default loop over seeds: is PPO's win over SFT a property of the config, or of one lucky run?
 
 For each seed (the world and every stage's seed: `chatloop run --seed S`), the whole default loop, then the
-ceiling beside it: PPO from the same SFT model with the world's gold judge as its reward (`--gold_world`, a
-perfect RM; the run's RM still starts the value model), at the config's PPO budget, evaluated against SFT on
-the same held-out prompts. Results go to benchmarks/results/loop_seeds.json; a finished run is reused.
+ceiling beside it: PPO from the same SFT model with the world's gold judge as its reward
+(`--reward_fn=chatloop.world.gold:gold_reward`, a perfect RM; the run's RM still starts the value model), at the
+config's PPO budget, evaluated against SFT on the same held-out prompts. Results go to
+benchmarks/results/loop_seeds.json; a finished run is reused.
 
     python benchmarks/loop_seeds.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--work runs/seeds] [--dpo]
 """
@@ -22,7 +23,8 @@ from chatloop.config import parse_args
 from chatloop.evaluate import EvalConfig, evaluate
 from chatloop.pipeline import RunConfig, rl_rm_accuracy, run
 from chatloop.train.dpo import dpo
-from chatloop.world.gold import GoldPPOConfig, gold_ppo
+from chatloop.train.ppo import ppo
+from chatloop.world.gold import gold_judge
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"ppo vs sft": 0.62, "mean ppo vs sft": 0.65}
@@ -31,9 +33,9 @@ TARGETS = {"ppo vs sft": 0.62, "mean ppo vs sft": 0.65}
 def versus_sft(root: Path, cfg: RunConfig, model: Path, name: str) -> dict:
     """The gold win rate of `model` against the run's SFT model on the run's held-out prompts."""
     report = evaluate(EvalConfig(models=[str(root / "sft"), str(model)], names=["sft", name],
-                                 prompts=str(root / "world" / "eval_prompts.jsonl"), world=str(root / "world"),
+                                 prompts=str(root / "world" / "eval_prompts.jsonl"),
                                  limit=cfg.eval_prompts, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed,
-                                 greedy=False, best_of=0))
+                                 greedy=False, best_of=0), gold_judge(str(root / "world")))
     return report["win_rates"][f"{name} vs sft (gold)"]
 
 
@@ -41,19 +43,19 @@ def gold_ceiling(root: Path, cfg: RunConfig) -> dict:
     """PPO against the gold judge from the run's SFT model, at the run's PPO settings, against SFT."""
     out = root / "ceiling"
     rm = str(root / f"round-{cfg.rounds}" / "rm")
-    gold_ppo(GoldPPOConfig(**{**dataclasses.asdict(cfg.ppo), "out": str(out), "policy": str(root / "sft"),
-                              "reference": str(root / "sft"), "reward_model": "", "gold_world": str(root / "world"),
-                              "value_model": rm, "ptx_data": [], "prompts": [str(root / "prompt_sets" / "ppo.jsonl")],
-                              "seed": cfg.seed, "progress": False}))
+    ppo(dataclasses.replace(cfg.ppo, out=str(out), policy=str(root / "sft"), reference=str(root / "sft"),
+                            reward_model="", reward_fn="chatloop.world.gold:gold_reward",
+                            reward_fn_arg=str(root / "world"), reward_scale=3.0, value_model=rm, ptx_data=[],
+                            prompts=[str(root / "prompt_sets" / "ppo.jsonl")], seed=cfg.seed, progress=False))
     return versus_sft(root, cfg, out, "gold-ppo")
 
 
 def dpo_baseline(root: Path, cfg: RunConfig) -> dict:
-    """DPO from the run's SFT model on the run's rankings (the config's dpo_train settings), against SFT: the
+    """DPO from the run's SFT model on the run's rankings (the config's dpo settings), against SFT: the
     default run itself stays as `make demo` runs it."""
     out = root / "dpo-baseline"
     rankings = [str(root / f"round-{r}" / "rankings.jsonl") for r in range(1, cfg.rounds + 1)]
-    dpo(dataclasses.replace(cfg.dpo_train, out=str(out), policy=str(root / "sft"), data=rankings, seed=cfg.seed,
+    dpo(dataclasses.replace(cfg.dpo, out=str(out), policy=str(root / "sft"), data=rankings, seed=cfg.seed,
                             progress=False))
     return versus_sft(root, cfg, out, "dpo")
 

@@ -1,8 +1,9 @@
 """PPO's acceptance experiments on the synthetic world (issue #6), from a finished `chatloop run`'s SFT and RM.
 
   1. PPO with 3 seeds: gold win rate against SFT on held-out prompts, each seed.
-  2. The ceiling: the same PPO with the gold judge itself as the reward (--gold_world, a perfect RM), at the
-     config's budget and at the long budget (40 iterations x 64 episodes); and the RM at the long budget.
+  2. The ceiling: the same PPO with the gold judge itself as the reward (--reward_fn=chatloop.world.gold:gold_reward,
+     a perfect RM), at the config's budget and at the long budget (40 iterations x 64 episodes); and the RM at the
+     long budget.
   3. The adaptive KL controller: KL per iteration after warmup, against the target.
   4. beta -> 0 at the long budget: the RM score rises while the gold win rate falls (over-optimisation).
   5. PPO-ptx against PPO: the pretraining validation loss regresses less.
@@ -29,7 +30,8 @@ from chatloop.checkpoint import is_complete
 from chatloop.config import parse_args
 from chatloop.evaluate import EvalConfig, evaluate
 from chatloop.pipeline import RunConfig
-from chatloop.world.gold import GoldPPOConfig, gold_ppo
+from chatloop.train.ppo import PPOConfig, ppo
+from chatloop.world.gold import gold_judge
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,21 +50,23 @@ def train(run: Path, base, out: Path, gold: bool = False, **changes) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     rm = str(run / "round-1" / "rm")
-    reward = {"reward_model": "", "gold_world": str(run / "world"), "value_model": rm} if gold else {"reward_model": rm}
-    cfg = GoldPPOConfig(**{**dataclasses.asdict(base), "out": str(out), "policy": str(run / "sft"),
-                           "reference": str(run / "sft"), "prompts": [str(run / "prompt_sets" / "ppo.jsonl")],
-                           "progress": False, "sample_every": 0, **reward, **changes})
-    gold_ppo(cfg)
+    reward = ({"reward_model": "", "reward_fn": "chatloop.world.gold:gold_reward", "reward_fn_arg": str(run / "world"),
+               "reward_scale": 3.0, "value_model": rm} if gold else {"reward_model": rm})
+    cfg = PPOConfig(**{**dataclasses.asdict(base), "out": str(out), "policy": str(run / "sft"),
+                       "reference": str(run / "sft"), "prompts": [str(run / "prompt_sets" / "ppo.jsonl")],
+                       "progress": False, "sample_every": 0, **reward, **changes})
+    ppo(cfg)
     TRAINED.add(out)
     return out
 
 
 def against_sft(run: Path, policy: Path, limit: int, eval_seed: int) -> dict:
     report = evaluate(EvalConfig(models=[str(run / "sft"), str(policy)], names=["sft", "ppo"],
-                                 prompts=str(run / "world" / "eval_prompts.jsonl"), world=str(run / "world"),
+                                 prompts=str(run / "world" / "eval_prompts.jsonl"),
+                                 demonstrations=str(run / "world" / "demonstrations.jsonl"),
                                  reward_model=str(run / "round-1" / "rm"), reference=str(run / "sft"),
                                  pretrain_val=str(run / "world" / "pretrain_val.txt"), limit=limit,
-                                 max_new_tokens=40, seed=eval_seed))
+                                 max_new_tokens=40, seed=eval_seed), gold_judge(str(run / "world")))
     ppo_row = report["models"]["ppo"]
     return {"gold_win_rate": report["win_rates"]["ppo vs sft (gold)"], "rm_win_rate":
             report["win_rates"]["ppo vs sft (rm)"]["win_rate"], "gold_score": ppo_row["gold_score"],

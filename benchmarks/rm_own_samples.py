@@ -26,7 +26,8 @@ import torch
 
 from chatloop.checkpoint import is_complete, load_model
 from chatloop.data.formats import read_records
-from chatloop.evaluate import answer, rm_scores, win_rate
+from chatloop.evaluate import rm_scores, win_rate
+from chatloop.generate import answer
 from chatloop.tokenizer import Tokenizer
 from chatloop.world.world import World
 

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from chatloop.data.formats import ranking_pairs
-    from chatloop.data.importers import read_demonstrations, read_rankings
+    from chatloop.data.readers import read_demonstrations, read_rankings
     from chatloop.tokenizer import Tokenizer
     from chatloop.train.reward import split_by_conversation
 

@@ -89,8 +89,8 @@ def tiny_figures() -> tuple[dict, str]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from chatloop.data.formats import ranking_pairs
-    from chatloop.data.importers import read_rankings
-    from chatloop.importer import smollm2_gguf
+    from chatloop.data.readers import read_rankings
+    from chatloop.model_import import smollm2_gguf
     from chatloop.tokenizer import Tokenizer
     from chatloop.train.reward import split_by_conversation
 

@@ -23,11 +23,10 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "rm": ("chatloop.train.reward", "RMConfig", "reward_model", "train a reward model from K-wise rankings"),
     "rm-eval": ("chatloop.train.reward", "RMEvalConfig", "rm_eval", "a reward model's accuracy on held-out rankings"),
     "dpo": ("chatloop.train.dpo", "DPOConfig", "dpo", "DPO on K-wise rankings (no reward model, no sampling)"),
-    "ppo": ("chatloop.world.gold", "GoldPPOConfig", "gold_ppo",  # PPOConfig, and --gold_world: the judge as reward
-            "PPO / PPO-ptx against the reward model"),
+    "ppo": ("chatloop.train.ppo", "PPOConfig", "ppo", "PPO / PPO-ptx against the reward model"),
     "eval": ("chatloop.evaluate", "EvalConfig", "evaluate", "compare checkpoints on held-out prompts"),
     "run": ("chatloop.pipeline", "RunConfig", "run", "the whole loop from one config (default: configs/tiny.yaml)"),
-    "import": ("chatloop.importer", "ImportConfig", "import_model",
+    "import": ("chatloop.model_import", "ImportConfig", "import_model",
                "a GGUF file or Hugging Face model directory as a chatloop checkpoint"),
     "loop": ("chatloop.realloop", "LoopConfig", "loop",
              "the loop on real data from an imported chat model (configs/smollm2.yaml)"),
@@ -69,7 +68,7 @@ def usage() -> str:
 def _finish_distributed() -> None:
     """Under torchrun, a stage that finished ends its process here, once every rank has finished
     (distributed.finish). Only on success: a rank that failed must not wait for the others."""
-    distributed = sys.modules.get("chatloop.train.distributed")  # imported by every stage that can run under it
+    distributed = sys.modules.get("chatloop.distributed")  # imported by every stage that can run under it
     if distributed is not None:
         distributed.finish()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import textwrap
 import types
@@ -255,6 +256,19 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
     for key, value in pairs:
         obj = _set_dotted(cls, obj, key, value, f"--{key}")
     return obj
+
+
+def resolve_function(spec: str, flag: str) -> Any:
+    """The function a config value names as `module:function` (a plug-in: a judge, a reward), imported now, so a
+    stage depends on its plug-ins only through the value it is given."""
+    module_name, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name) if name else None
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{flag}={spec}: cannot import it ({e})") from None
+    if not callable(function):
+        raise ConfigError(f"{flag}={spec}: expected module:function, naming a function of an importable module")
+    return function
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from chatloop import distributed
 from chatloop.errors import UserError
-from chatloop.train import distributed
 
 
 def resolve_device(name: str) -> torch.device:

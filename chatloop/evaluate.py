@@ -1,7 +1,8 @@
 """`chatloop eval`: compare checkpoints on held-out prompts.
 
-For every checkpoint: answers sampled on the held-out prompts, scored by the synthetic world's gold judge
-(mean score, Likert, metadata-flag rates, share ending with a stop token; and the greedy answers' gold score),
+For every checkpoint: answers sampled on the held-out prompts, scored by a gold judge if given (a `Judge`: the
+synthetic world's, chatloop.world.gold; mean score, Likert, metadata-flag rates, what it marked answers down for,
+share ending with a stop token; and the greedy answers' gold score),
 by the reward model if given, the KL to a reference checkpoint (mean over answers of the summed per-token
 log-ratio), and the pretraining validation loss (the alignment tax). Between checkpoints: gold win rates (the
 better gold score wins a prompt, a tie counts half; also without the ties, and how many there were) with 95%
@@ -24,24 +25,23 @@ log n - (n - 1)/n). Its n samples are also where the diagnostics of the loop com
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from chatloop.checkpoint import load_model
-from chatloop.data.formats import prompt_messages, read_records, validate
-from chatloop.data.importers import read_demonstrations
+from chatloop.config import resolve_function
+from chatloop.data.formats import Prompt, read_records, validate
+from chatloop.data.readers import read_demonstrations
 from chatloop.device import resolve_device
-from chatloop.engine import generate
 from chatloop.errors import UserError
+from chatloop.generate import Answers, answer
 from chatloop.io import atomic_write_json, iter_texts, read_jsonl
 from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
-from chatloop.world.judge import Judgement
-from chatloop.world.world import World
 
 
 @dataclass
@@ -52,8 +52,12 @@ class EvalConfig:
     """Display names of the checkpoints (default: directory names)."""
     prompts: str = ""
     """Held-out prompt records (JSONL)."""
-    world: str = ""
-    """The synthetic world directory, for the gold judge (empty: no gold metrics)."""
+    judge: str = ""
+    """A gold judge for the gold metrics, as `module:function`: function(judge_arg) returns a `Judge` (e.g.
+    chatloop.world.gold:gold_judge with --judge_arg=runs/NAME/world, the synthetic world's judge). Empty: no gold
+    metrics."""
+    judge_arg: str = ""
+    """What `judge`'s function is given (the synthetic world's: its directory)."""
     reward_model: str = ""
     """A reward model for RM scores and RM win rates (optional)."""
     no_eos_score: float = -1.0
@@ -75,7 +79,7 @@ class EvalConfig:
     """n of the best-of-n row (the RM picks one of n answers of the reference checkpoint); 0 or no reward model:
     no such row."""
     demonstrations: str = ""
-    """Demonstrations whose gold score is the imitation ceiling (empty: the world's demonstrations.jsonl)."""
+    """Demonstrations whose gold score is the imitation ceiling (a diagnostic; empty: none)."""
     seed: int = 0
     """Sampler seed (the same for every checkpoint)."""
     out: str = ""
@@ -91,64 +95,43 @@ class EvalConfig:
 
 
 @dataclass
-class Answers:
-    prompts: list
-    """The prompts (text or messages), in order."""
-    texts: list[str]
-    """Decoded answers (special tokens removed)."""
-    ended: list[bool]
-    """Whether each answer ended with a stop token within the length budget."""
-    tokens: list[torch.Tensor] = field(default_factory=list)
-    """Per batch: (B, P + N) prompt and answer ids as sampled (for KL and RM scoring)."""
-    masks: list[torch.Tensor] = field(default_factory=list)
-    """Per batch: the attention masks of `tokens`."""
-    prompt_lens: list[int] = field(default_factory=list)
-    """Per batch: the padded prompt width."""
+class Verdict:
+    """A gold judge's verdict on one answer."""
+
+    score: float
+    """In [0, 1]: what gold win rates compare."""
+    likert: int
+    """A 1-7 rating."""
+    flags: dict[str, bool]
+    """Metadata flags (InstructGPT's: fails to follow, harmful, ...): the report has each one's rate."""
+    marks: dict[str, bool]
+    """What the judge marked the answer down for ("ideal" where nothing): the report card's "why" table."""
 
 
-@torch.no_grad()
-def answer(model: GPT, tokenizer: Tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 1.0,
-           seed: int = 0, batch_size: int = 64) -> Answers:
-    """Sample one answer per prompt, in batches, with a fixed seed."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    result = Answers(prompts, [], [])
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0] for p in chunk]
-        ids = [i[-(model.cfg.max_seq_len - max_new_tokens):] for i in ids]  # keep the end of over-long prompts
-        rollout = generate(model, ids, max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
-                           temperature=temperature, generator=generator)
-        result.texts += [tokenizer.decode_reply(r) for r in rollout.response_ids()]
-        result.ended += rollout.ended.tolist()
-        result.tokens.append(rollout.tokens)
-        result.masks.append(rollout.attention_mask)
-        result.prompt_lens.append(rollout.prompt_len)
-    return result
+class Judge(Protocol):
+    """What the gold metrics score answers with: the synthetic world's judge (chatloop.world.gold.GoldJudge), or
+    any other that knows the right answers."""
+
+    def verdict(self, prompt: Prompt, answer: str, ended: bool = True) -> Verdict:
+        """The verdict on `answer` to `prompt` (text or messages); `ended`: it ended with a stop token."""
+        ...
+
+    def kind(self, prompt: Prompt) -> str:
+        """The prompt's kind, for the gold score per kind."""
+        ...
 
 
-# What the judge marked an answer down for (the report card's "why" table): the share of answers with each.
-MARKS: dict[str, Callable[[Judgement], bool]] = {
-    "ideal": lambda j: j.score >= 1.0,
-    "false_claim": lambda j: j.details["false_claims"] > 0,
-    "wrong_form": lambda j: j.flags["fails_to_follow"],
-    "pleasantry": lambda j: j.details["pleasantries"] > 0,
-    "too_long": lambda j: j.details["ended"] and j.details["finished"] and j.details["concise"] < 1.0,
-    "no_stop": lambda j: not j.details["ended"],
-}
-
-
-def gold_report(world: World, answers: Answers) -> tuple[dict[str, float], list[float]]:
-    """Mean gold score, Likert, stop rate, each metadata flag's rate and each of MARKS' shares; and the per-prompt
+def gold_report(judge: Judge, answers: Answers) -> tuple[dict[str, float], list[float]]:
+    """Mean gold score, Likert, stop rate, each metadata flag's rate and each mark's share; and the per-prompt
     scores."""
-    judgements = [world.judge(p, t, ended=e) for p, t, e in zip(answers.prompts, answers.texts, answers.ended)]
+    judgements = [judge.verdict(p, t, ended=e) for p, t, e in zip(answers.prompts, answers.texts, answers.ended)]
     n = max(1, len(judgements))
     report = {"gold_score": sum(j.score for j in judgements) / n, "likert": sum(j.likert for j in judgements) / n,
               "ended": sum(answers.ended) / n}
     for flag in judgements[0].flags if judgements else []:
         report[f"flag/{flag}"] = sum(bool(j.flags[flag]) for j in judgements) / n
-    for mark, has in MARKS.items():
-        report[f"marked/{mark}"] = sum(has(j) for j in judgements) / n
+    for mark in judgements[0].marks if judgements else []:
+        report[f"marked/{mark}"] = sum(j.marks[mark] for j in judgements) / n
     return report, [j.score for j in judgements]
 
 
@@ -230,7 +213,8 @@ def rm_accuracy_vs_gold(per_prompt: dict[str, dict[str, list[float]]]) -> dict:
     return {"accuracy": agree_all / pairs_all if pairs_all else float("nan"), "pairs": pairs_all, "by_pair": by_pair}
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
+    """The report (also written to cfg.out); gold metrics from `judge`, else from cfg.judge's if set."""
     if cfg.human and not cfg.models:  # people's verdicts only: no checkpoint to run
         report = {"models": {}, "win_rates": {}, "samples": []}
         add_human(report, human_win_rates(cfg.human, cfg.names, cfg.models))
@@ -245,7 +229,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if len(names) != len(cfg.models):
         raise UserError("--names: expected one name per model")
     prompts = [r["prompt"] for r in read_records(cfg.prompts, "prompt")][: cfg.limit]
-    world = World.load(cfg.world) if cfg.world else None
+    if judge is None and cfg.judge:
+        judge = resolve_function(cfg.judge, "--judge")(cfg.judge_arg)
     reward_model = load_model(cfg.reward_model, device=device).eval() if cfg.reward_model else None
     reference = load_model(cfg.reference, device=device).eval() if cfg.reference else None
     report: dict = {"prompts": len(prompts), "models": {}, "win_rates": {}, "samples": []}
@@ -257,12 +242,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         answers = answer(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed)
         row: dict[str, float] = {}
         per_prompt[name] = {}
-        if world is not None:
-            gold, per_prompt[name]["gold"] = gold_report(world, answers)
+        if judge is not None:
+            gold, per_prompt[name]["gold"] = gold_report(judge, answers)
             row.update(gold)
             if cfg.greedy:
                 greedy = answer(model, tokenizer, prompts, cfg.max_new_tokens, 0.0, cfg.seed)
-                row["gold_score_greedy"] = gold_report(world, greedy)[0]["gold_score"]
+                row["gold_score_greedy"] = gold_report(judge, greedy)[0]["gold_score"]
         if reward_model is not None:
             per_prompt[name]["rm"] = rm_scores(reward_model, answers, cfg.no_eos_score)
             row["rm_score"] = float(np.mean(per_prompt[name]["rm"]))
@@ -276,7 +261,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if reward_model is not None and cfg.best_of > 0:
         base = cfg.reference or cfg.models[0]
         base_name = names[cfg.models.index(base)] if base in cfg.models else Path(base).name
-        row_name, row, scores, diagnostics = best_of_n(cfg, base_name, base, prompts, world, reward_model, device,
+        row_name, row, scores, diagnostics = best_of_n(cfg, base_name, base, prompts, judge, reward_model, device,
                                                        per_prompt.get(base_name, {}).get("gold"))
         report["models"][row_name], per_prompt[row_name], report["diagnostics"] = row, scores, diagnostics
         names = [*names, row_name]
@@ -286,12 +271,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                 if kind in per_prompt[name] and kind in per_prompt[baseline]:
                     report["win_rates"][f"{name} vs {baseline} ({kind})"] = win_rate(per_prompt[name][kind],
                                                                                      per_prompt[baseline][kind])
-    if world is not None:
-        report["gold_by_kind"] = gold_by_kind(world, prompts, {n: per_prompt[n]["gold"] for n in names})
-        demos = cfg.demonstrations or str(Path(cfg.world) / "demonstrations.jsonl")
-        if Path(demos).is_file():
-            report.setdefault("diagnostics", {})["imitation_ceiling"] = imitation_ceiling(world, demos)
-    if world is not None and reward_model is not None:
+    if judge is not None:
+        report["gold_by_kind"] = gold_by_kind(judge, prompts, {n: per_prompt[n]["gold"] for n in names})
+        if cfg.demonstrations:
+            report.setdefault("diagnostics", {})["imitation_ceiling"] = imitation_ceiling(judge, cfg.demonstrations)
+    if judge is not None and reward_model is not None:
         report["rm_accuracy_vs_gold"] = rm_accuracy_vs_gold({n: per_prompt[n] for n in names if n in texts})
     for i in range(min(8, len(prompts))):
         report["samples"].append({"prompt": prompts[i], **{n: texts[n][i] for n in texts}})
@@ -303,7 +287,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     return report
 
 
-def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, world: World | None, reward_model: GPT,
+def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, judge: Judge | None, reward_model: GPT,
               device, base_gold: list[float] | None) -> tuple[str, dict, dict[str, list[float]], dict]:
     """The best-of-n row: n answers of `base` per prompt (a seed of their own), the RM's pick of each prompt's; and
     the diagnostics its samples give (the RM on pairs of the base's own samples, the judge's own best-of-n)."""
@@ -319,8 +303,8 @@ def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, world: 
                              "length": float(np.mean([len(answers.texts[i * n + j]) for i, j in enumerate(picks)]))}
     scores: dict[str, list[float]] = {"rm": rm.max(1).tolist()}
     diagnostics: dict = {"best_of_n": {"n": n, "base": base_name}}
-    if world is not None:
-        gold = np.array([world.judge(p, t, ended=e).score for p, t, e in
+    if judge is not None:
+        gold = np.array([judge.verdict(p, t, ended=e).score for p, t, e in
                          zip(answers.prompts, answers.texts, answers.ended)]).reshape(len(prompts), n)
         scores["gold"] = gold[np.arange(len(prompts)), picks].tolist()
         row["gold_score"] = float(np.mean(scores["gold"]))
@@ -342,9 +326,9 @@ def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, world: 
     return name, row, scores, diagnostics
 
 
-def gold_by_kind(world: World, prompts: list, gold: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """Mean gold score per task kind (and the number of prompts of the kind) for every model."""
-    kinds = [task.kind if (task := world.parse(p)) is not None else "unparsed" for p in prompts]
+def gold_by_kind(judge: Judge, prompts: list, gold: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Mean gold score per prompt kind (and the number of prompts of the kind) for every model."""
+    kinds = [judge.kind(p) for p in prompts]
     table: dict[str, dict[str, float]] = {}
     for kind in sorted(set(kinds)):
         rows = [i for i, k in enumerate(kinds) if k == kind]
@@ -352,12 +336,12 @@ def gold_by_kind(world: World, prompts: list, gold: dict[str, list[float]]) -> d
     return table
 
 
-def imitation_ceiling(world: World, path: str) -> float:
+def imitation_ceiling(judge: Judge, path: str) -> float:
     """Mean gold score of the demonstrations' answers: what a model that imitates them perfectly scores."""
     scores = []
     for messages in read_demonstrations(path):
         *context, last = messages
-        scores.append(world.judge(context, last["content"]).score)
+        scores.append(judge.verdict(context, last["content"]).score)
     return float(np.mean(scores)) if scores else float("nan")
 
 

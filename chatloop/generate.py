@@ -1,4 +1,5 @@
-"""`chatloop generate`: sample from a checkpoint, a batch of prompts at once."""
+"""`chatloop generate`: sample from a checkpoint, a batch of prompts at once; `answer`: one chat answer per prompt
+(what evaluation and the labeling app's comparisons sample)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,50 @@ from pathlib import Path
 import torch
 
 from chatloop.checkpoint import load_model
+from chatloop.data.formats import prompt_messages
 from chatloop.device import resolve_device
 from chatloop.engine import generate as sample
 from chatloop.errors import UserError
 from chatloop.io import read_lines
+from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
+
+
+@dataclass
+class Answers:
+    prompts: list
+    """The prompts (text or messages), in order."""
+    texts: list[str]
+    """Decoded answers (special tokens removed)."""
+    ended: list[bool]
+    """Whether each answer ended with a stop token within the length budget."""
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    """Per batch: (B, P + N) prompt and answer ids as sampled (for KL and RM scoring)."""
+    masks: list[torch.Tensor] = field(default_factory=list)
+    """Per batch: the attention masks of `tokens`."""
+    prompt_lens: list[int] = field(default_factory=list)
+    """Per batch: the padded prompt width."""
+
+
+@torch.no_grad()
+def answer(model: GPT, tokenizer: Tokenizer, prompts: list, max_new_tokens: int = 64, temperature: float = 1.0,
+           seed: int = 0, batch_size: int = 64) -> Answers:
+    """Sample one answer per prompt, in batches, with a fixed seed."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    result = Answers(prompts, [], [])
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [tokenizer.render_chat(prompt_messages(p), add_generation_prompt=True)[0] for p in chunk]
+        ids = [i[-(model.cfg.max_seq_len - max_new_tokens):] for i in ids]  # keep the end of over-long prompts
+        rollout = sample(model, ids, max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids, temperature=temperature,
+                         generator=generator)
+        result.texts += [tokenizer.decode_reply(r) for r in rollout.response_ids()]
+        result.ended += rollout.ended.tolist()
+        result.tokens.append(rollout.tokens)
+        result.masks.append(rollout.attention_mask)
+        result.prompt_lens.append(rollout.prompt_len)
+    return result
 
 
 @dataclass

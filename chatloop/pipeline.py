@@ -14,7 +14,7 @@ finished, `finished`):
   7. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
   8. rm          reward model from all rankings so far, starting from SFT (with held_out_labelers: never on
                  those labelers' rankings, and its accuracy on them)
-  9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it; with `dpo`,
+  9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it; with `dpo_baseline`,
                  DPO from SFT on all rankings so far (no RM, no sampling): the baseline people compare PPO with
  10. eval        pretrained vs SFT vs PPO vs PPO-ptx (vs DPO) on held-out users' prompts, and best-of-4 by the RM;
                  report.md with plots
@@ -41,6 +41,7 @@ from chatloop.train.pretrain import PretrainConfig, pretrain
 from chatloop.train.reward import RMConfig, reward_model
 from chatloop.train.sft import SFTConfig, sft
 from chatloop.world.files import WorldConfig, write_world
+from chatloop.world.gold import gold_judge
 from chatloop.world.labelers import RankConfig, rank
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -86,10 +87,10 @@ class RunConfig:
     """Reward model (paths are set by the run)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO and PPO-ptx (paths are set by the run; ptx_coef and ptx_ratio apply to the PPO-ptx run)."""
-    dpo: bool = False
+    dpo_baseline: bool = False
     """Also train DPO from SFT on the rankings (each round, beside PPO), as a baseline in the report card."""
-    dpo_train: DPOConfig = field(default_factory=DPOConfig)
-    """DPO's settings, when `dpo` is on (paths are set by the run)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO's settings, when dpo_baseline is on (paths are set by the run)."""
 
 
 def _with(cfg, **changes):
@@ -170,8 +171,8 @@ def run(cfg: RunConfig) -> dict:
             ppo(_with(cfg.ppo, out=str(rd / "ppo-ptx"), policy=str(policy), reference=str(sft_dir),
                       reward_model=str(rm_dir), prompts=ppo_prompts, ptx_data=[str(world_dir / "pretrain.txt")],
                       seed=cfg.seed))
-        if cfg.dpo and not finished(rd / "dpo" / "chatloop.json"):
-            dpo(_with(cfg.dpo_train, out=str(rd / "dpo"), policy=str(sft_dir), data=list(rankings), seed=cfg.seed))
+        if cfg.dpo_baseline and not finished(rd / "dpo" / "chatloop.json"):
+            dpo(_with(cfg.dpo, out=str(rd / "dpo"), policy=str(sft_dir), data=list(rankings), seed=cfg.seed))
         policy = ppo_dir
 
     # step 10
@@ -179,15 +180,17 @@ def run(cfg: RunConfig) -> dict:
     models = [("pretrained", pt_dir), ("sft", sft_dir), ("ppo", last / "ppo")]
     if cfg.ptx:
         models.append(("ppo-ptx", last / "ppo-ptx"))
-    if cfg.dpo:
+    if cfg.dpo_baseline:
         models.append(("dpo", last / "dpo"))
     eval_path = root / "eval.json"
     if not finished(eval_path):
         evaluate(EvalConfig(models=[str(m) for _, m in models], names=[n for n, _ in models],
-                            prompts=str(world_dir / "eval_prompts.jsonl"), world=str(world_dir),
+                            prompts=str(world_dir / "eval_prompts.jsonl"),
+                            demonstrations=str(world_dir / "demonstrations.jsonl"),
                             reward_model=str(last / "rm"), no_eos_score=cfg.ppo.no_eos_score, reference=str(sft_dir),
                             pretrain_val=str(world_dir / "pretrain_val.txt"), limit=cfg.eval_prompts,
-                            max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed, out=str(eval_path)))
+                            max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed, out=str(eval_path)),
+                 gold_judge(str(world_dir)))
     report = json.loads(eval_path.read_text())
     if cfg.human:  # read afresh every time: people's labels keep coming
         add_human(report, human_win_rates(cfg.human, [n for n, _ in models], [str(m) for _, m in models]))

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatloop.data.formats import write_records
-from chatloop.data.importers import read_rankings
+from chatloop.data.readers import read_rankings
 from chatloop.errors import UserError
 from chatloop.evaluate import EvalConfig, evaluate
-from chatloop.importer import ImportConfig, import_model, smollm2_gguf
 from chatloop.io import atomic_write_json, atomic_write_text, iter_texts
+from chatloop.model_import import ImportConfig, import_model, smollm2_gguf
 from chatloop.report import write_report
 from chatloop.train.ppo import PPOConfig, ppo
 from chatloop.train.reward import RMConfig, reward_model

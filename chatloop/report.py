@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chatloop.evaluate import MARKS, MODEL_KEYS, diagnostic_lines
+from chatloop.evaluate import MODEL_KEYS, diagnostic_lines
 from chatloop.io import atomic_write_text
 
 
@@ -130,13 +130,14 @@ def report_lines(root: Path, report: dict, last: Path, kl_plot: bool) -> list[st
     diagnostics = diagnostic_lines(report.get("diagnostics", {}))
     if diagnostics:
         lines += ["", "## Which stage limits the loop", ""] + [f"- {line}" for line in diagnostics]
-    marked = {n: row for n, row in report["models"].items() if "marked/ideal" in row}
-    if marked:
+    marked = {n: row for n, row in report["models"].items() if any(k.startswith("marked/") for k in row)}
+    if marked:  # what the gold judge marks answers down for, in its order
+        marks = [k.removeprefix("marked/") for k in next(iter(marked.values())) if k.startswith("marked/")]
         lines += ["", "## What the judge marked down", "",
                   "Share of each model's answers that are ideal, or have each fault (an answer can have several).",
-                  "", "| model | " + " | ".join(m.replace("_", " ") for m in MARKS) + " |",
-                  "|---" * (len(MARKS) + 1) + "|"]
-        lines += [f"| {n} | " + " | ".join(f"{row[f'marked/{m}']:.1%}" for m in MARKS) + " |"
+                  "", "| model | " + " | ".join(m.replace("_", " ") for m in marks) + " |",
+                  "|---" * (len(marks) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(f"{row[f'marked/{m}']:.1%}" for m in marks) + " |"
                   for n, row in marked.items()]
     by_kind = report.get("gold_by_kind", {})
     if by_kind:

@@ -75,7 +75,7 @@ def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
 # bf16 autocast, which `precision: auto` picks on AMX CPUs and GPUs, rounds differently when the work is split
 # differently. `grep -n FP32 tests/` lists every such test; tests/test_bf16.py runs the bf16 path on every machine.
 FP32 = "--precision=fp32"
-RUN_FP32 = [f"--{stage}.precision=fp32" for stage in ("pretrain", "sft", "rm", "ppo", "dpo_train")]  # `chatloop run`'s
+RUN_FP32 = [f"--{stage}.precision=fp32" for stage in ("pretrain", "sft", "rm", "ppo", "dpo")]  # `chatloop run`'s
 
 
 def cli_command(*args: str) -> list[str]:

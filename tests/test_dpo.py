@@ -11,7 +11,7 @@ import torch
 from chatloop.data.formats import ranking_pairs
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
-from chatloop.train.dpo import Group, answer_logps, collate, dpo_loss, encode_rankings, group_loss, reference_logps
+from chatloop.train.dpo import DPOGroup, answer_logps, collate, dpo_loss, encode_rankings, group_loss, reference_logps
 from tests import test_resume
 from tests.conftest import cli_command, kill_when, metric_rows, run_cli
 from tests.test_distributed import assert_same_step, single, torchrun, weights
@@ -69,7 +69,7 @@ def test_step_0_loss_is_log_2_per_pair_and_implicit_rewards_are_0_when_policy_is
     ids, labels = collate(groups, tok.pad_id, CPU)
     for precision in ("fp32", "bf16"):
         logps = answer_logps(model, ids, labels, CPU, precision)
-        ref = reference_logps(model, [Group(g.sequences, g.starts, g.ranks, g.pairs) for g in groups], ids, labels,
+        ref = reference_logps(model, [DPOGroup(g.sequences, g.starts, g.ranks, g.pairs) for g in groups], ids, labels,
                               CPU, precision)
         for kind in ("pairwise", "plackett_luce"):
             loss, stats = dpo_loss(logps, ref, groups, 0.1, kind)
@@ -109,7 +109,7 @@ def test_a_hand_computed_three_response_example_matches_the_grouped_loss(tokeniz
 
 def test_plackett_luce_on_a_hand_example_with_and_without_ties():
     def pl(rewards, ranks):
-        return group_loss(torch.tensor(rewards), Group([[1]] * len(ranks), [1] * len(ranks), ranks,
+        return group_loss(torch.tensor(rewards), DPOGroup([[1]] * len(ranks), [1] * len(ranks), ranks,
                                                        ranking_pairs(ranks)), "plackett_luce").item()
 
     def lse(*xs):

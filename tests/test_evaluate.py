@@ -1,12 +1,19 @@
 """Evaluation arithmetic on hand-computed cases: win rates with ties and intervals, the RM's accuracy against
 the gold judge, the RM's reward of an answer without a stop."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from chatloop.evaluate import Answers, rm_accuracy_vs_gold, rm_scores, win_rate
+from chatloop.checkpoint import save_model
+from chatloop.evaluate import rm_accuracy_vs_gold, rm_scores, win_rate
+from chatloop.generate import Answers
 from chatloop.model import GPT, GPTConfig
 from chatloop.pipeline import rl_rm_accuracy
+from chatloop.tokenizer import Tokenizer
+from tests.conftest import run_cli
 
 
 def test_win_rate_counts_ties_half_and_brackets_itself():
@@ -38,3 +45,45 @@ def test_rm_scores_are_the_reward_ppo_optimizes():
     raw = rm_scores(rm, answers)
     assert len(set(raw)) == 4  # a random head tells the four apart
     assert rm_scores(rm, answers, no_eos_score=-7.0) == [raw[0], -7.0, raw[2], -7.0]
+
+
+def test_eval_takes_the_gold_judge_it_is_given_by_name(tmp_path, tokenizer_dir):
+    """`chatloop eval --judge=module:function --judge_arg=ARG`: the world's judge is a plug-in evaluation loads by
+    name; its verdicts give the gold rows, its marks the "why" columns, its kinds the per-kind table."""
+    import random
+
+    from chatloop.world.gold import MARKS, gold_judge
+    from chatloop.world.judge import Task
+    from chatloop.world.world import World
+
+    world = World.generate(0)
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text(json.dumps(world.to_json()))
+    rng = random.Random(0)
+    kinds = ["qa_color", "gen_sentence", "oth_math"]
+    prompts = [world.render_core(Task(kind, world.sample_slots(kind, rng) or {}), rng) for kind in kinds * 2]
+    records = [{"prompt": p, "user_id": "u1"} for p in prompts]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96)), tmp_path / "model", tok)
+    args = ["eval", f"--models={tmp_path / 'model'}", f"--prompts={tmp_path / 'prompts.jsonl'}",
+            "--max_new_tokens=8", "--no-greedy", "--device=cpu"]
+    result = run_cli(*args, "--judge=chatloop.world.gold:gold_judge", f"--judge_arg={tmp_path / 'world'}",
+                     f"--out={tmp_path / 'eval.json'}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    row = report["models"]["model"]
+    judge = gold_judge(str(tmp_path / "world"))
+    assert 0.0 <= row["gold_score"] <= 1.0 and 1 <= row["likert"] <= 7
+    assert [k for k in row if k.startswith("marked/")] == [f"marked/{m}" for m in MARKS]
+    assert {judge.kind(p) for p in prompts} == set(kinds) == set(report["gold_by_kind"])
+    assert report["gold_by_kind"]["qa_color"]["prompts"] == 2
+    assert report["gold_by_kind"]["qa_color"]["model"] == pytest.approx(np.mean(
+        [judge.verdict(p, s["model"]).score for p, s in zip(prompts, report["samples"]) if judge.kind(p) == "qa_color"]
+    ), abs=0.35)  # the samples' verdicts, give or take the stop token (ended is not in the samples)
+    result = run_cli(*args, f"--out={tmp_path / 'plain.json'}")  # no judge: no gold rows
+    assert result.returncode == 0 and "gold_score" not in json.loads((tmp_path / "plain.json").read_text())[
+        "models"]["model"]
+    bad = run_cli(*args, "--judge=chatloop.world.gold:no_such_judge", f"--judge_arg={tmp_path / 'world'}")
+    assert bad.returncode == 2 and "--judge=chatloop.world.gold:no_such_judge" in bad.stderr

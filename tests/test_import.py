@@ -18,8 +18,8 @@ import torch
 
 from chatloop.checkpoint import load_model
 from chatloop.errors import UserError
-from chatloop.importer import ImportConfig, import_model, smollm2_gguf
 from chatloop.model import position_ids_from_mask
+from chatloop.model_import import ImportConfig, import_model, smollm2_gguf
 from chatloop.tokenizer import SPECIAL_TOKENS, Tokenizer
 from tests.conftest import FP32, IN_CI, need_module, run_cli
 

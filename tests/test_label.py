@@ -20,7 +20,7 @@ import uvicorn
 from argon2 import PasswordHasher
 
 from chatloop.checkpoint import save_model
-from chatloop.data.importers import read_demonstrations, read_rankings
+from chatloop.data.readers import read_demonstrations, read_rankings
 from chatloop.errors import UserError
 from chatloop.labeling.app import create_app
 from chatloop.labeling.commands import BatchConfig, ExportConfig, ServeConfig, batch, export, serve

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatloop.data.importers import read_rankings
+from chatloop.data.readers import read_rankings
 from chatloop.labeling.store import task_item
 from tests.test_label import PASSWORD, Live
 

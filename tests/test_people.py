@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from chatloop.checkpoint import save_model
-from chatloop.data.importers import read_rankings
+from chatloop.data.readers import read_rankings
 from chatloop.evaluate import add_human, human_win_rates
 from chatloop.labeling.commands import BatchConfig, ExportConfig, batch, export
 from chatloop.labeling.store import LabelStore, load_secret

@@ -23,7 +23,7 @@ SHORT = [
     "--ppo.max_new_tokens=40", "--ppo.progress=false", "--ppo.sample_every=1", "--ppo.save_every=1",
     "--eval_prompts=40",
 ]
-DPO = ["--dpo", "--dpo_train.progress=false", "--dpo_train.lr=1e-4"]  # DPO beside PPO, as a baseline
+DPO = ["--dpo_baseline", "--dpo.progress=false", "--dpo.lr=1e-4"]  # DPO beside PPO, as a baseline
 
 
 def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):

@@ -1,6 +1,7 @@
 """PPO: hand-computed pieces, the invariants of docs/RECIPE.md §5, and short real runs through the CLI."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -208,7 +209,8 @@ def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward
 
 
 def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
-    """--gold_world: each episode's score is gold_scale x the judge's score of its own prompt and response."""
+    """--reward_fn=chatloop.world.gold:gold_reward: each episode's score is reward_scale x the judge's score of its
+    own prompt and response."""
     import random
 
     from chatloop.engine import Rollout
@@ -244,7 +246,8 @@ def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     world_prompts = tmp_path / "prompts.jsonl"
     world_prompts.write_text("".join(json.dumps({"prompt": p, "user_id": "u1"}) + "\n" for p in prompts * 4))
     out = tmp_path / "ppo"
-    result = run_cli("ppo", f"--policy={root / 'sft'}", f"--gold_world={tmp_path / 'world'}",
+    result = run_cli("ppo", f"--policy={root / 'sft'}", "--reward_fn=chatloop.world.gold:gold_reward",
+                     f"--reward_fn_arg={tmp_path / 'world'}", "--reward_scale=3",
                      f"--value_model={root / 'rm_zero'}", f"--prompts={world_prompts}", f"--out={out}",
                      "--iterations=2", "--batch_size=6", "--minibatches=2", "--ppo_epochs=1", "--max_new_tokens=8",
                      "--max_prompt_tokens=40", "--progress=false", "--sample_every=1")
@@ -252,6 +255,37 @@ def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     for row in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
         prompt = next(p for p in prompts if row["prompt"].endswith(p))
         assert row["score"] in (pytest.approx(3.0 * world.judge(prompt, row["response"]).score, abs=1e-3), -1.0)
-    missing = run_cli("ppo", f"--policy={root / 'sft'}", f"--gold_world={tmp_path / 'world'}",
-                      f"--prompts={world_prompts}", f"--out={tmp_path / 'no_value'}")
-    assert missing.returncode != 0 and "--value_model" in missing.stderr
+    missing = run_cli("ppo", f"--policy={root / 'sft'}", "--reward_fn=chatloop.world.gold:gold_reward",
+                      f"--reward_fn_arg={tmp_path / 'world'}", f"--prompts={world_prompts}",
+                      f"--out={tmp_path / 'no_value'}")
+    assert missing.returncode == 2 and "--value_model" in missing.stderr
+    unknown = run_cli("ppo", f"--policy={root / 'sft'}", "--reward_fn=chatloop.world.gold:no_such_reward",
+                      f"--value_model={root / 'rm_zero'}", f"--prompts={world_prompts}",
+                      f"--out={tmp_path / 'unknown'}")
+    assert unknown.returncode == 2 and "--reward_fn=chatloop.world.gold:no_such_reward" in unknown.stderr
+
+
+def test_a_resumed_run_penalises_with_the_kl_coef_it_is_given(tiny_rl, tmp_path):
+    """With adaptive KL off the coefficient is config, not state: a run resumed with another --kl_coef penalises
+    with that one and logs it (the saved coefficient is the adaptive controller's)."""
+    root, _ = tiny_rl
+    common = [f"--policy={root / 'sft'}", f"--reward_model={root / 'rm_zero'}", f"--prompts={root / 'prompts.jsonl'}",
+              "--batch_size=8", "--minibatches=2", "--ppo_epochs=1", "--max_new_tokens=12", "--max_prompt_tokens=40",
+              "--lr=3e-3", "--warmup_steps=0", "--progress=false", "--sample_every=0", "--save_every=2", FP32]
+    first = tmp_path / "first"
+    assert run_cli("ppo", *common, f"--out={first}", "--iterations=2", "--kl_coef=0.02").returncode == 0
+    resumed = tmp_path / "resumed"  # the first run's state at iteration 2, as a run of 4 iterations left it
+    resumed.mkdir()
+    shutil.copytree(first / "train_state", resumed / "train_state")
+    shutil.copy(first / "metrics.jsonl", resumed / "metrics.jsonl")
+    result = run_cli("ppo", *common, f"--out={resumed}", "--iterations=4", "--kl_coef=0.5")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from iteration 2 of 4" in result.stdout
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    for row in rows[2:]:
+        assert row["objective/kl_coef"] == 0.5
+        assert abs(row["objective/kl"]) > 0.01  # the policy has moved: 0.5 and 0.02 penalise apart
+        # The episode rewards (score, less the penalty summed over tokens) are the penalty of the coefficient logged.
+        assert row["reward/mean"] == pytest.approx(row["objective/scores"] - 0.5 * row["objective/kl"], abs=1e-4)
+    assert json.loads((resumed / "chatloop.json").read_text())["metrics"]["kl_coef"] == 0.5

@@ -10,19 +10,19 @@ import torch
 
 from chatloop.checkpoint import load_model, save_model
 from chatloop.data.formats import ranking_pairs
-from chatloop.data.importers import hh_ranking, oasst_rankings, read_rankings
+from chatloop.data.readers import hh_ranking, oasst_rankings, read_rankings
 from chatloop.errors import UserError
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
-from chatloop.train.reward import Group, encode_rankings, grouped_loss, reward_scores
+from chatloop.train.reward import RMGroup, encode_rankings, grouped_loss, reward_scores
 from chatloop.train.trainer import load_state
 from tests.conftest import FP32, need, need_module, run_cli
 
 
 def test_grouped_loss_equals_the_mean_of_pairwise_losses_on_a_hand_computed_case():
     rewards = torch.tensor([2.0, 0.0, 1.0, 5.0, 4.0])  # prompt A: 3 responses; prompt B: 2
-    a = Group([[1]] * 3, [1, 3, 2], ranking_pairs([1, 3, 2]))
-    b = Group([[1]] * 2, [2, 1], ranking_pairs([2, 1]))
+    a = RMGroup([[1]] * 3, [1, 3, 2], ranking_pairs([1, 3, 2]))
+    b = RMGroup([[1]] * 2, [2, 1], ranking_pairs([2, 1]))
 
     def nll(margin):
         return math.log(1 + math.exp(-margin))
@@ -37,7 +37,7 @@ def test_grouped_loss_equals_the_mean_of_pairwise_losses_on_a_hand_computed_case
 
 def test_k2_reduces_to_the_pairwise_bradley_terry_loss():
     rewards = torch.tensor([0.3, -1.2])
-    loss, _, _ = grouped_loss(rewards, [Group([[1], [2]], [1, 2], ranking_pairs([1, 2]))])
+    loss, _, _ = grouped_loss(rewards, [RMGroup([[1], [2]], [1, 2], ranking_pairs([1, 2]))])
     assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.5)).item(), abs=1e-6)
 
 

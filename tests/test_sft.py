@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatloop.data.importers import oasst_best_path, read_demonstrations
+from chatloop.data.readers import oasst_best_path, read_demonstrations
 from chatloop.errors import UserError
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer

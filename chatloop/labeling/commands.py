@@ -206,7 +206,7 @@ def _compare_items(cfg: BatchConfig, records: list[dict[str, Any]], out: Path) -
 
     from chatloop.checkpoint import load_model
     from chatloop.device import resolve_device
-    from chatloop.evaluate import answer
+    from chatloop.generate import answer
     from chatloop.tokenizer import Tokenizer
 
     if not 2 <= len(cfg.compare) <= K_MAX or len(set(cfg.compare)) != len(cfg.compare):

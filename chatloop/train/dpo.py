@@ -56,15 +56,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatloop.checkpoint import data_record, is_complete, load_model, save_model
+from chatloop import distributed
+from chatloop.checkpoint import data_record, load_model, save_model
 from chatloop.data.formats import prompt_messages, ranking_pairs
-from chatloop.data.importers import read_rankings
-from chatloop.device import autocast, resolve_device, resolve_precision
+from chatloop.data.readers import read_rankings
+from chatloop.device import autocast
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
-from chatloop.train import distributed
 from chatloop.train.reward import split_by_conversation
 from chatloop.train.trainer import (
     StepConfig,
@@ -72,9 +72,9 @@ from chatloop.train.trainer import (
     length_grouped_order,
     lr_at,
     make_optimizer,
+    open_stage,
     resume,
     save_state,
-    seed_everything,
     set_lr,
 )
 
@@ -124,7 +124,7 @@ class DPOConfig(StepConfig):
 
 
 @dataclass
-class Group:
+class DPOGroup:
     """One ranked prompt: K tokenized (prompt + answer) sequences, where each answer starts, ranks and pairs."""
 
     sequences: list[list[int]]
@@ -147,7 +147,7 @@ def answer_span(mask: list[bool]) -> tuple[int, int]:
     return start, end
 
 
-def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int, report: Counter) -> list[Group]:
+def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int, report: Counter) -> list[DPOGroup]:
     """Render each (prompt, answer) with the chat template; `report` counts tied pairs, dropped rankings and
     truncations. Rankings whose answers all tie (no pair) are dropped."""
     groups = []
@@ -173,11 +173,11 @@ def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int, re
             prompt = prompt[-(seq_len - len(answer)):]
             sequences.append(prompt + answer)
             starts.append(len(prompt))
-        groups.append(Group(sequences, starts, r["ranks"], pairs))
+        groups.append(DPOGroup(sequences, starts, r["ranks"], pairs))
     return groups
 
 
-def collate(groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(groups: list[DPOGroup], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) right-padded ids of every answer of the groups, and (N, T) labels: at position t the next token
     where it is an answer token, else -100."""
     sequences = [s for g in groups for s in g.sequences]
@@ -202,7 +202,7 @@ def answer_logps(model: GPT, ids: torch.Tensor, labels: torch.Tensor, device, pr
     return torch.zeros(ids.shape[0], device=ids.device).index_add(0, where // ids.shape[1], -nll)
 
 
-def group_loss(rewards: torch.Tensor, group: Group, kind: str) -> torch.Tensor:
+def group_loss(rewards: torch.Tensor, group: DPOGroup, kind: str) -> torch.Tensor:
     """One prompt's DPO loss from its K implicit rewards (see step 5 of the module docstring)."""
     if kind == "pairwise":
         w = torch.tensor([p[0] for p in group.pairs], device=rewards.device)
@@ -220,7 +220,7 @@ STATS = ("pairs", "correct", "margin", "chosen_reward", "rejected_reward", "chos
          "responses", "log_ratio")
 
 
-def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, groups: list[Group], beta: float, kind: str
+def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, groups: list[DPOGroup], beta: float, kind: str
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean over the groups of their loss, and sums over their pairs / answers of the logged statistics.
     The pairs of all groups are indexed at once, so the statistics cost one device-to-host copy, not one per group."""
@@ -256,7 +256,7 @@ def summarize(stats: dict[str, float], prefix: str) -> dict[str, float]:
             f"{prefix}/implicit_kl": stats["log_ratio"] / responses}
 
 
-def reference_logps(reference: GPT, groups: list[Group], ids: torch.Tensor, labels: torch.Tensor, device,
+def reference_logps(reference: GPT, groups: list[DPOGroup], ids: torch.Tensor, labels: torch.Tensor, device,
                     precision: str) -> torch.Tensor:
     """(N,) the reference's log-probs of the groups' answers: computed in this micro-batch the first time any
     of them is needed (every rank runs the forward then: under FSDP it is a collective), then kept."""
@@ -273,7 +273,7 @@ def reference_logps(reference: GPT, groups: list[Group], ids: torch.Tensor, labe
 
 
 @torch.no_grad()
-def evaluate_dpo(policy: GPT, reference: GPT, groups: list[Group], cfg: DPOConfig, pad_id: int, device,
+def evaluate_dpo(policy: GPT, reference: GPT, groups: list[DPOGroup], cfg: DPOConfig, pad_id: int, device,
                  precision: str) -> dict:
     """Held-out loss, reward accuracy (overall and by K), margins and implicit KL."""
     policy.eval()
@@ -302,7 +302,7 @@ def evaluate_dpo(policy: GPT, reference: GPT, groups: list[Group], cfg: DPOConfi
             "reward_accuracy_by_k": {int(k): c / max(1, n) for k, (c, n) in sorted(by_k.items())}}
 
 
-def read_data(cfg: DPOConfig, tokenizer: Tokenizer) -> tuple[list[Group], list[Group], Counter, Counter]:
+def read_data(cfg: DPOConfig, tokenizer: Tokenizer) -> tuple[list[DPOGroup], list[DPOGroup], Counter, Counter]:
     """Step 2: the encoded training and held-out rankings, the invalid records skipped, what encoding cut."""
     skipped: Counter = Counter()
     rankings = [r for p in cfg.data for r in read_rankings(p, cfg.skip_invalid, skipped)]
@@ -324,7 +324,7 @@ def read_data(cfg: DPOConfig, tokenizer: Tokenizer) -> tuple[list[Group], list[G
 
 
 def train_step(train_policy: torch.nn.Module, policy: GPT, reference: GPT, optimizer: torch.optim.Optimizer,
-               chosen: list[Group], pad_id: int, cfg: DPOConfig, device, precision: str
+               chosen: list[DPOGroup], pad_id: int, cfg: DPOConfig, device, precision: str
                ) -> tuple[float, dict[str, float], float]:
     """Step 5's optimizer step on the step's ranked prompts: this rank's loss and sums of STATS, the gradient
     norm."""
@@ -359,16 +359,14 @@ def print_eval(evaluation: dict) -> None:
 def dpo(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)
     # step 1
-    if is_complete(out):
-        print(f"dpo: {out} is already finished; skipping (remove it to train again)")
+    opened = open_stage("dpo", cfg)
+    if opened is None:
         return out
+    device, precision = opened
     if not cfg.policy or not cfg.data:
         raise UserError("--policy (an SFT checkpoint) and --data (ranking files) are required")
     if cfg.beta <= 0:
         raise UserError(f"--beta={cfg.beta}: expected a positive number")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
 
     # step 2
     tokenizer = Tokenizer.load(cfg.policy)

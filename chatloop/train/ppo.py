@@ -9,8 +9,8 @@ Steps of one iteration:
      the position), each `samples_per_prompt` times.
   2. Roll out: sample one response per copy of a prompt with the engine (temperature 1, no top-k/top-p by
      default), truncated at the stop token.
-  3. Score: the reward model at the last real token (normalised), or any other `RewardSource` (the synthetic
-     world's gold judge: chatloop.world.gold, an oracle); a response without a stop token gets `no_eos_score`
+  3. Score: the reward model at the last real token (normalised), or the `RewardSource` that --reward_fn names (the
+     synthetic world's gold judge: chatloop.world.gold, an oracle); a response without a stop token gets `no_eos_score`
      instead (Huang et al.). With several samples per prompt, each score less the mean score of its prompt's
      other samples (RLOO's leave-one-out baseline, as OpenRLHF offers): what is left is how much better this
      answer is than the policy's usual answer to the same prompt, not how easy the prompt is.
@@ -30,7 +30,7 @@ Finally the policy (its EMA if enabled) is saved as the stage's checkpoint.
 
 Logged metrics (docs/METRICS.md says what healthy runs look like):
   objective/kl            mean over episodes of sum over tokens of (logp - ref_logp)
-  objective/kl_coef       current beta
+  objective/kl_coef       the beta of this batch's penalty (adaptive: before the batch's update of it)
   objective/entropy       mean per-token entropy of the policy on its samples
   objective/scores        mean reward-model score (after the no-EOS penalty)
   objective/rlhf_reward   scores - kl_coef * kl
@@ -59,21 +59,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chatloop.checkpoint import data_record, is_complete, load_model, save_model
+from chatloop import distributed
+from chatloop.checkpoint import data_record, load_model, save_model
+from chatloop.config import resolve_function
 from chatloop.data.corpus import TokenWindows, build_shards
 from chatloop.data.formats import Prompt, prompt_messages, read_records
-from chatloop.device import autocast, resolve_device, resolve_precision
+from chatloop.device import autocast
 from chatloop.engine import Rollout, generate
 from chatloop.errors import UserError
 from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
-from chatloop.train import distributed
 from chatloop.train.trainer import (
     TrainConfig,
     config_record,
+    open_stage,
     resume,
     save_state,
-    seed_everything,
     set_lr,
 )
 
@@ -90,6 +91,16 @@ class PPOConfig(TrainConfig):
     """The reward-model checkpoint (frozen); the value model starts from it unless value_model is given."""
     value_model: str = ""
     """Checkpoint for the value model; empty means the reward model (Stiennon et al.)."""
+    reward_fn: str = ""
+    """A reward other than a reward model, as `module:function`: function(reward_fn_arg, tokenizer, reward_scale)
+    returns a `RewardSource` that scores the episodes, e.g. chatloop.world.gold:gold_reward with
+    --reward_fn_arg=runs/NAME/world: the synthetic world's gold judge, an oracle for experiments (Gao et al.'s gold
+    reward: what PPO reaches with a perfect RM). Needs --value_model with a critic."""
+    reward_fn_arg: str = ""
+    """What reward_fn's function is given (the gold judge's: the world's directory)."""
+    reward_scale: float = 1.0
+    """Multiplier of reward_fn's scores (the gold judge's are in [0, 1]: 3 gives about the spread of an RM's scores
+    against the KL penalty)."""
     critic: bool = True
     """Learn a value model for GAE (InstructGPT). Off: no value model; each token's advantage is the return that
     follows it (the response's score, less its prompt's other samples' mean with samples_per_prompt > 1, less the
@@ -289,7 +300,8 @@ class Batch:
 
 
 class RewardSource(Protocol):
-    """What PPO scores its episodes with: a reward model (`ModelReward`), or another judge (chatloop.world.gold)."""
+    """What PPO scores its episodes with: a reward model (`ModelReward`), or what --reward_fn names (the synthetic
+    world's gold judge: chatloop.world.gold)."""
 
     def scores(self, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """(B,) the score of each rollout row's response to its prompt (`prompts`: the rows' prompt records)."""
@@ -311,22 +323,20 @@ class ModelReward:
         return chunked(rewards, rollout, rows)[0][:, 0]
 
 
-def ppo(cfg: PPOConfig, reward: RewardSource | None = None) -> Path:
-    """PPO from cfg.policy against cfg.reward_model, or against `reward` when given (cfg.value_model is then
+def ppo(cfg: PPOConfig) -> Path:
+    """PPO from cfg.policy against cfg.reward_model, or against cfg.reward_fn's reward (cfg.value_model is then
     needed to start a critic from)."""
     out = Path(cfg.out)
-    if is_complete(out):
-        print(f"ppo: {out} is already finished; skipping (remove it to train again)")
+    opened = open_stage("ppo", cfg)
+    if opened is None:
         return out
-    check_config(cfg, reward)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    device, precision = opened
+    check_config(cfg)
     tokenizer = Tokenizer.load(cfg.policy)
 
-    policy, reference, reward_model, value_model = load_models(cfg, reward is None, device)
+    policy, reference, reward_model, value_model = load_models(cfg, device)
     prompts, encoded = read_prompts(cfg, tokenizer, policy.cfg.max_seq_len)
-    reward = reward or ModelReward(reward_model, device, precision)
+    reward = reward_source(cfg, reward_model, tokenizer, device, precision)
     # Under torchrun: the trained models go through DDP/FSDP2 for their updates; frozen ones are sharded
     # only under FSDP; the EMA is sharded like the policy. One process: all as they are.
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
@@ -345,7 +355,7 @@ def ppo(cfg: PPOConfig, reward: RewardSource | None = None) -> Path:
     start, state, log = resume(out, device, policy, policy_opt, "ppo", cfg.iterations, ("policy", "policy_opt"),
                                "iteration")
     if state is not None:  # the policy and its optimizer are back; the rest of the state:
-        restore(state, value_model, value_opt, kl_ctl, ema)
+        restore(state, cfg, value_model, value_opt, kl_ctl, ema)
     generator = torch.Generator(device=device)
     mode = f"PPO-ptx (coef {cfg.ptx_coef:g}, {ptx_per_minibatch} pretraining sequences per minibatch)" if ptx else "PPO"
     print(f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.batch_size} episodes, {mode}, "
@@ -377,9 +387,9 @@ def ppo(cfg: PPOConfig, reward: RewardSource | None = None) -> Path:
         t2 = time.perf_counter()
 
         # step 8
-        mean_kl = batch.kl.mean().item()
+        metrics = batch_metrics(batch, cfg, kl_ctl.value)  # the coefficient this batch's penalty used
         if cfg.adaptive_kl:
-            kl_ctl.update(mean_kl, cfg.batch_size)
+            kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
         if ema is not None:
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), policy.parameters()):
@@ -387,39 +397,53 @@ def ppo(cfg: PPOConfig, reward: RewardSource | None = None) -> Path:
 
         # step 9
         done = iteration + 1
-        metrics = {**batch_metrics(batch, cfg, kl_ctl.value if cfg.adaptive_kl else cfg.kl_coef), **stats,
-                   "train/lr": lr, "perf/episodes_per_s": cfg.batch_size / (t2 - t0), "perf/rollout_s": t1 - t0,
-                   "perf/update_s": t2 - t1}
+        metrics.update(stats)
+        metrics["train/lr"] = lr
+        metrics["perf/episodes_per_s"] = cfg.batch_size / (t2 - t0)
+        metrics["perf/rollout_s"] = t1 - t0
+        metrics["perf/update_s"] = t2 - t1
         if done % cfg.log_every == 0 or done == cfg.iterations:
             log.log(done, metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{mean_kl:.2f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations) and distributed.is_main():
             record_samples(out, done, batch, tokenizer, batch_prompts)
         if done % cfg.save_every == 0 or done == cfg.iterations:
-            save_state(out, done, train_state(policy, policy_opt, value_model, value_opt, kl_ctl, ema),
-                       cfg.keep_states)
+            state = train_state(policy, policy_opt, value_model, value_opt, kl_ctl, ema)
+            save_state(out, done, state, cfg.keep_states)
         bar.update(1)
     bar.close()
     log.close()
-    final = distributed.gathered(ema if ema is not None else policy)  # the whole model, on rank 0 only
-    if final is not None:
-        save_model(final, out, tokenizer, lineage={
-            "stage": "ppo-ptx" if ptx else "ppo", "parent": cfg.policy, "reward_model": cfg.reward_model,
-            "data": data_record(cfg.prompts + cfg.ptx_data), "config": config_record(cfg),
-            "metrics": {"kl_coef": kl_ctl.value, "ema": ema is not None},
-        })
-    print(f"ppo: done -> {out}")
+    save_policy(cfg, out, ema if ema is not None else policy, tokenizer, kl_ctl.value, ptx is not None)
     return out
 
 
-def load_models(cfg: PPOConfig, with_reward_model: bool, device: torch.device
-                ) -> tuple[GPT, GPT, GPT | None, GPT | None]:
+def save_policy(cfg: PPOConfig, out: Path, policy: GPT, tokenizer: Tokenizer, kl_coef: float, ptx: bool) -> None:
+    """The stage's checkpoint: the policy (its EMA where kept), whole, written by rank 0, with its lineage."""
+    final = distributed.gathered(policy)  # the whole model, on rank 0 only
+    if final is not None:
+        lineage = {"stage": "ppo-ptx" if ptx else "ppo", "parent": cfg.policy, "reward_model": cfg.reward_model,
+                   "data": data_record(cfg.prompts + cfg.ptx_data), "config": config_record(cfg),
+                   "metrics": {"kl_coef": kl_coef, "ema": cfg.ema_decay > 0}}
+        save_model(final, out, tokenizer, lineage=lineage)
+    print(f"ppo: done -> {out}")
+
+
+def reward_source(cfg: PPOConfig, reward_model: GPT | None, tokenizer: Tokenizer, device: torch.device,
+                  precision: str) -> RewardSource:
+    """Step 3's scorer: what --reward_fn names, else the reward model."""
+    if cfg.reward_fn:
+        return resolve_function(cfg.reward_fn, "--reward_fn")(cfg.reward_fn_arg, tokenizer, cfg.reward_scale)
+    assert reward_model is not None
+    return ModelReward(reward_model, device, precision)
+
+
+def load_models(cfg: PPOConfig, device: torch.device) -> tuple[GPT, GPT, GPT | None, GPT | None]:
     """The policy, the frozen reference, the frozen reward model (if PPO scores with it) and the value model (with
     a critic); dropout off in all of them (Huang et al.: otherwise the ratio is not 1 at the first minibatch)."""
     policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
     reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
     reward_model = None
-    if with_reward_model:
+    if not cfg.reward_fn:
         reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
         if reward_model.score is None:
             raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
@@ -438,13 +462,15 @@ def read_prompts(cfg: PPOConfig, tokenizer: Tokenizer, context: int) -> tuple[li
     return prompts, encoded
 
 
-def restore(state: dict, value_model: GPT | None, value_opt: torch.optim.Optimizer | None,
+def restore(state: dict, cfg: PPOConfig, value_model: GPT | None, value_opt: torch.optim.Optimizer | None,
             kl_ctl: AdaptiveKLController, ema: GPT | None) -> None:
-    """What `train_state` saved besides the policy and its optimizer."""
+    """What `train_state` saved besides the policy and its optimizer. The adaptive KL coefficient is state; a fixed
+    one is config, so a resumed run penalises with the --kl_coef it is given."""
     if value_model is not None:
         distributed.load_model_state(value_model, state["value"])
         distributed.load_optimizer_state(value_model, value_opt, state["value_opt"])
-    kl_ctl.value = state["kl_coef"]
+    if cfg.adaptive_kl:
+        kl_ctl.value = state["kl_coef"]
     if ema is not None:
         distributed.load_model_state(ema, state["ema"])
 
@@ -472,12 +498,14 @@ def ptx_windows(cfg: PPOConfig, tokenizer: Tokenizer, out: Path) -> TokenWindows
     return TokenWindows(out / "ptx_tokens" / "train.bin", meta["dtype"], cfg.ptx_seq_len, cfg.seed)
 
 
-def check_config(cfg: PPOConfig, reward: RewardSource | None) -> None:
-    if not cfg.policy or not (cfg.reward_model or reward) or not cfg.prompts:
-        raise UserError("--policy (SFT checkpoint), --reward_model and --prompts are required")
-    if reward is not None and cfg.critic and not cfg.value_model:
-        raise UserError("a reward other than a reward model needs --value_model (a reward-model checkpoint to start "
-                        "the value model from)")
+def check_config(cfg: PPOConfig) -> None:
+    if not cfg.policy or not (cfg.reward_model or cfg.reward_fn) or not cfg.prompts:
+        raise UserError("--policy (SFT checkpoint), --reward_model (or --reward_fn) and --prompts are required")
+    if cfg.reward_fn and cfg.reward_model:
+        raise UserError("--reward_fn and --reward_model: give one of them (what scores the episodes)")
+    if cfg.reward_fn and cfg.critic and not cfg.value_model:
+        raise UserError("--reward_fn (a reward other than a reward model) needs --value_model (a reward-model "
+                        "checkpoint to start the value model from) or --no-critic")
     if cfg.batch_size % cfg.minibatches:
         raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
     if cfg.samples_per_prompt < 1 or cfg.batch_size % cfg.samples_per_prompt:

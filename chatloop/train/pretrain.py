@@ -32,21 +32,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chatloop.checkpoint import data_record, is_complete, load_model, save_model
+from chatloop import distributed
+from chatloop.checkpoint import data_record, load_model, save_model
 from chatloop.data.corpus import TokenWindows, build_shards
-from chatloop.device import autocast, measure_peak_flops, resolve_device, resolve_precision
+from chatloop.device import autocast, measure_peak_flops
 from chatloop.errors import UserError
 from chatloop.model import GPT, PRESETS, ModelOverrides, lm_loss, preset
 from chatloop.tokenizer import Tokenizer
-from chatloop.train import distributed
 from chatloop.train.trainer import (
     StepConfig,
     config_record,
     lr_at,
     make_optimizer,
+    open_stage,
     resume,
     save_state,
-    seed_everything,
     set_lr,
 )
 
@@ -140,7 +140,7 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: GPT, val: TokenWindows, cfg: PretrainConfig, device, precision) -> float:
+def validation_loss(model: GPT, val: TokenWindows, cfg: PretrainConfig, device, precision) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in val.sequential(cfg.batch_size, cfg.eval_batches, device):
@@ -177,14 +177,12 @@ def token_data(cfg: PretrainConfig, out: Path) -> tuple[Tokenizer, dict, TokenWi
 def pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     # step 1
-    if is_complete(out):
-        print(f"pretrain: {out} is already finished; skipping (remove it to train again)")
+    opened = open_stage("pretrain", cfg)
+    if opened is None:
         return out
+    device, precision = opened
     if not cfg.init_from and cfg.preset not in PRESETS:
         raise UserError(f"--preset: unknown model preset {cfg.preset!r}; expected one of: {', '.join(PRESETS)}")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
 
     # step 2
     tokenizer, meta, train, val = token_data(cfg, out)
@@ -240,7 +238,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tps:,.0f}",
                             mfu=f"{100 * metrics['perf/mfu']:.0f}%")
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = evaluate(model, val, cfg, device, precision)
+            val_loss = validation_loss(model, val, cfg, device, precision)
             metrics.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
             last_time = time.perf_counter()  # evaluation time is not training throughput
         if metrics:
@@ -255,7 +253,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     # step 7
     if val_loss is None:
-        val_loss = evaluate(model, val, cfg, device, precision)
+        val_loss = validation_loss(model, val, cfg, device, precision)
     final = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50)),
              "unigram_entropy_nats": meta["unigram_entropy_nats"], "train_tokens": meta["train_tokens"],
              "steps": cfg.max_steps, "parameters": n_params}

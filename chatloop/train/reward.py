@@ -41,21 +41,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatloop.checkpoint import data_record, is_complete, load_model, save_model
+from chatloop import distributed
+from chatloop.checkpoint import data_record, load_model, save_model
 from chatloop.data.formats import prompt_messages, ranking_pairs
-from chatloop.data.importers import read_demonstrations, read_rankings
+from chatloop.data.readers import read_demonstrations, read_rankings
 from chatloop.device import autocast, resolve_device, resolve_precision
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
-from chatloop.train import distributed
 from chatloop.train.trainer import (
     StepConfig,
     config_record,
     length_grouped_order,
     lr_at,
     make_optimizer,
+    open_stage,
     resume,
     save_state,
     seed_everything,
@@ -151,7 +152,7 @@ def rm_eval(cfg: RMEvalConfig) -> dict:
 
 
 @dataclass
-class Group:
+class RMGroup:
     """One ranked prompt: K tokenized responses (prompt + answer) and their pairs."""
 
     sequences: list[list[int]]
@@ -164,7 +165,7 @@ class Group:
         return len(self.ranks) * (len(self.ranks) - 1) // 2 - len(self.pairs)
 
 
-def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) -> list[Group]:
+def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) -> list[RMGroup]:
     """Tokenize each (prompt, response); rankings whose responses all tie (no pair) are dropped.
 
     Over-long sequences lose the prompt's start first; a response longer than seq_len - 1 is cut but keeps its
@@ -182,7 +183,7 @@ def encode_rankings(rankings: list[dict], tokenizer: Tokenizer, seq_len: int) ->
             if len(answer) > seq_len - 1:
                 answer = answer[: seq_len - 2] + answer[-1:]
             sequences.append(prompt_ids[-(seq_len - len(answer)):] + answer)
-        groups.append(Group(sequences, r["ranks"], pairs))
+        groups.append(RMGroup(sequences, r["ranks"], pairs))
     return groups
 
 
@@ -200,7 +201,7 @@ def reward_scores(model: torch.nn.Module, sequences: list[list[int]], pad_id: in
         return distributed.unwrap(model).reward(ids.to(device), mask.to(device), right_padded=True, through=model)
 
 
-def grouped_loss(rewards: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, int, int]:
+def grouped_loss(rewards: torch.Tensor, groups: list[RMGroup]) -> tuple[torch.Tensor, int, int]:
     """Mean over prompts of the mean over its pairs of -log sigmoid(r_w - r_l); (loss, correct, pairs)."""
     losses, correct, total, at = [], 0, 0, 0
     for g in groups:
@@ -216,7 +217,7 @@ def grouped_loss(rewards: torch.Tensor, groups: list[Group]) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def evaluate_rm(model: GPT, groups: list[Group], pad_id: int, device, precision: str, batch_size: int) -> dict:
+def evaluate_rm(model: GPT, groups: list[RMGroup], pad_id: int, device, precision: str, batch_size: int) -> dict:
     """Pairwise accuracy and log loss on the untied pairs (the tied ones are counted), split by K and by rank
     distance, and a calibration table."""
     model.eval()
@@ -322,7 +323,7 @@ def read_splits(cfg: RMConfig) -> tuple[list[dict], list[dict], list[dict]]:
     return train_r, val_r, held_r
 
 
-def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, chosen: list[Group],
+def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, chosen: list[RMGroup],
                pad_id: int, cfg: RMConfig, device, precision: str) -> tuple[float, int, int, int, int, float]:
     """Step 5's optimizer step on the step's ranked prompts: (loss, pairs ordered right, pairs) of this rank,
     responses and pairs it scored, and the gradient norm."""
@@ -348,7 +349,7 @@ def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.
 
 
 @torch.no_grad()
-def normalise(model: GPT, train: list[Group], tokenizer: Tokenizer, cfg: RMConfig, device) -> float:
+def normalise(model: GPT, train: list[RMGroup], tokenizer: Tokenizer, cfg: RMConfig, device) -> float:
     """Step 6 (in fp32, the precision of the checkpoint as saved: a bf16 bias would be off by its noise): the
     reference answers' mean reward becomes 0 (reward_bias) and, with normalize_gain, the training answers' mean
     spread within a prompt 1 (folded into the head); the gain."""
@@ -374,7 +375,7 @@ def _scores_in_chunks(model: GPT, sequences: list[list[int]], pad_id: int, devic
                       for i in range(0, len(sequences), chunk)])
 
 
-def held_out_labelers_report(model: GPT, held: list[Group], train_r: list[dict], held_r: list[dict], pad_id: int,
+def held_out_labelers_report(model: GPT, held: list[RMGroup], train_r: list[dict], held_r: list[dict], pad_id: int,
                              cfg: RMConfig, device, precision: str) -> dict:
     """Step 7 on the held-out labelers' rankings (InstructGPT's second number), and how many of them share a
     conversation with the training rankings."""
@@ -390,7 +391,7 @@ def steps(cfg: RMConfig, prompts: int) -> tuple[int, int]:
     return per_epoch, min(cfg.max_steps, per_epoch * cfg.epochs) if cfg.max_steps else per_epoch * cfg.epochs
 
 
-def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[Group], tokenizer: Tokenizer, device,
+def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[RMGroup], tokenizer: Tokenizer, device,
                  precision: str) -> GPT:
     """Steps 3-5 for one reward model (its head's initialisation and its data order from `seed`), its train
     states and metrics in `out`; the trained model (sharded under FSDP)."""
@@ -442,13 +443,11 @@ def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[Gro
 
 def reward_model(cfg: RMConfig) -> Path:
     out = Path(cfg.out)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     # step 1
-    if is_complete(out):
-        print(f"rm: {out} is already finished; skipping (remove it to train again)")
+    opened = open_stage("rm", cfg)
+    if opened is None:
         return out
+    device, precision = opened
     if not cfg.model or not cfg.data:
         raise UserError("--model (an SFT checkpoint) and --data (ranking files) are required")
     if cfg.members < 1:

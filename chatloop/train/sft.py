@@ -37,22 +37,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatloop.checkpoint import data_record, is_complete, load_model, read_lineage, save_model
-from chatloop.data.importers import read_demonstrations
-from chatloop.device import autocast, resolve_device, resolve_precision
+from chatloop import distributed
+from chatloop.checkpoint import data_record, load_model, read_lineage, save_model
+from chatloop.data.readers import read_demonstrations
+from chatloop.device import autocast
 from chatloop.engine import generate
 from chatloop.errors import UserError
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
-from chatloop.train import distributed
 from chatloop.train.trainer import (
     StepConfig,
     config_record,
     lr_at,
     make_optimizer,
+    open_stage,
     resume,
     save_state,
-    seed_everything,
     set_lr,
 )
 
@@ -306,16 +306,14 @@ def split_validation(conversations, cfg: SFTConfig, skipped: Counter):
 def sft(cfg: SFTConfig) -> Path:
     out = Path(cfg.out)
     # step 1
-    if is_complete(out):
-        print(f"sft: {out} is already finished; skipping (remove it to train again)")
+    opened = open_stage("sft", cfg)
+    if opened is None:
         return out
+    device, precision = opened
     if not cfg.model:
         raise UserError("--model: give the checkpoint to fine-tune")
     if not cfg.data:
         raise UserError("--data: give at least one demonstrations file")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     tokenizer = Tokenizer.load(cfg.model)
 
     # step 2

@@ -1,6 +1,6 @@
-"""What every training stage shares: the config fields, the optimizer and its schedule, resumable state (`resume`,
-`save_state`), logging (metrics.jsonl and TensorBoard; each stage draws its own tqdm bar). Device and precision are
-chatloop.device's.
+"""What every training stage shares: the config fields, the stage's opening (`open_stage`: skip a finished stage,
+seed, device and precision), the optimizer and its schedule, resumable state (`resume`, `save_state`), logging
+(metrics.jsonl and TensorBoard; each stage draws its own tqdm bar). Device and precision are chatloop.device's.
 
 Resumable state lives in `OUT/train_state/step-NNNNNNNN/` (written to a temporary directory, then renamed)
 and `OUT/train_state/latest` names the newest one. A stage killed at any moment (even `kill -9`) restarts
@@ -22,9 +22,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from chatloop import distributed
+from chatloop.checkpoint import is_complete
+from chatloop.device import resolve_device, resolve_precision
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_text
-from chatloop.train import distributed
 
 
 @dataclass
@@ -88,6 +90,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def open_stage(stage: str, cfg: TrainConfig) -> tuple[torch.device, str] | None:
+    """Every stage's opening: None when cfg.out holds the stage's finished checkpoint (the stage then skips
+    itself: `chatloop run` and a stage run by hand share this rule); else the seeded RNGs, and the device
+    (under torchrun: this rank's, the process group joined) and precision to run in."""
+    if is_complete(Path(cfg.out)):
+        print(f"{stage}: {Path(cfg.out)} is already finished; skipping (remove it to train again)")
+        return None
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    return device, resolve_precision(cfg.precision, device)
 
 
 # ---------------------------------------------------------------- optimizer and schedule
