@@ -476,7 +476,7 @@ def open_engine(url: URL, shown: str, tables: MetaData, meta_table: Table, marke
     except Exception as e:  # a missing driver (e.g. psycopg for postgresql://) is the user's to install
         raise UserError(f"--db: cannot open {shown!r}: {e}") from None
     if url.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", on_connect or _sqlite_pragmas)
+        event.listen(engine, "connect", on_connect or sqlite_pragmas)
         if on_begin is not None:
             event.listen(engine, "begin", on_begin)
     try:
@@ -494,7 +494,8 @@ def open_engine(url: URL, shown: str, tables: MetaData, meta_table: Table, marke
     return engine
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """The pragmas of every SQLite connection of a store (the labeling store sets them on its connections too)."""
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")  # readers (stats, export) do not block an ingest

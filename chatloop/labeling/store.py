@@ -76,7 +76,7 @@ from chatloop.data.formats import (
     validate_demonstration,
     validate_prompt_value,
 )
-from chatloop.data.prompts import _sqlite_pragmas, db_url, open_engine
+from chatloop.data.prompts import db_url, open_engine, sqlite_pragmas
 from chatloop.errors import UserError
 from chatloop.io import utc_time
 
@@ -325,7 +325,7 @@ def _begin_sqlite(conn: Connection) -> None:
 
 def _connect_sqlite(dbapi_conn: Any, record: Any) -> None:
     dbapi_conn.isolation_level = None
-    _sqlite_pragmas(dbapi_conn, record)
+    sqlite_pragmas(dbapi_conn, record)
     dbapi_conn.execute("PRAGMA busy_timeout=10000")
 
 
