@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from argon2 import PasswordHasher  # noqa: E402
 
-from chatloop.labeling.store import LabelStore, load_secret, task_item  # noqa: E402
+from chatloop.labeling.answers import task_item  # noqa: E402
+from chatloop.labeling.secret import load_secret  # noqa: E402
+from chatloop.labeling.store import LabelStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

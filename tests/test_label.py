@@ -22,18 +22,13 @@ from argon2 import PasswordHasher
 from chatloop.checkpoint import save_model
 from chatloop.data.readers import read_demonstrations, read_rankings
 from chatloop.errors import UserError
+from chatloop.labeling.answers import BadAnswer, check_answer, task_item
 from chatloop.labeling.app import create_app
 from chatloop.labeling.commands import BatchConfig, ExportConfig, ServeConfig, batch, export, serve
-from chatloop.labeling.store import (
-    BadAnswer,
-    LabelStore,
-    agreement,
-    check_answer,
-    load_secret,
-    plan,
-    report,
-    task_item,
-)
+from chatloop.labeling.quality import agreement
+from chatloop.labeling.reports import plan, report
+from chatloop.labeling.secret import load_secret
+from chatloop.labeling.store import LabelStore
 from chatloop.model import GPT, preset
 from chatloop.tokenizer import Tokenizer
 from tests.conftest import run_cli

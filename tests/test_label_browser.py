@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from chatloop.data.readers import read_rankings
-from chatloop.labeling.store import task_item
+from chatloop.labeling.answers import task_item
 from tests.test_label import PASSWORD, Live
 
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=1</script>'

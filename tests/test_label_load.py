@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from chatloop.labeling.store import LabelStore, load_secret
+from chatloop.labeling.secret import load_secret
+from chatloop.labeling.store import LabelStore
 from tests.test_label import FAST_HASH, PASSWORD, free_port, ranking_items
 
 LABELERS, OVERLAP = 30, 2

@@ -18,7 +18,9 @@ import httpx
 import pytest
 from argon2 import PasswordHasher
 
-from chatloop.labeling.store import LabelStore, load_secret, task_item
+from chatloop.labeling.answers import task_item
+from chatloop.labeling.secret import load_secret
+from chatloop.labeling.store import LabelStore
 from tests.fuzz import form_bodies, json_bodies
 from tests.test_label import PASSWORD, Live, form_csrf, free_port, join, ranking_items
 

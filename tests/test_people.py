@@ -17,7 +17,8 @@ from chatloop.checkpoint import save_model
 from chatloop.data.readers import read_rankings
 from chatloop.evaluate import add_human, human_win_rates
 from chatloop.labeling.commands import BatchConfig, ExportConfig, batch, export
-from chatloop.labeling.store import LabelStore, load_secret
+from chatloop.labeling.secret import load_secret
+from chatloop.labeling.store import LabelStore
 from chatloop.model import GPT, preset
 from chatloop.report import human_section, rm_accuracy_lines
 from chatloop.tokenizer import Tokenizer

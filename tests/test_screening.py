@@ -8,17 +8,11 @@ import json
 import pytest
 
 from chatloop.errors import UserError
+from chatloop.labeling.answers import BadAnswer, task_item
 from chatloop.labeling.commands import ExportConfig, export, screening_lines
-from chatloop.labeling.store import (
-    BadAnswer,
-    Conflict,
-    LabelStore,
-    NotFound,
-    flag_agreement,
-    gold_pair_share,
-    report,
-    task_item,
-)
+from chatloop.labeling.quality import flag_agreement, gold_pair_share
+from chatloop.labeling.reports import report
+from chatloop.labeling.store import Conflict, LabelStore, NotFound
 from tests.conftest import run_cli
 from tests.test_label import Live, join, make_user
 
@@ -187,7 +181,7 @@ def test_screening_labels_stay_out_of_the_exports_and_the_cli_makes_and_reports_
     assert bad.returncode == 2 and "not measured by a ranking batch" in bad.stderr
     made = run_cli("label", "batch", "--kind=ranking", f"--data={data}", "--screening", "ranking=0.7", *common)
     assert made.returncode == 0 and "screening, pass ranking >= 0.7" in made.stdout, made.stderr
-    from chatloop.labeling.store import load_secret
+    from chatloop.labeling.secret import load_secret
 
     store = LabelStore(str(db), load_secret(secret))
     ann = make_user(store, "ann")

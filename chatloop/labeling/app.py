@@ -40,19 +40,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatloop.errors import UserError
-from chatloop.labeling.store import (
-    KINDS,
-    LABEL_FLAGS,
-    MAX_OVERLAP,
-    MIN_PASSWORD,
-    ROLES,
-    BadAnswer,
-    Conflict,
-    LabelStore,
-    NotFound,
-    export_records,
-    report,
-)
+from chatloop.labeling.answers import BadAnswer
+from chatloop.labeling.reports import export_records, report
+from chatloop.labeling.schema import KINDS, LABEL_FLAGS, ROLES
+from chatloop.labeling.store import MAX_OVERLAP, MIN_PASSWORD, Conflict, LabelStore, NotFound
 from chatloop.serve.guard import Guard, Limits
 
 HERE = Path(__file__).parent

@@ -19,17 +19,11 @@ from typing import Any
 from chatloop.data.formats import validate_prompt_value, write_records
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json, atomic_write_jsonl, read_jsonl, replace_dir, sha256_file, temp_dir_beside
-from chatloop.labeling.store import (
-    DEFAULT_DB,
-    K_MAX,
-    KINDS,
-    LabelStore,
-    export_records,
-    load_secret,
-    plan,
-    report,
-    task_item,
-)
+from chatloop.labeling.answers import K_MAX, task_item
+from chatloop.labeling.reports import export_records, plan, report
+from chatloop.labeling.schema import KINDS
+from chatloop.labeling.secret import load_secret
+from chatloop.labeling.store import DEFAULT_DB, LabelStore
 
 DEFAULT_SECRET = "runs/label.secret"
 

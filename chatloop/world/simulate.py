@@ -19,7 +19,8 @@ from typing import Any
 
 from chatloop.data.formats import FLAGS
 from chatloop.errors import UserError
-from chatloop.labeling.store import DEFAULT_DB, KINDS, LabelStore, NotFound
+from chatloop.labeling.schema import KINDS
+from chatloop.labeling.store import DEFAULT_DB, LabelStore, NotFound
 from chatloop.world.labelers import Labeler, candidate_pool, candidates, dense_ranks, make_labelers
 from chatloop.world.world import World
 
