@@ -13,10 +13,12 @@ from chatloop.data.formats import (
     pairwise_to_ranking,
     prompt_messages,
     ranking_pairs,
+    ranks_problem,
     read_records,
     validate,
     write_records,
 )
+from chatloop.data.readers import oasst_rankings
 from chatloop.errors import UserError
 from tests.conftest import need
 
@@ -105,6 +107,22 @@ def test_ranks_error_message_says_what_was_expected(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"rm.jsonl:1: field 'ranks': expected a list of K integers >= 1, "
                                         r"one per response \(K = 3\), got \[1, 2\]"):
         read_records(path, "ranking")
+
+
+def test_one_rank_rule_for_datasets_and_labelers() -> None:
+    """A dataset's ranks may have gaps (an OpenAssistant reply the reader drops keeps its siblings' ranks); a
+    labeler's answer in the labeling app ranks from 1 to K."""
+    tree = {"role": "prompter", "text": "Q", "replies": [
+        {"role": "assistant", "text": "best", "rank": 0, "replies": []},
+        {"role": "assistant", "text": "gone", "rank": 1, "deleted": True, "replies": []},
+        {"role": "assistant", "text": "worst", "rank": 2, "replies": []}]}
+    (found,) = oasst_rankings(tree)
+    assert found["ranks"] == [1, 3] and validate("ranking", found, "oa") is found
+    assert ranks_problem([1, 3], 2) is None and ranks_problem([1, 1], 2, at_most_k=True) is None
+    labeler_rule = "expected 2 integers from 1 (best) to 2, one per response; equal = tie"
+    assert ranks_problem([1, 3], 2, at_most_k=True) == labeler_rule
+    dataset_rule = "expected a list of K integers >= 1, one per response (K = 2)"
+    assert ranks_problem([1, 0], 2) == ranks_problem(None, 2) == ranks_problem([1, True], 2) == dataset_rule
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

@@ -219,13 +219,27 @@ def validate_ranking(obj: dict[str, Any], where: str) -> Ranking:
     for i, response in enumerate(responses):
         if not isinstance(response, str):
             raise _error(where, f"responses[{i}]", "expected a string", response)
-    k = len(responses)
-    expected = f"expected a list of K integers >= 1, one per response (K = {k})"
-    ranks = _require(obj, "ranks", where, expected)
-    if not isinstance(ranks, list) or len(ranks) != k or not all(_is_int(r) and r >= 1 for r in ranks):
-        raise _error(where, "ranks", expected, ranks)
+    problem = ranks_problem(obj.get("ranks"), len(responses))
+    if problem is not None:
+        raise _missing(where, "ranks", problem) if "ranks" not in obj else _error(where, "ranks", problem, obj["ranks"])
     _check_meta(obj, where)
     return obj  # type: ignore[return-value]
+
+
+def ranks_problem(ranks: Any, k: int, *, at_most_k: bool = False) -> str | None:
+    """None when `ranks` rank k responses, else what was expected: k integers >= 1, 1 = best, equal ranks a tie.
+
+    With `at_most_k` each is also at most k (what a labeler gives in the labeling app). A dataset's ranks may
+    have gaps: OpenAssistant ranks each reply among all its ranked siblings, so a sibling the reader drops
+    (deleted, rejected in review, empty) leaves one, e.g. [1, 3] for K = 2.
+    """
+    fits = isinstance(ranks, list) and len(ranks) == k and all(
+        _is_int(r) and r >= 1 and (not at_most_k or r <= k) for r in ranks)
+    if fits:
+        return None
+    if at_most_k:
+        return f"expected {k} integers from 1 (best) to {k}, one per response; equal = tie"
+    return f"expected a list of K integers >= 1, one per response (K = {k})"
 
 
 def validate_pairwise(obj: dict[str, Any], where: str) -> Pairwise:

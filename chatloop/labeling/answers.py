@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatloop.data.formats import prompt_messages, validate_demonstration, validate_prompt_value
+from chatloop.data.formats import prompt_messages, ranks_problem, validate_demonstration, validate_prompt_value
 from chatloop.errors import UserError
 from chatloop.labeling.schema import KINDS, LABEL_FLAGS
 
@@ -43,9 +43,9 @@ def check_answer(kind: str, prompt: Any, payload: dict[str, Any], shown: list[in
         ranks = answer.get("ranks")
         if ranks is None and none:
             return {"ranks": None, "none_acceptable": True}
-        if (not isinstance(ranks, list) or len(ranks) != k
-                or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= k for r in ranks)):
-            raise BadAnswer(f"ranks: expected {k} integers from 1 (best) to {k}, one per response; equal = tie")
+        problem = ranks_problem(ranks, k, at_most_k=True)
+        if problem is not None:
+            raise BadAnswer(f"ranks: {problem}")
         ordered = [0] * k
         for position, task_index in enumerate(shown):
             ordered[task_index] = ranks[position]
