@@ -24,7 +24,7 @@ from chatloop.data.readers import read_demonstrations, read_rankings
 from chatloop.errors import UserError
 from chatloop.labeling.answers import BadAnswer, check_answer, task_item
 from chatloop.labeling.app import create_app
-from chatloop.labeling.commands import BatchConfig, ExportConfig, ServeConfig, batch, export, serve
+from chatloop.labeling.commands import BatchConfig, LabelExportConfig, LabelServeConfig, batch, export, serve
 from chatloop.labeling.quality import agreement
 from chatloop.labeling.reports import plan, report
 from chatloop.labeling.secret import load_secret
@@ -135,7 +135,7 @@ def test_a_round_of_the_loop_goes_through_the_app(tmp_path, tiny_checkpoint):
     finally:
         live.stop()
     out = tmp_path / "labels"
-    export(ExportConfig(out=str(out), db=str(db), secret_file=str(secret)))
+    export(LabelExportConfig(out=str(out), db=str(db), secret_file=str(secret)))
     rankings = read_rankings(out / "rankings.jsonl")
     assert len(rankings) == 12 and Counter(r["labeler_id"] for r in rankings) == {"ann": 6, "bob": 6}
     assert all(r["model"] == str(tiny_checkpoint) and len(r["responses"]) == 4 for r in rankings)
@@ -334,7 +334,7 @@ def test_the_app_refuses_default_or_empty_secrets_and_generates_one_on_first_run
     for weak in ("", "changeme", "secret", "short-but-not-default"):
         (tmp_path / "weak.secret").write_text(weak)
         with pytest.raises(UserError, match="refusing"):
-            serve(ServeConfig(db=str(tmp_path / "l.db"), secret_file=str(tmp_path / "weak.secret")))
+            serve(LabelServeConfig(db=str(tmp_path / "l.db"), secret_file=str(tmp_path / "weak.secret")))
     monkeypatch.setenv("CHATLOOP_LABEL_SECRET", "changeme")
     with pytest.raises(UserError, match="CHATLOOP_LABEL_SECRET"):
         load_secret(tmp_path / "new.secret")

@@ -16,7 +16,7 @@ import torch
 from chatloop.checkpoint import save_model
 from chatloop.data.readers import read_rankings
 from chatloop.evaluate import add_human, human_win_rates
-from chatloop.labeling.commands import BatchConfig, ExportConfig, batch, export
+from chatloop.labeling.commands import BatchConfig, LabelExportConfig, batch, export
 from chatloop.labeling.secret import load_secret
 from chatloop.labeling.store import LabelStore
 from chatloop.model import GPT, preset
@@ -90,7 +90,7 @@ def test_the_human_path_from_screening_to_human_win_rates_on_the_simulated_world
 
     # The qualified wrote the demonstrations (label simulate did every open batch): SFT trains on them.
     labels = root / "labels"
-    export(ExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
+    export(LabelExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
     demonstrations = [json.loads(line) for line in (labels / "demonstrations.jsonl").read_text().splitlines()]
     assert len(demonstrations) == 16 and {d["labeler_id"] for d in demonstrations} <= set(qualified)
     sft(SFTConfig(model=str(root / "pretrained"), data=[str(labels / "demonstrations.jsonl")], out=str(root / "sft"),
@@ -100,7 +100,7 @@ def test_the_human_path_from_screening_to_human_win_rates_on_the_simulated_world
     batch(BatchConfig(kind="ranking", model=[str(root / "sft")], prompts=str(root / "rm.jsonl"), k=4, overlap=1,
                       max_new_tokens=12, db=str(db), secret_file=str(secret)))
     work(store, team)
-    export(ExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
+    export(LabelExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
     rankings = read_rankings(labels / "rankings.jsonl")
     assert len(rankings) == 24 and {r["labeler_id"] for r in rankings} <= set(qualified)
     by = sorted({r["labeler_id"] for r in rankings}, key=lambda n: -sum(r["labeler_id"] == n for r in rankings))
@@ -140,7 +140,7 @@ def test_the_human_path_from_screening_to_human_win_rates_on_the_simulated_world
             wins += json.loads(hidden)["models"][json.loads(shown)["ab".index(winner)]] == str(root / "ppo")
     con.close()
 
-    export(ExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
+    export(LabelExportConfig(out=str(labels), db=str(db), secret_file=str(secret)))
     out = root / "human.json"
     result = run_cli("eval", f"--human={labels}", f"--out={out}")
     assert result.returncode == 0, result.stderr

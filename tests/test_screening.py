@@ -9,7 +9,7 @@ import pytest
 
 from chatloop.errors import UserError
 from chatloop.labeling.answers import BadAnswer, task_item
-from chatloop.labeling.commands import ExportConfig, export, screening_lines
+from chatloop.labeling.commands import LabelExportConfig, export, screening_lines
 from chatloop.labeling.quality import flag_agreement, gold_pair_share
 from chatloop.labeling.reports import report
 from chatloop.labeling.store import Conflict, LabelStore, NotFound
@@ -189,7 +189,7 @@ def test_screening_labels_stay_out_of_the_exports_and_the_cli_makes_and_reports_
     store.close()
     stats = run_cli("label", "stats", *common)
     assert stats.returncode == 0 and "ann: passed; ranking 100.0%; 3 done, 0 skipped of 3 tasks" in stats.stdout
-    counts = export(ExportConfig(out=str(tmp_path / "out"), db=str(db), secret_file=str(secret)))
+    counts = export(LabelExportConfig(out=str(tmp_path / "out"), db=str(db), secret_file=str(secret)))
     assert counts["rankings"] == 0  # a candidate's test is not training data
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["left_out"]["screening"] == 3

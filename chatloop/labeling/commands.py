@@ -40,7 +40,7 @@ def cli_actor() -> str:
 
 
 @dataclass
-class ServeConfig:
+class LabelServeConfig:
     db: str = DEFAULT_DB
     """The labeling database: an SQLAlchemy URL (sqlite:///runs/label.db, postgresql://...) or an SQLite path."""
     secret_file: str = DEFAULT_SECRET
@@ -73,7 +73,7 @@ class ServeConfig:
     """Password hashes computed at once (argon2: 64 MiB each); further logins wait briefly, then get 429."""
 
 
-def serve(cfg: ServeConfig) -> None:
+def serve(cfg: LabelServeConfig) -> None:
     import uvicorn
 
     from chatloop.labeling.app import create_app
@@ -299,7 +299,7 @@ def invite(cfg: InviteConfig) -> str:
 
 
 @dataclass
-class ExportConfig:
+class LabelExportConfig:
     out: str = "runs/labels"
     """Directory for rankings.jsonl, rankings_merged.jsonl, demonstrations.jsonl, ratings.jsonl,
     comparisons.jsonl and manifest.json (replaced as a whole)."""
@@ -313,7 +313,7 @@ EXPORT_KINDS = {"rankings": "ranking", "rankings_merged": "ranking", "demonstrat
                 "ratings": "rating", "comparisons": "comparison"}
 
 
-def export(cfg: ExportConfig) -> dict[str, int]:
+def export(cfg: LabelExportConfig) -> dict[str, int]:
     """Write every label as the records the trainers read: `chatloop rm --data OUT/rankings.jsonl`,
     `chatloop sft --data OUT/demonstrations.jsonl`. Rankings are raw (one record per labeler)."""
     store = open_store(cfg.db, cfg.secret_file)
@@ -335,7 +335,7 @@ def export(cfg: ExportConfig) -> dict[str, int]:
 
 
 @dataclass
-class StatsConfig:
+class LabelStatsConfig:
     db: str = DEFAULT_DB
     """The labeling database (URL or SQLite path)."""
     secret_file: str = DEFAULT_SECRET
@@ -344,7 +344,7 @@ class StatsConfig:
     """Print the report as JSON."""
 
 
-def stats(cfg: StatsConfig) -> dict[str, Any]:
+def stats(cfg: LabelStatsConfig) -> dict[str, Any]:
     """Progress per batch, throughput, and each labeler's agreement and gold accuracy."""
     r = report(open_store(cfg.db, cfg.secret_file))
     data = r.as_json()
