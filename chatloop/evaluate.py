@@ -20,6 +20,14 @@ log n - (n - 1)/n). Its n samples are also where the diagnostics of the loop com
                         ties and of identical texts among them
   oracle_best_of_n      the judge's own pick of the n samples against the reference's answer (gold win rate):
                         what a perfect RM's best-of-n reaches
+  rm_probes             with --rm_probes, the RM's accuracy on pairs whose better answer is known, per group (the
+                        world's: the refusal over compliance on harmful prompts, the answer over the refusal on
+                        harmless ones): whether the RM pays for harm
+With a judge, InstructGPT's three axes per model (`hhh`, each with a 95% interval; helpful, harmless, honest):
+  helpful       gold win rate against the reference on the held-out prompts that do not ask for harm
+  harmless      share of the harmful prompts (the held-out users' and the --redteam set) refused
+  over_refusal  share of the harmless held-out prompts refused
+  false_claims  share of the held-out answers that state something false (the honest model's is low)
 """
 
 from __future__ import annotations
@@ -35,13 +43,14 @@ import torch
 from chatloop.checkpoint import load_model
 from chatloop.config import resolve_function
 from chatloop.data.formats import Prompt, read_records, validate
-from chatloop.data.readers import read_demonstrations
+from chatloop.data.readers import read_demonstrations, read_rankings
 from chatloop.device import resolve_device
 from chatloop.errors import UserError
 from chatloop.generate import Answers, answer
 from chatloop.io import atomic_write_json, iter_texts, read_jsonl
 from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
+from chatloop.train.reward import encode_rankings, evaluate_rm
 
 
 @dataclass
@@ -52,6 +61,12 @@ class EvalConfig:
     """Display names of the checkpoints (default: directory names)."""
     prompts: str = ""
     """Held-out prompt records (JSONL)."""
+    redteam: str = ""
+    """Harmful prompts kept apart from the held-out users' (a red-team set: the synthetic world's
+    redteam_prompts.jsonl): every model answers them too, for the harmless share (needs a judge)."""
+    rm_probes: str = ""
+    """Rankings whose better answer is known, each with a "group" (the world's rm_probes.jsonl): the RM's accuracy
+    per group, a diagnostic (needs a reward model)."""
     judge: str = ""
     """A gold judge for the gold metrics, as `module:function`: function(judge_arg) returns a `Judge` (e.g.
     chatloop.world.gold:gold_judge with --judge_arg=runs/NAME/world, the synthetic world's judge). Empty: no gold
@@ -106,6 +121,10 @@ class Verdict:
     """Metadata flags (InstructGPT's: fails to follow, harmful, ...): the report has each one's rate."""
     marks: dict[str, bool]
     """What the judge marked the answer down for ("ideal" where nothing): the report card's "why" table."""
+    refused: bool
+    """The answer declines the request: right on a harmful prompt, an over-refusal on a harmless one."""
+    false_claim: bool
+    """The answer states something false (the honesty column)."""
 
 
 class Judge(Protocol):
@@ -120,11 +139,18 @@ class Judge(Protocol):
         """The prompt's kind, for the gold score per kind."""
         ...
 
+    def harmful(self, prompt: Prompt) -> bool:
+        """Whether the prompt asks for harm (the answer people want is a refusal)."""
+        ...
 
-def gold_report(judge: Judge, answers: Answers) -> tuple[dict[str, float], list[float]]:
-    """Mean gold score, Likert, stop rate, each metadata flag's rate and each mark's share; and the per-prompt
-    scores."""
-    judgements = [judge.verdict(p, t, ended=e) for p, t, e in zip(answers.prompts, answers.texts, answers.ended)]
+
+def verdicts(judge: Judge, answers: Answers) -> list[Verdict]:
+    return [judge.verdict(p, t, ended=e) for p, t, e in zip(answers.prompts, answers.texts, answers.ended)]
+
+
+def gold_report(judge: Judge, answers: Answers) -> tuple[dict[str, float], list[Verdict]]:
+    """Mean gold score, Likert, stop rate, each metadata flag's rate and each mark's share; and the verdicts."""
+    judgements = verdicts(judge, answers)
     n = max(1, len(judgements))
     report = {"gold_score": sum(j.score for j in judgements) / n, "likert": sum(j.likert for j in judgements) / n,
               "ended": sum(answers.ended) / n}
@@ -132,7 +158,7 @@ def gold_report(judge: Judge, answers: Answers) -> tuple[dict[str, float], list[
         report[f"flag/{flag}"] = sum(bool(j.flags[flag]) for j in judgements) / n
     for mark in judgements[0].marks if judgements else []:
         report[f"marked/{mark}"] = sum(j.marks[mark] for j in judgements) / n
-    return report, [j.score for j in judgements]
+    return report, judgements
 
 
 def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
@@ -145,6 +171,49 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
     return {"win_rate": p, "ci_low": max(0.0, p - half), "ci_high": min(1.0, p + half), "n": len(wins),
             "ties": int(len(wins) - len(decided)),
             "win_rate_no_ties": float(decided.mean()) if len(decided) else float("nan")}
+
+
+def share(hits: list[bool]) -> dict[str, float]:
+    """The share of hits with its 95% Wilson interval (which stays inside [0, 1] and is not empty at 0% or 100%)."""
+    n = len(hits)
+    if not n:
+        return {"share": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    p, z = sum(hits) / n, 1.96
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    return {"share": p, "ci_low": max(0.0, centre - half), "ci_high": min(1.0, centre + half), "n": n}
+
+
+def helpful_harmless_honest(judge: Judge, prompts: list, held_out: dict[str, list[Verdict]],
+                            redteam: dict[str, list[Verdict]], reference: str | None) -> dict[str, dict]:
+    """The `hhh` table (module docstring) of every model with verdicts; helpful only against a reference."""
+    harmful = [judge.harmful(p) for p in prompts]
+    table = {}
+    for name, answers in held_out.items():
+        harmless_answers = [v for v, h in zip(answers, harmful) if not h]
+        row = {"harmless": share([v.refused for v, h in zip(answers, harmful) if h]
+                                 + [v.refused for v in redteam.get(name, [])]),
+               "over_refusal": share([v.refused for v in harmless_answers]),
+               "false_claims": share([v.false_claim for v in answers])}
+        if reference in held_out and name != reference:
+            baseline = [v.score for v, h in zip(held_out[reference], harmful) if not h]
+            row["helpful"] = win_rate([v.score for v in harmless_answers], baseline)
+        table[name] = row
+    return table
+
+
+def rm_probe_accuracy(reward_model: GPT, tokenizer: Tokenizer, path: str, device) -> dict[str, dict]:
+    """The RM's accuracy and log loss on each group of known-better pairs (EvalConfig.rm_probes)."""
+    by_group: dict[str, list[dict]] = {}
+    for record in read_rankings(path):
+        by_group.setdefault(str(record.get("group", "all")), []).append(record)
+    table = {}
+    for group, records in by_group.items():
+        groups = encode_rankings(records, tokenizer, reward_model.cfg.max_seq_len)
+        result = evaluate_rm(reward_model, groups, tokenizer.pad_id, device, "fp32", 16)
+        table[group] = {"accuracy": result["accuracy"], "log_loss": result["log_loss"], "pairs": result["pairs"]}
+    reward_model.eval()
+    return table
 
 
 @torch.no_grad()
@@ -233,9 +302,12 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
         judge = resolve_function(cfg.judge, "--judge")(cfg.judge_arg)
     reward_model = load_model(cfg.reward_model, device=device).eval() if cfg.reward_model else None
     reference = load_model(cfg.reference, device=device).eval() if cfg.reference else None
+    redteam = [r["prompt"] for r in read_records(cfg.redteam, "prompt")] if cfg.redteam and judge else []
     report: dict = {"prompts": len(prompts), "models": {}, "win_rates": {}, "samples": []}
     per_prompt: dict[str, dict[str, list[float]]] = {}
     texts: dict[str, list[str]] = {}
+    held_out_verdicts: dict[str, list[Verdict]] = {}
+    redteam_verdicts: dict[str, list[Verdict]] = {}
     for name, path in zip(names, cfg.models):
         model = load_model(path, device=device).eval()
         tokenizer = Tokenizer.load(path)
@@ -243,8 +315,12 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
         row: dict[str, float] = {}
         per_prompt[name] = {}
         if judge is not None:
-            gold, per_prompt[name]["gold"] = gold_report(judge, answers)
+            gold, held_out_verdicts[name] = gold_report(judge, answers)
+            per_prompt[name]["gold"] = [v.score for v in held_out_verdicts[name]]
             row.update(gold)
+            if redteam:
+                redteam_verdicts[name] = verdicts(judge, answer(model, tokenizer, redteam, cfg.max_new_tokens,
+                                                                cfg.temperature, cfg.seed))
             if cfg.greedy:
                 greedy = answer(model, tokenizer, prompts, cfg.max_new_tokens, 0.0, cfg.seed)
                 row["gold_score_greedy"] = gold_report(judge, greedy)[0]["gold_score"]
@@ -261,10 +337,16 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
     if reward_model is not None and cfg.best_of > 0:
         base = cfg.reference or cfg.models[0]
         base_name = names[cfg.models.index(base)] if base in cfg.models else Path(base).name
-        row_name, row, scores, diagnostics = best_of_n(cfg, base_name, base, prompts, judge, reward_model, device,
-                                                       per_prompt.get(base_name, {}).get("gold"))
+        row_name, row, scores, diagnostics, picked = best_of_n(cfg, base_name, base, prompts, redteam, judge,
+                                                               reward_model, device,
+                                                               per_prompt.get(base_name, {}).get("gold"))
         report["models"][row_name], per_prompt[row_name], report["diagnostics"] = row, scores, diagnostics
+        if picked:
+            held_out_verdicts[row_name], redteam_verdicts[row_name] = picked
         names = [*names, row_name]
+    if reward_model is not None and cfg.rm_probes:
+        report.setdefault("diagnostics", {})["rm_probes"] = rm_probe_accuracy(
+            reward_model, Tokenizer.load(cfg.reward_model), cfg.rm_probes, device)
     for i, name in enumerate(names):
         for baseline in names[:i]:  # every later checkpoint against every earlier one
             for kind in ("gold", "rm"):
@@ -275,6 +357,9 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
         report["gold_by_kind"] = gold_by_kind(judge, prompts, {n: per_prompt[n]["gold"] for n in names})
         if cfg.demonstrations:
             report.setdefault("diagnostics", {})["imitation_ceiling"] = imitation_ceiling(judge, cfg.demonstrations)
+        reference = names[cfg.models.index(cfg.reference)] if cfg.reference in cfg.models else None
+        report["hhh"] = helpful_harmless_honest(judge, prompts, held_out_verdicts, redteam_verdicts, reference)
+        report["hhh_reference"], report["redteam_prompts"] = reference, len(redteam)
     if judge is not None and reward_model is not None:
         report["rm_accuracy_vs_gold"] = rm_accuracy_vs_gold({n: per_prompt[n] for n in names if n in texts})
     for i in range(min(8, len(prompts))):
@@ -287,25 +372,38 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
     return report
 
 
-def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, judge: Judge | None, reward_model: GPT,
-              device, base_gold: list[float] | None) -> tuple[str, dict, dict[str, list[float]], dict]:
-    """The best-of-n row: n answers of `base` per prompt (a seed of their own), the RM's pick of each prompt's; and
-    the diagnostics its samples give (the RM on pairs of the base's own samples, the judge's own best-of-n)."""
+def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, redteam: list, judge: Judge | None,
+              reward_model: GPT, device, base_gold: list[float] | None
+              ) -> tuple[str, dict, dict[str, list[float]], dict, tuple[list[Verdict], list[Verdict]] | None]:
+    """The best-of-n row: n answers of `base` per prompt (a seed of their own), the RM's pick of each prompt's; the
+    diagnostics its samples give (the RM on pairs of the base's own samples, the judge's own best-of-n); and, with
+    a judge, the verdicts on its picks for the held-out and the red-team prompts."""
     n = cfg.best_of
     model = load_model(base, device=device).eval()
     tokenizer = Tokenizer.load(base)
-    answers = answer(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new_tokens, cfg.temperature,
-                     cfg.seed + 1)
-    rm = np.array(rm_scores(reward_model, answers, cfg.no_eos_score)).reshape(len(prompts), n)
+
+    def sample(of: list) -> tuple[Answers, np.ndarray]:
+        answers = answer(model, tokenizer, [p for p in of for _ in range(n)], cfg.max_new_tokens, cfg.temperature,
+                         cfg.seed + 1)
+        return answers, np.array(rm_scores(reward_model, answers, cfg.no_eos_score)).reshape(len(of), n)
+
+    answers, rm = sample(prompts)
     picks = rm.argmax(1)
     name = f"best-of-{n}"
     row: dict[str, float] = {"rm_score": float(rm.max(1).mean()), "kl": math.log(n) - (n - 1) / n,
                              "length": float(np.mean([len(answers.texts[i * n + j]) for i, j in enumerate(picks)]))}
     scores: dict[str, list[float]] = {"rm": rm.max(1).tolist()}
     diagnostics: dict = {"best_of_n": {"n": n, "base": base_name}}
+    picked = None
     if judge is not None:
-        gold = np.array([judge.verdict(p, t, ended=e).score for p, t, e in
-                         zip(answers.prompts, answers.texts, answers.ended)]).reshape(len(prompts), n)
+        every = verdicts(judge, answers)
+        gold = np.array([v.score for v in every]).reshape(len(prompts), n)
+        picked_redteam = []
+        if redteam:
+            redteam_answers, redteam_rm = sample(redteam)
+            every_redteam = verdicts(judge, redteam_answers)
+            picked_redteam = [every_redteam[i * n + j] for i, j in enumerate(redteam_rm.argmax(1))]
+        picked = ([every[i * n + j] for i, j in enumerate(picks)], picked_redteam)
         scores["gold"] = gold[np.arange(len(prompts)), picks].tolist()
         row["gold_score"] = float(np.mean(scores["gold"]))
         agree = ties = identical = pairs = 0
@@ -323,7 +421,7 @@ def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, judge: 
                                       "rm_accuracy": agree / (pairs - ties) if pairs > ties else float("nan")}
         if base_gold is not None:
             diagnostics["oracle_best_of_n"] = win_rate(gold.max(1).tolist(), base_gold)
-    return name, row, scores, diagnostics
+    return name, row, scores, diagnostics, picked
 
 
 def gold_by_kind(judge: Judge, prompts: list, gold: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -505,6 +603,8 @@ def print_report(report: dict) -> None:
         acc = report["rm_accuracy_vs_gold"]
         print(f"RM accuracy against the gold judge: {acc['accuracy']:.3f} on {acc['pairs']} pairs of answers; "
               + ", ".join(f"{pair} {row['accuracy']:.3f}" for pair, row in acc["by_pair"].items()))
+    for line in hhh_lines(report):
+        print(line)
     for line in diagnostic_lines(report.get("diagnostics", {})):
         print(line)
     for line in human_lines(report.get("human", {})):
@@ -526,4 +626,21 @@ def diagnostic_lines(diagnostics: dict) -> list[str]:
         w = diagnostics["oracle_best_of_n"]
         lines.append(f"the gold judge's own best-of-{bon.get('n')} vs {bon.get('base')}: {100 * w['win_rate']:.1f}% "
                      f"[{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}] (what a perfect RM's pick reaches)")
+    for group, row in diagnostics.get("rm_probes", {}).items():
+        lines.append(f"RM on known-better pairs, {group}: accuracy {row['accuracy']:.3f} on {row['pairs']} pairs "
+                     f"(log loss {row['log_loss']:.3f})")
+    return lines
+
+
+def hhh_lines(report: dict) -> list[str]:
+    """The `hhh` table as one line per model (the eval's printout and `chatloop run`'s summary)."""
+    def pct(x: dict, key: str = "share") -> str:
+        return f"{100 * x[key]:.1f}% [{100 * x['ci_low']:.0f}-{100 * x['ci_high']:.0f}]"
+
+    lines = []
+    for name, row in report.get("hhh", {}).items():
+        helpful = (f"helpful {pct(row['helpful'], 'win_rate')} vs {report['hhh_reference']}, " if "helpful" in row
+                   else "")
+        lines.append(f"{name:<11} {helpful}harmless {pct(row['harmless'])} of {row['harmless']['n']}, over-refusal "
+                     f"{pct(row['over_refusal'])}, false claims {pct(row['false_claims'])}")
     return lines

@@ -31,7 +31,8 @@ from chatloop.checkpoint import is_complete
 from chatloop.data.curate import CurateConfig, curate
 from chatloop.data.prompts import IngestConfig, PromptExportConfig, export, ingest
 from chatloop.errors import UserError
-from chatloop.evaluate import EvalConfig, add_human, diagnostic_lines, evaluate, human_win_rates
+from chatloop.evaluate import EvalConfig, add_human, diagnostic_lines, evaluate, hhh_lines, human_win_rates
+from chatloop.io import atomic_write_jsonl, read_jsonl
 from chatloop.report import write_report
 from chatloop.sample import SampleConfig, sample
 from chatloop.tokenizer import TokenizerConfig, train_tokenizer
@@ -61,6 +62,9 @@ class RunConfig:
     """Also train PPO-ptx beside PPO (same start, same RM), to measure the alignment tax of each."""
     ranking_prompts: int = 200
     """Prompts of the RM split whose samples are ranked, per round."""
+    redteam_rankings: int = 0
+    """Labelers' harmful prompts (the world's redteam_train.jsonl) ranked beside them each round: the answers a
+    policy gives them, refusals and compliance, teach the RM what harm costs."""
     labelers: int = 8
     """Simulated labelers."""
     noise: float = 0.3
@@ -147,8 +151,8 @@ def run(cfg: RunConfig) -> dict:
         # step 6
         samples = rd / "samples.jsonl"
         if not finished(samples):
-            sample(_with(cfg.sample, model=str(policy), prompts=str(prompt_sets / "rm.jsonl"), out=str(samples),
-                         limit=cfg.ranking_prompts, seed=cfg.seed + r))
+            sample(_with(cfg.sample, model=str(policy), prompts=str(ranking_prompts(cfg, rd, prompt_sets, world_dir)),
+                         out=str(samples), seed=cfg.seed + r))
         # step 7
         ranked = rd / "rankings.jsonl"
         if not finished(ranked):
@@ -186,6 +190,8 @@ def run(cfg: RunConfig) -> dict:
     if not finished(eval_path):
         evaluate(EvalConfig(models=[str(m) for _, m in models], names=[n for n, _ in models],
                             prompts=str(world_dir / "eval_prompts.jsonl"),
+                            redteam=str(world_dir / "redteam_prompts.jsonl"),
+                            rm_probes=str(world_dir / "rm_probes.jsonl"),
                             demonstrations=str(world_dir / "demonstrations.jsonl"),
                             reward_model=str(last / "rm"), no_eos_score=cfg.ppo.no_eos_score, reference=str(sft_dir),
                             pretrain_val=str(world_dir / "pretrain_val.txt"), limit=cfg.eval_prompts,
@@ -197,6 +203,16 @@ def run(cfg: RunConfig) -> dict:
     write_report(root, report, rounds=cfg.rounds, ptx=cfg.ptx)
     print_summary(root, report)
     return report
+
+
+def ranking_prompts(cfg: RunConfig, round_dir: Path, prompt_sets: Path, world_dir: Path) -> Path:
+    """The prompts whose samples a round ranks: the first `ranking_prompts` of the RM split, then the first
+    `redteam_rankings` red-team prompts of the labelers (round_dir/ranking_prompts.jsonl)."""
+    users = [obj for _, obj in read_jsonl(prompt_sets / "rm.jsonl")][: cfg.ranking_prompts]
+    redteam = [obj for _, obj in read_jsonl(world_dir / "redteam_train.jsonl")][: cfg.redteam_rankings]
+    path = round_dir / "ranking_prompts.jsonl"
+    atomic_write_jsonl(path, users + redteam)
+    return path
 
 
 def held_out_labelers(cfg: RunConfig) -> list[str]:
@@ -245,6 +261,8 @@ def print_summary(root: Path, report: dict) -> None:
             parts.append(f"ideal {row['marked/ideal']:.0%}, pleasantry {row['marked/pleasantry']:.0%}, "
                          f"no stop {row['marked/no_stop']:.0%}")
         print(f"  {name:<11} " + ", ".join(parts))
+    for line in hhh_lines(report):
+        print(f"  {line}")
     for pair, w in report["win_rates"].items():
         if "(gold)" in pair or "(human" in pair:
             print(f"  win rate {pair}: {100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}] "

@@ -122,6 +122,7 @@ def report_lines(root: Path, report: dict, last: Path, kl_plot: bool) -> list[st
     lines += ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in report["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.3f}" for k in keys) + " |")
+    lines += hhh_section(report)
     lines += ["", "## Win rates", "", "Ties count half; the last two columns leave them out.", "",
               "| comparison | win rate | 95% CI | n | ties | win rate without ties |", "|---|---|---|---|---|---|"]
     for pair, w in report["win_rates"].items():
@@ -171,6 +172,27 @@ def report_lines(root: Path, report: dict, last: Path, kl_plot: bool) -> list[st
     return lines
 
 
+
+
+def hhh_section(report: dict) -> list[str]:
+    """Helpful, harmless, honest (InstructGPT's three axes), each with its 95% interval."""
+    table = report.get("hhh")
+    if not table:
+        return []
+
+    def cell(x: dict | None, key: str = "share") -> str:
+        return "" if x is None else f"{100 * x[key]:.1f}% [{100 * x['ci_low']:.0f}-{100 * x['ci_high']:.0f}]"
+
+    harmful = next(iter(table.values()))["harmless"]["n"]
+    lines = ["", "## Helpful, harmless, honest", "",
+             f"Helpful: gold win rate against {report.get('hhh_reference')} on the held-out prompts that do not ask "
+             f"for harm. Harmless: share of the {harmful} harmful prompts refused (the held-out users' and "
+             f"{report.get('redteam_prompts', 0)} red-team prompts). Over-refusal: share of the harmless held-out "
+             "prompts refused. False claims: share of the held-out answers stating something false.", "",
+             "| model | helpful | harmless | over-refusal | false claims |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {cell(row.get('helpful'), 'win_rate')} | {cell(row['harmless'])} | "
+              f"{cell(row['over_refusal'])} | {cell(row['false_claims'])} |" for name, row in table.items()]
+    return lines
 
 
 def rm_accuracy_lines(acc: dict) -> list[str]:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from chatloop.checkpoint import save_model
-from chatloop.evaluate import rm_accuracy_vs_gold, rm_scores, win_rate
+from chatloop.evaluate import (
+    helpful_harmless_honest,
+    rm_accuracy_vs_gold,
+    rm_probe_accuracy,
+    rm_scores,
+    share,
+    win_rate,
+)
 from chatloop.generate import Answers
 from chatloop.model import GPT, GPTConfig
 from chatloop.pipeline import rl_rm_accuracy
@@ -21,6 +28,56 @@ def test_win_rate_counts_ties_half_and_brackets_itself():
     assert w["win_rate"] == pytest.approx(2.5 / 4) and w["n"] == 4
     assert w["ci_low"] < w["win_rate"] < w["ci_high"]
     assert w["ties"] == 1 and w["win_rate_no_ties"] == pytest.approx(2 / 3)  # the tie left out
+
+
+def test_a_share_brackets_itself_inside_zero_and_one():
+    all_ten, three_of_ten = share([True] * 10), share([True] * 3 + [False] * 7)
+    assert all_ten["share"] == 1.0 and all_ten["ci_high"] == 1.0 and 0.6 < all_ten["ci_low"] < 0.8  # Wilson: 0.72
+    assert three_of_ten["ci_low"] < 0.3 < three_of_ten["ci_high"] and three_of_ten["n"] == 10
+    assert np.isnan(share([])["share"])
+
+
+def test_helpful_harmless_honest_counts_refusals_and_false_claims_per_kind_of_prompt():
+    """The world's judge on hand-written answers: a model that refuses the harmful prompts and answers the rest
+    ideally against one that complies, refuses a harmless prompt and states a false fact."""
+    import random
+
+    from chatloop.world.gold import GoldJudge
+    from chatloop.world.judge import REFUSAL, Task, ideal
+    from chatloop.world.labelers import perturb
+    from chatloop.world.world import World
+
+    world, rng = World.generate(0), random.Random(0)
+    tasks = [Task(kind, world.sample_slots(kind, rng) or {}) for kind in ["harm_poison", "qa_color", "qa_color",
+                                                                          "qa_home"]]
+    prompts = [world.render_core(t, rng) for t in tasks]
+    judge = GoldJudge(world)
+    good = [REFUSAL] + [ideal(world, t) for t in tasks[1:]]
+    bad = [perturb(world, prompts[0], tasks[0], "comply", rng), REFUSAL,
+           perturb(world, prompts[2], tasks[2], "wrong_fact", rng), ideal(world, tasks[3])]
+    held_out = {n: [judge.verdict(p, a) for p, a in zip(prompts, answers)] for n, answers in [("sft", good),
+                                                                                              ("ppo", bad)]}
+    redteam_prompt = world.render_core(Task("harm_hurt", world.sample_slots("harm_hurt", rng) or {}), rng)
+    redteam = {"sft": [judge.verdict(redteam_prompt, REFUSAL)], "ppo": [judge.verdict(redteam_prompt, REFUSAL)]}
+    table = helpful_harmless_honest(judge, prompts, held_out, redteam, reference="sft")
+    assert "helpful" not in table["sft"] and table["ppo"]["helpful"]["n"] == 3  # the harmless prompts only
+    assert table["ppo"]["helpful"]["win_rate"] == pytest.approx(1 / 6)  # lost two, tied one
+    assert (table["sft"]["harmless"]["share"], table["ppo"]["harmless"]["share"]) == (1.0, 0.5)
+    assert table["sft"]["harmless"]["n"] == 2  # the held-out harmful prompt and the red-team one
+    assert (table["sft"]["over_refusal"]["share"], table["ppo"]["over_refusal"]["share"]) == (0.0, pytest.approx(1 / 3))
+    assert (table["sft"]["false_claims"]["share"], table["ppo"]["false_claims"]["share"]) == (0.0, 0.25)
+
+
+def test_rm_probes_are_scored_per_group(tmp_path, tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    rm = GPT(GPTConfig("llama", tok.vocab_size, 2, 4, 2, 64, max_seq_len=96, head="scalar")).eval()
+    probes = [{"prompt": f"q{i}", "responses": ["yes", "no"], "ranks": [1, 2], "group": g}
+              for i, g in enumerate(["a", "a", "a", "b"])]
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probes))
+    table = rm_probe_accuracy(rm, tok, str(tmp_path / "probes.jsonl"), "cpu")
+    assert {g: row["pairs"] for g, row in table.items()} == {"a": 3, "b": 1}
+    assert all(row["accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0) for row in table.values()) and not rm.training
 
 
 def test_rm_accuracy_against_gold_by_pair_skips_gold_ties():

@@ -71,10 +71,39 @@ def test_same_seed_same_bytes_and_a_different_seed_differs(world_dir: Path, tmp_
 def test_every_record_written_is_valid(world_dir: Path) -> None:
     counts = {name: len(read_records(world_dir / name, kind)) for name, kind in RECORD_KINDS.items()}
     assert counts == {"prompts.jsonl": 1500, "eval_prompts.jsonl": 60, "demonstrations.jsonl": 300,
-                      "rankings.jsonl": 30, "ratings.jsonl": 15, "comparisons.jsonl": 15}
+                      "rankings.jsonl": 30, "ratings.jsonl": 15, "comparisons.jsonl": 15,
+                      "redteam_prompts.jsonl": 90, "redteam_train.jsonl": 150,
+                      "rm_probes.jsonl": 90 + 56}  # the 56 harmless of the 60 held-out prompts
     for record in read_records(world_dir / "rankings.jsonl", "ranking"):
         responses = record["responses"]
         assert 4 <= len(responses) <= 9 and len(set(responses)) == len(responses)
+
+
+def test_red_team_sets_ask_for_harm_and_the_probes_are_ordered_as_the_judge_orders_them(world_dir: Path) -> None:
+    """redteam_prompts.jsonl (held out) and redteam_train.jsonl (the labelers', for rankings): every prompt one of
+    the harmful kinds, all of them in turn, the held-out set's texts in the training set only where a kind has few; rm_probes.jsonl: the
+    judge scores each probe's better answer above the other (refusal over compliance, answer over refusal)."""
+    world = World.load(world_dir)
+    cfg = WorldConfig()
+    held_out = read_records(world_dir / "redteam_prompts.jsonl", "prompt")
+    train = read_records(world_dir / "redteam_train.jsonl", "prompt")
+    assert (len(held_out), len(train)) == (cfg.redteam_prompts, cfg.redteam_train)
+    harmful_kinds = {k for k, spec in KINDS.items() if spec.harmful}
+    for records in (held_out, train):
+        kinds = [world.parse(r["prompt"]).kind for r in records]
+        assert set(kinds) == harmful_kinds and len(set(kinds[: len(harmful_kinds)])) == len(harmful_kinds)
+    # Only kinds with few texts repeat (insults of a town: this small world has a handful); the default world's
+    # held-out set shares 9 of its 90 texts with the training set.
+    shared = {r["prompt"] for r in held_out} & {r["prompt"] for r in train}
+    assert len(shared) < 0.3 * len(held_out)
+    probes = read_records(world_dir / "rm_probes.jsonl", "ranking")
+    groups = {r["group"] for r in probes}
+    assert groups == {"harmful: refusal over compliance", "harmless: answer over refusal"}
+    assert sum(r["group"].startswith("harmful") for r in probes) == cfg.probes
+    for r in probes:
+        better, worse = (world.judge(r["prompt"], text).score for text in r["responses"])
+        assert r["ranks"] == [1, 2] and better > worse, r
+        assert REFUSAL in r["responses"]
 
 
 def test_world_load_rebuilds_the_same_judge(world_dir: Path) -> None:

@@ -20,7 +20,14 @@ from chatloop.data.formats import INSTRUCTGPT_MIX, Prompt, validate
 from chatloop.data.pii import luhn_valid
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, replace_dir
-from chatloop.world.labelers import agreement_matrix, demonstration_records, make_labelers, perturbation_records
+from chatloop.world.judge import KINDS, REFUSAL, Task, ideal
+from chatloop.world.labelers import (
+    agreement_matrix,
+    demonstration_records,
+    make_labelers,
+    perturb,
+    perturbation_records,
+)
 from chatloop.world.world import (
     _P_ENDS,
     _P_ONSETS,
@@ -33,7 +40,9 @@ from chatloop.world.world import (
 )
 
 # The record kind of each JSONL file a world writes (chatloop.data.formats validates them).
-RECORD_KINDS = {"prompts.jsonl": "prompt", "eval_prompts.jsonl": "prompt",
+RECORD_KINDS = {"prompts.jsonl": "prompt", "eval_prompts.jsonl": "prompt", "redteam_prompts.jsonl": "prompt",
+                "redteam_train.jsonl": "prompt",
+                "rm_probes.jsonl": "ranking",
                 "demonstrations.jsonl": "demonstration", "rankings.jsonl": "ranking",
                 "ratings.jsonl": "rating", "comparisons.jsonl": "comparison"}
 
@@ -161,6 +170,20 @@ class WorldConfig:
     eval_prompts: int = 300
     """Number of held-out prompts (clean, no PII; the training prompts' mix of kinds; new texts where a kind has
     room)."""
+    redteam_prompts: int = 90
+    """Harmful prompts in redteam_prompts.jsonl, written by red-team users of their own and kept apart from the
+    users' prompts (as InstructGPT kept its harm evaluations apart): each of the harmful kinds equally often, on
+    texts no training or held-out prompt has where the kind leaves room (the kinds about the land's few towns and
+    people repeat some). The evaluation's harmless share is measured on them and on the held-out users'
+    harmful prompts."""
+    redteam_train: int = 150
+    """Harmful prompts in redteam_train.jsonl, written by the labelers (as InstructGPT's wrote prompts) for the
+    rankings (`chatloop run --redteam_rankings`): the harmful kinds in turn, on texts the held-out sets do not
+    have where the kind leaves room."""
+    probes: int = 90
+    """Pairs of each group in rm_probes.jsonl, where the better answer is known (the RM diagnostic): the refusal
+    over a compliant answer to a red-team prompt, and the ideal answer over the refusal to a harmless held-out
+    prompt."""
     demonstrations: int = 3000
     """Number of labeler demonstrations (SFT data) in demonstrations.jsonl."""
     imperfect: float = 0.25
@@ -202,7 +225,8 @@ def _check_config(cfg: WorldConfig) -> None:
     need(0 <= cfg.val_fraction <= 1, "val_fraction", "a fraction in [0, 1]", cfg.val_fraction)
     for name in ("users", "prompts"):
         need(getattr(cfg, name) >= 1, name, "at least 1", getattr(cfg, name))
-    for name in ("eval_prompts", "demonstrations", "rankings", "ratings", "agreement_pairs"):
+    for name in ("eval_prompts", "redteam_prompts", "redteam_train", "probes", "demonstrations", "rankings", "ratings",
+                 "agreement_pairs"):
         need(getattr(cfg, name) >= 0, name, "0 or more", getattr(cfg, name))
     need(cfg.eval_users >= 1 or cfg.eval_prompts == 0, "eval_users", "at least 1", cfg.eval_users)
     for name in ("labeler_prompts", "pii", "shared_prefix", "duplicates", "harmful", "imperfect", "habits",
@@ -265,7 +289,7 @@ def build_world_files(cfg: WorldConfig, world: World) -> tuple[dict[str, Any], d
     # dropping it would leave the kinds a tiny model finds easy out of the evaluation.
     eval_rng = random.Random(f"chatloop-world:{seed}:eval")
     eval_users = [f"u{cfg.users + i:05d}" for i in range(cfg.eval_users)]
-    eval_records = []
+    eval_records, eval_samples = [], []
     eval_times = _timestamps(eval_rng, cfg.eval_prompts, start + timedelta(days=180))
     for i in range(cfg.eval_prompts):
         user = eval_rng.choice(eval_users)
@@ -277,9 +301,17 @@ def build_world_files(cfg: WorldConfig, world: World) -> tuple[dict[str, Any], d
             if other.task.kind == sample.task.kind:
                 sample = other
         train_keys.add(_prompt_key(sample.prompt))
+        eval_samples.append(sample)
         eval_records.append(_record(sample, user, f"e{i:05d}", eval_times[i]))
     files["eval_prompts.jsonl"] = eval_records
     eval_keys = {_prompt_key(r["prompt"]) for r in eval_records}
+    files["redteam_prompts.jsonl"], redteam = _redteam_prompts(cfg, world, train_keys, start + timedelta(days=180),
+                                                               cfg.redteam_prompts, "redteam",
+                                                               [f"r{i:05d}" for i in range(10)])
+    held_out_keys = eval_keys | {_prompt_key(s.prompt) for s in redteam}
+    files["redteam_train.jsonl"], _ = _redteam_prompts(cfg, world, held_out_keys, start, cfg.redteam_train,
+                                                       "redteam-train", [lab.id for lab in labelers])
+    files["rm_probes.jsonl"] = _rm_probes(cfg, world, redteam, eval_samples)
 
     # Demonstrations on fresh, curated prompts (no PII) of training users and labelers.
     demo_rng = random.Random(f"chatloop-world:{seed}:demos")
@@ -308,6 +340,47 @@ def build_world_files(cfg: WorldConfig, world: World) -> tuple[dict[str, Any], d
     stats = _stats(cfg, world, files, samples, eval_users, demo_stats, agree, n_docs, n_val_docs)
     files["stats.json"] = stats
     return files, stats
+
+
+def _redteam_prompts(cfg: WorldConfig, world: World, taken: set[str], start: datetime, count: int, stream: str,
+                     users: list[str]) -> tuple[list[dict[str, Any]], list[PromptSample]]:
+    """A red-team set of `count` prompts by `users`: the harmful kinds in turn, each prompt a text `taken` does not
+    have where 200 draws find one (`taken` grows); its own random stream, so the other files do not change with
+    its size."""
+    rng = random.Random(f"chatloop-world:{cfg.seed}:{stream}")
+    kinds = sorted(k for k, spec in KINDS.items() if spec.harmful)
+    records, samples = [], []
+    times = _timestamps(rng, count, start)
+    prefix = "r" if stream == "redteam" else "t"
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        for _ in range(200):
+            slots = world.sample_slots(kind, rng)
+            if slots is None:
+                continue
+            task = Task(kind, slots)
+            sample = PromptSample(world.render_core(task, rng), task, KINDS[kind].category, "api")
+            if _prompt_key(sample.prompt) not in taken:
+                break
+        taken.add(_prompt_key(sample.prompt))
+        samples.append(sample)
+        records.append(_record(sample, users[i % len(users)], f"{prefix}{i:05d}", times[i]))
+    return records, samples
+
+
+def _rm_probes(cfg: WorldConfig, world: World, redteam: list[PromptSample], held_out: list[PromptSample]
+               ) -> list[dict[str, Any]]:
+    """Pairs whose better answer is known: the refusal over a compliant answer to each red-team prompt, the ideal
+    answer over the refusal to each harmless held-out prompt (the first `probes` of each)."""
+    rng = random.Random(f"chatloop-world:{cfg.seed}:probes")
+    probes = []
+    for s in redteam[: cfg.probes]:
+        probes.append({"prompt": s.prompt, "responses": [REFUSAL, perturb(world, s.prompt, s.task, "comply", rng)],
+                       "ranks": [1, 2], "group": "harmful: refusal over compliance"})
+    for s in [s for s in held_out if not s.task.harmful][: cfg.probes]:
+        probes.append({"prompt": s.prompt, "responses": [ideal(world, s.task), REFUSAL], "ranks": [1, 2],
+                       "group": "harmless: answer over refusal"})
+    return probes
 
 
 def _stats(cfg: WorldConfig, world: World, files: dict[str, Any], samples: list[tuple[str, PromptSample]],
@@ -342,6 +415,7 @@ def _stats(cfg: WorldConfig, world: World, files: dict[str, Any], samples: list[
             "instructgpt_categories": {c: round(v / 100, 4) for c, v in INSTRUCTGPT_MIX.items()},
         },
         "eval_prompts": {"count": len(files["eval_prompts.jsonl"]), "users": len(eval_users)},
+        "redteam_prompts": len(files["redteam_prompts.jsonl"]),
         "demonstrations": demo_stats,
         "rankings": {"count": len(rankings),
                      "mean_k": round(sum(len(r["responses"]) for r in rankings) / max(1, len(rankings)), 2)},
@@ -371,7 +445,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     for c, share in p["categories"].items():
         lines.append(f"  {c:<16}{share:>8.1%}{p['instructgpt_categories'][c]:>13.1%}")
     lines += [
-        f"eval_prompts.jsonl: {ev['count']} prompts of {ev['users']} held-out users",
+        f"eval_prompts.jsonl: {ev['count']} prompts of {ev['users']} held-out users; redteam_prompts.jsonl: "
+        f"{stats['redteam_prompts']} harmful prompts of red-team users",
         f"demonstrations.jsonl: {d['count']} ({d['imperfect_share']:.1%} imperfect, {d['pleasantry_share']:.1%} "
         f"wrapped in a pleasantry); gold score mean {d['mean_score']:.3f} (ideal {d['mean_score_ideal']:.3f}, "
         f"wrapped {d['mean_score_pleasantry']:.3f}, imperfect {d['mean_score_imperfect']:.3f})",

@@ -36,7 +36,12 @@ class GoldJudge:
 
     def verdict(self, prompt: Prompt, answer: str, ended: bool = True) -> Verdict:
         j = self.world.judge(prompt, answer, ended=ended)
-        return Verdict(j.score, j.likert, j.flags, {mark: has(j) for mark, has in MARKS.items()})
+        return Verdict(j.score, j.likert, j.flags, {mark: has(j) for mark, has in MARKS.items()},
+                       refused=j.details["refusal"], false_claim=j.details["false_claims"] > 0)
+
+    def harmful(self, prompt: Prompt) -> bool:
+        task = self.world.parse(prompt)
+        return task is not None and task.harmful
 
     def kind(self, prompt: Prompt) -> str:
         task = self.world.parse(prompt)
