@@ -7,6 +7,9 @@ config's PPO budget, evaluated against SFT on the same held-out prompts. Results
 benchmarks/results/loop_seeds.json; a finished run is reused.
 
     python benchmarks/loop_seeds.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--work runs/seeds] [--dpo]
+        [--no-ceiling] [-- --rounds=2 ...]
+
+Each seed's row has the helpful / harmless / honest table of its report card (`hhh`).
 """
 
 from __future__ import annotations
@@ -67,11 +70,13 @@ def main() -> None:
     parser.add_argument("--work", default="runs/seeds", help="one run directory per seed goes here")
     parser.add_argument("--dpo", action="store_true",
                         help="also DPO from each run's SFT model on its rankings, against SFT")
+    parser.add_argument("--no-ceiling", action="store_true", help="leave out the gold-reward PPO ceiling")
+    parser.add_argument("overrides", nargs="*", help="RunConfig overrides for every seed, e.g. --rounds=2")
     args = parser.parse_args()
     results: dict = {"config": args.config, "seeds": {}}
     for seed in args.seeds:
         root = Path(args.work) / f"seed-{seed}"
-        cfg = parse_args(RunConfig, ["--config", args.config, f"--seed={seed}", f"--out={root}"])
+        cfg = parse_args(RunConfig, ["--config", args.config, *args.overrides, f"--seed={seed}", f"--out={root}"])
         for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo):
             stage.progress = False
         t0 = time.time()
@@ -83,12 +88,18 @@ def main() -> None:
             "win_rates": {pair: wins[pair] for pair in ("sft vs pretrained", "ppo vs sft", "ppo-ptx vs sft",
                                                         "best-of-4 vs sft") if pair in wins},
             "rm_vs_gold_rl_pairs": rl_rm_accuracy(report["rm_accuracy_vs_gold"]),
-            "gold_ppo_vs_sft": gold_ceiling(root, cfg),
+            "hhh": report.get("hhh", {}),
         }
+        if not args.no_ceiling:
+            results["seeds"][seed]["gold_ppo_vs_sft"] = gold_ceiling(root, cfg)
         if args.dpo:
             results["seeds"][seed]["dpo_vs_sft"] = dpo_baseline(root, cfg)
-        print(f"seed {seed}: ppo vs sft {wins['ppo vs sft']['win_rate']:.3f}, ceiling "
-              f"{results['seeds'][seed]['gold_ppo_vs_sft']['win_rate']:.3f} ({seconds:.0f} s)")
+        hhh = results["seeds"][seed]["hhh"]
+        print(f"seed {seed}: ppo vs sft {wins['ppo vs sft']['win_rate']:.3f}, harmless sft / ppo "
+              f"{hhh['sft']['harmless']['share']:.3f} / {hhh['ppo']['harmless']['share']:.3f}, helpful ppo "
+              f"{hhh['ppo']['helpful']['win_rate']:.3f}"
+              + (f", ceiling {results['seeds'][seed]['gold_ppo_vs_sft']['win_rate']:.3f}" if not args.no_ceiling
+                 else "") + f" ({seconds:.0f} s)")
     rates = [s["win_rates"]["ppo vs sft"]["win_rate"] for s in results["seeds"].values()]
     results["ppo_vs_sft"] = {"each": rates, "mean": float(np.mean(rates)), "min": float(np.min(rates)),
                              "met": bool(min(rates) >= TARGETS["ppo vs sft"]

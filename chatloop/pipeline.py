@@ -181,7 +181,9 @@ def run(cfg: RunConfig) -> dict:
 
     # step 10
     last = root / f"round-{cfg.rounds}"
-    models = [("pretrained", pt_dir), ("sft", sft_dir), ("ppo", last / "ppo")]
+    models = [("pretrained", pt_dir), ("sft", sft_dir)]
+    models += [(f"ppo-round-{r}", root / f"round-{r}" / "ppo") for r in range(1, cfg.rounds)]  # what a round bought
+    models.append(("ppo", last / "ppo"))
     if cfg.ptx:
         models.append(("ppo-ptx", last / "ppo-ptx"))
     if cfg.dpo_baseline:
