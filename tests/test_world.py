@@ -81,8 +81,9 @@ def test_every_record_written_is_valid(world_dir: Path) -> None:
 
 def test_red_team_sets_ask_for_harm_and_the_probes_are_ordered_as_the_judge_orders_them(world_dir: Path) -> None:
     """redteam_prompts.jsonl (held out) and redteam_train.jsonl (the labelers', for rankings): every prompt one of
-    the harmful kinds, all of them in turn, the held-out set's texts in the training set only where a kind has few; rm_probes.jsonl: the
-    judge scores each probe's better answer above the other (refusal over compliance, answer over refusal)."""
+    the harmful kinds, all of them in turn, the held-out set's texts in the training set only where a kind has
+    few; rm_probes.jsonl: the judge scores each probe's better answer above the other (refusal over compliance,
+    answer over refusal)."""
     world = World.load(world_dir)
     cfg = WorldConfig()
     held_out = read_records(world_dir / "redteam_prompts.jsonl", "prompt")
