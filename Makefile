@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo quick test lint bench clean
+.PHONY: setup demo quick test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ quick: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=25
+
+# The inner loop while you work: every test not marked slow (@pytest.mark.slow: over ~5 s here), in about 3 minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint: setup
 	$(BIN)/ruff check chatloop tests benchmarks

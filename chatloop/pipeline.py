@@ -10,14 +10,16 @@ finished, `finished`):
   5. prompts     the users' raw prompts through the prompt store (prompts.db): curated (long shared prefixes,
                  200 per user, PII, split by user) and exported to prompt_sets/ (disjoint RM and PPO sets)
   then for each round r = 1..rounds (round-r/):
-  6. sample      K = k_min..k_max answers per ranking prompt, from SFT (round 1) or the newest policy
+  6. sample      K = k_min..k_max answers per ranking prompt (the RM split's, and `redteam_rankings` of the
+                 labelers' harmful prompts), from SFT (round 1) or the newest policy
   7. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
   8. rm          reward model from all rankings so far, starting from SFT (with held_out_labelers: never on
                  those labelers' rankings, and its accuracy on them)
   9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it; with `dpo_baseline`,
                  DPO from SFT on all rankings so far (no RM, no sampling): the baseline people compare PPO with
- 10. eval        pretrained vs SFT vs PPO vs PPO-ptx (vs DPO) on held-out users' prompts, and best-of-4 by the RM;
-                 report.md with plots
+ 10. eval        pretrained vs SFT vs (earlier rounds' PPO) vs PPO vs PPO-ptx (vs DPO) on held-out users' prompts,
+                 and best-of-4 by the RM; helpful / harmless / honest with the red-team prompts, the RM on known-better
+                 pairs; report.md with plots
 """
 
 from __future__ import annotations

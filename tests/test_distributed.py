@@ -80,6 +80,7 @@ def pretrain_one_step(tmp_path_factory, tokenizer_dir, corpus_file):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_one_pretrain_step_on_two_processes_equals_one_process(tmp_path, tokenizer_dir, corpus_file,
                                                                pretrain_one_step, parallel):
     one, start = pretrain_one_step
@@ -110,6 +111,7 @@ def proc_state(proc_dir: Path) -> str | None:
     return fields[0] if fields else None
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp_path, tokenizer_dir, corpus_file):
     common = ["--max_steps=30", "--save_every=4", "--log_every=1", "--keep_states=10"]
     reference = tmp_path / "reference"
@@ -153,6 +155,7 @@ def test_two_fsdp_processes_killed_then_resumed_by_one_continue_the_same_run(tmp
 
 # ---------------------------------------------------------------- SFT, RM, PPO
 
+@pytest.mark.slow
 def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, models):
     root = models
     args = ["sft", f"--model={root / 'base'}", f"--data={root / 'demos.jsonl'}", "--seq_len=64", "--epochs=1",
@@ -164,6 +167,7 @@ def test_one_sft_step_on_two_processes_equals_one_process(tmp_path, models):
 
 
 @pytest.mark.parametrize("members", [1, 2])
+@pytest.mark.slow
 def test_one_rm_step_on_two_processes_equals_one_process(tmp_path, models, members):
     """With 2 members under FSDP: each member's step sharded, then their weights averaged shard by shard."""
     root = models
@@ -195,6 +199,7 @@ def ppo_one_process(tmp_path_factory, models, corpus_file):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_one_ppo_iteration_on_two_processes_equals_one_process(tmp_path, models, corpus_file, ppo_one_process,
                                                                parallel):
     """Rollouts are spread over the ranks, then gathered; whitening, KL and scores are over all of them.

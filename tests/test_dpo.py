@@ -149,6 +149,7 @@ def dpo_args(root, out, *extra, precision="fp32"):
             "--batch_size=8", "--lr=1e-3", f"--precision={precision}", "--progress=false", f"--out={out}", *extra]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_dpo_then_the_same_command_finishes_like_an_uninterrupted_run(tmp_path, models):
     common = ["--epochs=2", "--save_every=3", "--log_every=1"]
     reference = tmp_path / "reference"
@@ -197,6 +198,7 @@ def test_training_on_a_simple_preference_raises_reward_accuracy(tmp_path, models
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_one_dpo_step_on_two_processes_equals_one_process(tmp_path, models, parallel):
     args = dpo_args(models, tmp_path / "one", "--max_steps=1", "--batch_size=3", "--grad_accum=2",
                     "--val_fraction=0.25")

@@ -104,6 +104,7 @@ def test_rm_scores_are_the_reward_ppo_optimizes():
     assert rm_scores(rm, answers, no_eos_score=-7.0) == [raw[0], -7.0, raw[2], -7.0]
 
 
+@pytest.mark.slow
 def test_eval_takes_the_gold_judge_it_is_given_by_name(tmp_path, tokenizer_dir):
     """`chatloop eval --judge=module:function --judge_arg=ARG`: the world's judge is a plug-in evaluation loads by
     name; its verdicts give the gold rows, its marks the "why" columns, its kinds the per-kind table."""

@@ -171,6 +171,7 @@ def test_unsupported_architecture_quantization_and_tokenizer_are_named(tmp_path,
     assert result.returncode == 2 and "not a GGUF file" in result.stderr
 
 
+@pytest.mark.slow
 def test_hf_directory_with_chat_template_jinja_imports_and_chats(tmp_path, tokenizer_dir):
     """What current transformers writes: the template in chat_template.jinja, not in tokenizer_config.json."""
     tok = Tokenizer.load(tokenizer_dir)
@@ -231,6 +232,7 @@ def smollm2(tmp_path_factory) -> Iterator[Path]:
     shutil.rmtree(out.parent)  # 0.5 GB: not kept past the module, like every passing test's tmp_path
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_and_it_answers_paris(smollm2):
     src = smollm2_path()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
@@ -292,6 +294,7 @@ def write_data(root: Path) -> None:
     (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
 
 
+@pytest.mark.slow
 def test_one_sft_step_rm_step_and_ppo_iteration_on_smollm2(smollm2, tmp_path):
     write_data(tmp_path)
     common = ["--progress=false", "--log_every=1", FP32]
@@ -346,6 +349,7 @@ def resume_args(stage: str, root: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("stage, loss_key", [("sft", "train/loss"), ("rm", "train/loss"), ("ppo", "loss/policy")])
+@pytest.mark.slow
 def test_kill_9_mid_stage_on_smollm2_then_the_same_command_finishes_like_an_uninterrupted_run(
         smollm2_2_layers, tmp_path, stage, loss_key):
     from tests.conftest import cli_command, kill_when, metric_rows

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from chatloop.labeling.secret import load_secret
 from chatloop.labeling.store import LabelStore
@@ -38,6 +39,7 @@ def start(db: Path, secret: Path, port: int) -> subprocess.Popen:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill_9_twice_under_load_loses_and_duplicates_no_acknowledged_label(tmp_path):
     db, secret = tmp_path / "label.db", tmp_path / "label.secret"
     store = LabelStore(str(db), load_secret(secret))

@@ -100,6 +100,7 @@ print(bool(torch.equal(first, again)), float((first - again).abs().max()))
 """
 
 
+@pytest.mark.slow
 def test_a_process_first_rope_tables_are_as_exact_as_its_later_ones():
     """MKL's vector math, first used from two threads at once, now and then ran at low accuracy on one of them
     (cos off by up to 1.5e-4 in 4 of 30 processes), so identical fp32 trainings drifted apart; resolve_device sets

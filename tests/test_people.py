@@ -62,6 +62,7 @@ def people(tmp_path_factory, tokenizer_dir):
     return root, world
 
 
+@pytest.mark.slow
 def test_the_human_path_from_screening_to_human_win_rates_on_the_simulated_world(people):
     root, world = people
     db, secret = root / "label.db", root / "label.secret"

@@ -26,6 +26,7 @@ SHORT = [
 DPO = ["--dpo_baseline", "--dpo.progress=false", "--dpo.lr=1e-4"]  # DPO beside PPO, as a baseline
 
 
+@pytest.mark.slow
 def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", f"--out={out}", *SHORT, *DPO, "--held_out_labelers=2", timeout=600)
@@ -85,6 +86,7 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     assert "| ppo vs sft (human) | 0.625 |" in card and "| ppo vs sft | A/B | ann | 0.625 |" in card
 
 
+@pytest.mark.slow
 def test_kill_9_in_every_training_stage_then_the_same_command_ends_with_the_same_report(tmp_path):
     """SIGKILL once inside each training stage (after its first saved state), rerunning the same command each
     time: the final evaluation equals an uninterrupted run's."""

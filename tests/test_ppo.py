@@ -180,6 +180,7 @@ def test_length_chunks_give_every_row_the_results_of_the_whole_padded_batch(tiny
     assert whole_scores.std() > 1e-3  # a random head: the scores differ between rows
 
 
+@pytest.mark.slow
 def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward(tiny_rl, tmp_path):
     root, tok = tiny_rl
     out = tmp_path / "ppo"
@@ -208,6 +209,7 @@ def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward
     assert not any(k.startswith(("value/", "loss/value")) for row in rows for k in row)
 
 
+@pytest.mark.slow
 def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     """--reward_fn=chatloop.world.gold:gold_reward: each episode's score is reward_scale x the judge's score of its
     own prompt and response."""
@@ -265,6 +267,7 @@ def test_gold_reward_scores_each_response_by_the_world_judge(tiny_rl, tmp_path):
     assert unknown.returncode == 2 and "--reward_fn=chatloop.world.gold:no_such_reward" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_run_penalises_with_the_kl_coef_it_is_given(tiny_rl, tmp_path):
     """With adaptive KL off the coefficient is config, not state: a run resumed with another --kl_coef penalises
     with that one and logs it (the saved coefficient is the adaptive controller's)."""

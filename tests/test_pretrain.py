@@ -38,6 +38,7 @@ def test_pretraining_learns_and_writes_a_complete_checkpoint(tmp_path, tokenizer
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_continues_with_the_same_batches_and_losses(tmp_path, tokenizer_dir,
                                                                                   corpus_file):
     common = ["--max_steps=60", "--save_every=7", "--log_every=1", "--eval_every=1000", FP32]
@@ -97,6 +98,7 @@ def test_a_checkpoint_missing_a_file_is_a_clear_error(tmp_path, tokenizer_dir, c
     assert result.returncode == 2 and "no model.safetensors" in result.stderr
 
 
+@pytest.mark.slow
 def test_generate_prints_samples_reproducibly(tmp_path, tokenizer_dir, corpus_file):
     out = tmp_path / "pt"
     assert run_cli(*pretrain_args(tokenizer_dir, corpus_file, out, "--max_steps=40")).returncode == 0

@@ -53,6 +53,7 @@ def stage_args(stage: str, root: Path, out: Path) -> list[str]:
 
 @pytest.mark.parametrize("stage, loss_key", [("sft", "train/loss"), ("rm", "train/loss"), ("ppo", "loss/policy"),
                                              ("ppo-no-critic", "loss/policy")])
+@pytest.mark.slow
 def test_kill_9_mid_stage_then_the_same_command_finishes_like_an_uninterrupted_run(tmp_path, models, stage,
                                                                                     loss_key):
     reference = tmp_path / "reference"

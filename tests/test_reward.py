@@ -160,6 +160,7 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     assert raw + rm.reward_bias == pytest.approx(scores[0].item(), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_members_train_apart_and_are_averaged_weight_by_weight(tmp_path, tokenizer_dir):
     """--members 2: two reward models (their own head initialisation and data order) whose weights, averaged, are
     the saved model's (the head's times the normalising gain); the average still learns the rule."""
@@ -188,6 +189,7 @@ def test_members_train_apart_and_are_averaged_weight_by_weight(tmp_path, tokeniz
     assert all(torch.equal(final[k], load_model(out).state_dict()[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_val_data_is_used_as_given_and_skip_invalid_still_splits(tmp_path, tokenizer_dir):
     tok = Tokenizer.load(tokenizer_dir)
     base = tmp_path / "base"

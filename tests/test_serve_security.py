@@ -65,6 +65,7 @@ def fuzz(live: LiveServer, path: str, bases: list[dict], seed: int) -> Counter:
     return statuses
 
 
+@pytest.mark.slow
 def test_fuzzed_chat_completions_get_4xx_and_never_500(live):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Where is the fox?"}]}]
     statuses = fuzz(live, "/v1/chat/completions", [
@@ -76,6 +77,7 @@ def test_fuzzed_chat_completions_get_4xx_and_never_500(live):
     assert statuses[400] > 150
 
 
+@pytest.mark.slow
 def test_fuzzed_completions_get_4xx_and_never_500(live):
     statuses = fuzz(live, "/v1/completions", [
         {"model": "tiny-chat", "prompt": "The red fox", "max_tokens": 4},
@@ -85,6 +87,7 @@ def test_fuzzed_completions_get_4xx_and_never_500(live):
     assert statuses[400] > 150
 
 
+@pytest.mark.slow
 def test_fuzzed_feedback_gets_4xx_and_never_500(live):
     prompt = [{"role": "user", "content": "Where is the fox?"}]
     statuses = fuzz(live, "/v1/feedback", [

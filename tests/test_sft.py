@@ -125,6 +125,7 @@ def test_an_imported_chat_template_is_used_with_masks_from_its_own_rendering(tok
     assert tok.decode([i for i, m in zip(ids, mask) if m], False) == "Blue.\n"
 
 
+@pytest.mark.slow
 def test_sft_on_dolly_lowers_validation_loss(tmp_path, shared_data):
     dolly = need(shared_data / "sft" / "dolly-2k-chat" / "dolly_2k_chat.jsonl")
     subset = tmp_path / "dolly.jsonl"
