@@ -15,8 +15,9 @@ finished, `finished`):
   7. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
   8. rm          reward model from all rankings so far, starting from SFT (with held_out_labelers: never on
                  those labelers' rankings, and its accuracy on them)
-  9. ppo         PPO from the newest policy against the new RM, KL to SFT; and PPO-ptx beside it; with `dpo_baseline`,
-                 DPO from SFT on all rankings so far (no RM, no sampling): the baseline people compare PPO with
+  9. ppo         PPO from the newest policy against the new RM, KL to SFT; in the last round PPO-ptx beside it;
+                 with `dpo_baseline`, DPO from SFT on all rankings so far (no RM, no sampling): the baseline people
+                 compare PPO with
  10. eval        pretrained vs SFT vs (earlier rounds' PPO) vs PPO vs PPO-ptx (vs DPO) on held-out users' prompts,
                  and best-of-4 by the RM; helpful / harmless / honest with the red-team prompts, the RM on known-better
                  pairs; report.md with plots
@@ -173,7 +174,7 @@ def run(cfg: RunConfig) -> dict:
         if not finished(ppo_dir / "chatloop.json"):
             ppo(_with(cfg.ppo, out=str(ppo_dir), policy=str(policy), reference=str(sft_dir), reward_model=str(rm_dir),
                       prompts=ppo_prompts, ptx_data=[], seed=cfg.seed))
-        if cfg.ptx and not finished(rd / "ppo-ptx" / "chatloop.json"):
+        if cfg.ptx and r == cfg.rounds and not finished(rd / "ppo-ptx" / "chatloop.json"):  # only the last is evaluated
             ppo(_with(cfg.ppo, out=str(rd / "ppo-ptx"), policy=str(policy), reference=str(sft_dir),
                       reward_model=str(rm_dir), prompts=ppo_prompts, ptx_data=[str(world_dir / "pretrain.txt")],
                       seed=cfg.seed))
