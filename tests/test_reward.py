@@ -158,6 +158,14 @@ def test_trained_rm_learns_normalises_and_opens_in_transformers(tmp_path, tokeni
     with torch.no_grad():
         raw = hf(input_ids=torch.tensor([sequences[0]])).logits[0, 0].item()
     assert raw + rm.reward_bias == pytest.approx(scores[0].item(), abs=1e-4)
+    # A reward model continued from this one (a later round's, `chatloop run --later_rm_epochs`) is normalised
+    # afresh: its bias is measured without the bias it started with.
+    again = tmp_path / "rm-continued"
+    result = run_cli("rm", f"--model={out}", f"--data={data}", f"--out={again}", f"--reference={ref}", "--epochs=1",
+                     "--lr=3e-3", "--batch_size=8", "--seq_len=64", "--progress=false", FP32)
+    assert result.returncode == 0, result.stderr
+    continued = reward_scores(load_model(again), sequences, tok.pad_id, torch.device("cpu"))
+    assert abs(continued.mean().item()) < 1e-3 and json.loads((again / "eval.json").read_text())["accuracy"] > 0.9
 
 
 @pytest.mark.slow

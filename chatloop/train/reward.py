@@ -358,6 +358,7 @@ def normalise(model: GPT, train: list[RMGroup], tokenizer: Tokenizer, cfg: RMCon
         ref_sequences = [tokenizer.render_chat(c)[0][-cfg.seq_len:] for c in reference]
     else:
         ref_sequences = [g.sequences[g.ranks.index(min(g.ranks))] for g in train]
+    model.reward_bias = 0.0  # a reward model continued from another carries that one's bias: measure without it
     ref_scores = _scores_in_chunks(model, ref_sequences, tokenizer.pad_id, device)
     gain = 1.0
     if cfg.normalize_gain:
