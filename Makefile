@@ -24,7 +24,7 @@ browser: setup
 
 setup: $(STAMP)
 
-# The whole loop on the built-in world (chatloop run configs/tiny.yaml): 8-12 minutes on 2 CPU cores.
+# The whole loop on the built-in world (chatloop run configs/tiny.yaml): 10-15 minutes on 2 CPU cores.
 demo: setup
 	$(BIN)/chatloop run
 

@@ -175,10 +175,14 @@ def win_rate(a: list[float], b: list[float]) -> dict[str, float]:
 
 def share(hits: list[bool]) -> dict[str, float]:
     """The share of hits with its 95% Wilson interval (which stays inside [0, 1] and is not empty at 0% or 100%)."""
-    n = len(hits)
+    return wilson(sum(hits) / len(hits) if hits else float("nan"), len(hits))
+
+
+def wilson(p: float, n: int) -> dict[str, float]:
+    """A share p of n trials with its 95% Wilson interval."""
     if not n:
         return {"share": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    p, z = sum(hits) / n, 1.96
+    z = 1.96
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
         1 + z * z / n)
     return {"share": p, "ci_low": max(0.0, centre - half), "ci_high": min(1.0, centre + half), "n": n}
@@ -211,7 +215,9 @@ def rm_probe_accuracy(reward_model: GPT, tokenizer: Tokenizer, path: str, device
     for group, records in by_group.items():
         groups = encode_rankings(records, tokenizer, reward_model.cfg.max_seq_len)
         result = evaluate_rm(reward_model, groups, tokenizer.pad_id, device, "fp32", 16)
-        table[group] = {"accuracy": result["accuracy"], "log_loss": result["log_loss"], "pairs": result["pairs"]}
+        interval = wilson(result["accuracy"], result["pairs"])
+        table[group] = {"accuracy": result["accuracy"], "ci_low": interval["ci_low"], "ci_high": interval["ci_high"],
+                        "log_loss": result["log_loss"], "pairs": result["pairs"]}
     reward_model.eval()
     return table
 
@@ -627,8 +633,9 @@ def diagnostic_lines(diagnostics: dict) -> list[str]:
         lines.append(f"the gold judge's own best-of-{bon.get('n')} vs {bon.get('base')}: {100 * w['win_rate']:.1f}% "
                      f"[{100 * w['ci_low']:.0f}-{100 * w['ci_high']:.0f}] (what a perfect RM's pick reaches)")
     for group, row in diagnostics.get("rm_probes", {}).items():
-        lines.append(f"RM on known-better pairs, {group}: accuracy {row['accuracy']:.3f} on {row['pairs']} pairs "
-                     f"(log loss {row['log_loss']:.3f})")
+        interval = f" [{row['ci_low']:.2f}-{row['ci_high']:.2f}]" if "ci_low" in row else ""
+        lines.append(f"RM on known-better pairs, {group}: accuracy {row['accuracy']:.3f}{interval} on {row['pairs']} "
+                     f"pairs (log loss {row['log_loss']:.3f})")
     return lines
 
 

@@ -78,6 +78,8 @@ def test_rm_probes_are_scored_per_group(tmp_path, tokenizer_dir):
     table = rm_probe_accuracy(rm, tok, str(tmp_path / "probes.jsonl"), "cpu")
     assert {g: row["pairs"] for g, row in table.items()} == {"a": 3, "b": 1}
     assert all(row["accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0) for row in table.values()) and not rm.training
+    assert all(row["ci_low"] <= row["accuracy"] <= row["ci_high"] for row in table.values())
+    assert table["b"]["ci_high"] - table["b"]["ci_low"] > table["a"]["ci_high"] - table["a"]["ci_low"]  # 1 pair vs 3
 
 
 def test_rm_accuracy_against_gold_by_pair_skips_gold_ties():

@@ -23,17 +23,27 @@ SHORT = [
     "--ppo.max_new_tokens=40", "--ppo.progress=false", "--ppo.sample_every=1", "--ppo.save_every=1",
     "--eval_prompts=40",
 ]
+ROUNDS = ["--rounds=2", "--redteam_rankings=4"]  # the default loop's two rounds, red-team prompts ranked in each
 DPO = ["--dpo_baseline", "--dpo.progress=false", "--dpo.lr=1e-4"]  # DPO beside PPO, as a baseline
 
 
 @pytest.mark.slow
 def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("run", f"--out={out}", *SHORT, *DPO, "--held_out_labelers=2", timeout=600)
+    result = run_cli("run", f"--out={out}", *SHORT, *DPO, *ROUNDS, "--held_out_labelers=2", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx", "round-1/dpo"):
+    for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-2/rm", "round-2/ppo", "round-2/ppo-ptx",
+                  "round-2/dpo"):
         assert is_complete(out / stage), stage
         assert (out / stage / "metrics.jsonl").is_file()
+    assert not (out / "round-1" / "ppo-ptx").exists()  # only the last round's PPO-ptx is evaluated
+    # Round 2 ranks the round-1 policy's answers to the same prompts, the labelers' red-team prompts among them.
+    for r in (1, 2):
+        asked = [json.loads(line)["prompt"] for line in (out / f"round-{r}" / "ranking_prompts.jsonl").open()]
+        assert len(asked) == 16 + 4 and set(asked[16:]) <= {
+            json.loads(line)["prompt"] for line in (out / "world" / "redteam_train.jsonl").open()}
+    round_2 = json.loads((out / "round-2" / "ppo" / "chatloop.json").read_text())
+    assert round_2["config"]["policy"] == str(out / "round-1" / "ppo")
     # The users' prompts went through the prompt store: curated, split by user, disjoint RM and PPO sets.
     manifest = json.loads((out / "prompt_sets" / "manifest.json").read_text())
     rm_prompts = {r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"])
@@ -45,7 +55,7 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
                              for r in ppo_prompts}
     rankings = read_records(out / "round-1" / "rankings.jsonl", "ranking")
     # K = 4..5 distinct answers wanted; a prompt whose draws repeat has fewer (at least 2), never a duplicate.
-    assert 0 < len(rankings) <= 16 and all(2 <= len(set(r["responses"])) == len(r["responses"]) <= 5
+    assert 0 < len(rankings) <= 16 + 4 and all(2 <= len(set(r["responses"])) == len(r["responses"]) <= 5
                                             for r in rankings)
     rm_eval = json.loads((out / "round-1" / "rm" / "eval.json").read_text())
     assert rm_eval["pairs"] > 0  # held-out conversations of the training labelers
@@ -53,7 +63,7 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     assert held["labelers"] == ["labeler-07", "labeler-08"] and held["pairs"] > 0
     assert held["prompts"] == sum(r["labeler_id"] in held["labelers"] for r in rankings)
     report = json.loads((out / "eval.json").read_text())
-    assert set(report["models"]) == {"pretrained", "sft", "ppo", "ppo-ptx", "dpo", "best-of-4"}
+    assert set(report["models"]) == {"pretrained", "sft", "ppo-round-1", "ppo", "ppo-ptx", "dpo", "best-of-4"}
     assert "sft vs pretrained (gold)" in report["win_rates"] and report["rm_accuracy_vs_gold"]["pairs"] > 0
     # What even this shortened run shows every time: fine-tuning on the demonstrations beats the pretrained model
     # (win rate 55-71% over 7 variants of it, fp32 and bf16; 40 prompts are too few for the 95% interval to clear
@@ -75,10 +85,10 @@ def test_the_whole_loop_runs_and_writes_every_artifact(tmp_path):
     # Finished stages are skipped: the same command again only re-reads them; people's A/B verdicts (a label
     # export's records) join the report card beside the gold judge's rows.
     verdicts = out / "comparisons.jsonl"
-    models = [str(out / "sft"), str(out / "round-1" / "ppo")]
+    models = [str(out / "sft"), str(out / "round-2" / "ppo")]
     verdicts.write_text("".join(json.dumps({"prompt": "p", "a": "x", "b": "y", "winner": w, "models": models,
                                             "labeler_id": "ann"}) + "\n" for w in ("b", "b", "a", "tie")))
-    again = run_cli("run", f"--out={out}", *SHORT, *DPO, "--held_out_labelers=2", f"--human={verdicts}",
+    again = run_cli("run", f"--out={out}", *SHORT, *DPO, *ROUNDS, "--held_out_labelers=2", f"--human={verdicts}",
                     timeout=300)
     assert again.returncode == 0 and "already finished" in again.stdout
     assert "win rate ppo vs sft (human): 62.5%" in again.stdout
