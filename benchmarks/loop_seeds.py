@@ -109,9 +109,10 @@ def main() -> None:
         cfg = parse_args(RunConfig, ["--config", args.config, *args.overrides, f"--seed={seed}", f"--out={root}"])
         for stage in (cfg.pretrain, cfg.sft, cfg.rm, cfg.ppo):
             stage.progress = False
+        reused = (root / "eval.json").is_file()  # a finished run: its wall time is in the log that made it
         t0 = time.time()
         report = run(cfg)
-        seconds = time.time() - t0
+        seconds = None if reused else time.time() - t0
         wins = {pair.removesuffix(" (gold)"): w for pair, w in report["win_rates"].items() if pair.endswith("(gold)")}
         results["seeds"][seed] = {
             "seconds": seconds, "models": report["models"], "diagnostics": report.get("diagnostics", {}),
@@ -129,7 +130,7 @@ def main() -> None:
               f"{hhh['sft']['harmless']['share']:.3f} / {hhh['ppo']['harmless']['share']:.3f}, helpful ppo "
               f"{hhh['ppo']['helpful']['win_rate']:.3f}"
               + (f", ceiling {results['seeds'][seed]['gold_ppo_vs_sft']['win_rate']:.3f}" if not args.no_ceiling
-                 else "") + f" ({seconds:.0f} s)")
+                 else "") + (" (reused)" if reused else f" ({seconds:.0f} s)"))
     rates = [s["win_rates"]["ppo vs sft"]["win_rate"] for s in results["seeds"].values()]
     results["ppo_vs_sft"] = {"each": rates, "mean": float(np.mean(rates)), "min": float(np.min(rates)),
                              "met": bool(min(rates) >= TARGETS["ppo vs sft"]

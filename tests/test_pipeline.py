@@ -23,7 +23,8 @@ SHORT = [
     "--ppo.max_new_tokens=40", "--ppo.progress=false", "--ppo.sample_every=1", "--ppo.save_every=1",
     "--eval_prompts=40",
 ]
-ROUNDS = ["--rounds=2", "--redteam_rankings=4"]  # the default loop's two rounds, red-team prompts ranked in each
+ROUNDS = ["--rounds=2", "--redteam_rankings=4", "--ptx=true"]  # the default's two rounds, red-team prompts in each
+ONE_ROUND = ["--rounds=1", "--redteam_rankings=4", "--ptx=true"]  # every kind of training stage, once
 DPO = ["--dpo_baseline", "--dpo.progress=false", "--dpo.lr=1e-4"]  # DPO beside PPO, as a baseline
 
 
@@ -101,12 +102,13 @@ def test_kill_9_in_every_training_stage_then_the_same_command_ends_with_the_same
     """SIGKILL once inside each training stage (after its first saved state), rerunning the same command each
     time: the final evaluation equals an uninterrupted run's."""
     reference = tmp_path / "reference"
-    assert run_cli("run", f"--out={reference}", *SHORT, *RUN_FP32, timeout=600).returncode == 0
+    assert run_cli("run", f"--out={reference}", *SHORT, *ONE_ROUND, *RUN_FP32, timeout=600).returncode == 0
     out = tmp_path / "killed"
-    command = cli_command("run", f"--out={out}", *SHORT, *RUN_FP32, "--pretrain.save_every=10", "--sft.save_every=2",
-                          "--rm.save_every=1")
+    command = cli_command("run", f"--out={out}", *SHORT, *ONE_ROUND, *RUN_FP32, "--pretrain.save_every=10",
+                          "--sft.save_every=2", "--rm.save_every=1")
     for stage in ("pretrain", "sft", "round-1/rm", "round-1/ppo", "round-1/ppo-ptx"):
         kill_when(command, (out / stage / "train_state" / "latest").exists, timeout=300)
+        assert (out / stage / "train_state" / "latest").exists(), f"{stage} saved no state before the kill"
         assert not is_complete(out / stage), f"{stage} finished before the kill"
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
