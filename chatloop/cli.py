@@ -11,7 +11,7 @@ import signal
 import sys
 
 from chatloop.config import help_text, parse_args
-from chatloop.errors import UserError
+from chatloop.errors import Stopped, UserError
 
 # verb: (module, config class, function, one-line description)
 VERBS: dict[str, tuple[str, str, str, str]] = {
@@ -111,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(config_cls, rest)
         getattr(module, function_name)(cfg)
         _finish_distributed()
-    except UserError as e:
-        print(f"chatloop {verb}: error: {e}", file=sys.stderr)
+    except Stopped as e:  # SIGTERM / SIGINT: the state is saved, every rank stopped at the same step
+        print(f"chatloop {verb}: {str(e).removeprefix(f'{verb}: ')}", file=sys.stderr)
+        _finish_distributed()
+        return 0
+    except UserError as e:  # (a stage's own name first is the verb's again: said once)
+        print(f"chatloop {verb}: error: {str(e).removeprefix(f'{verb}: ')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"chatloop {verb}: interrupted", file=sys.stderr)

@@ -1,7 +1,12 @@
-"""Files: atomic writes, hashes, and readers whose errors name the file, the line and the field."""
+"""Files: atomic writes, hashes, and readers whose errors name the file, the line and the field.
+
+A write that fails for want of room (a full disk, a quota, a file size limit) is a `DiskFull` error naming the file,
+the bytes needed and the bytes free (`disk_full`); the temporary it was writing is removed first.
+"""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -13,10 +18,57 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from chatloop.errors import UserError
+from chatloop.errors import DiskFull, UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# What a write meets when there is no room: a full file system, a quota, a file size limit (RLIMIT_FSIZE).
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# The same errors as libraries report them in text (safetensors' Rust I/O error, SQLite's SQLITE_FULL).
+_NO_ROOM_TEXT = ("No space left on device", "Disk quota exceeded", "File too large", "database or disk is full")
+
+
+def no_room(e: BaseException) -> bool:
+    """Whether `e` (an OSError, or a library's error that carries one in its text) is a write that found no room."""
+    if isinstance(e, OSError) and e.errno in NO_ROOM:
+        return True
+    return any(t in str(e) for t in _NO_ROOM_TEXT)
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes free to an unprivileged writer on the file system of `path` (or of its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def disk_full(path: str | Path, needed: int | None, error: BaseException | None = None) -> DiskFull:
+    """The one-line error of a write to `path` that found no room (or would not: see `check_room`)."""
+    reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno in NO_ROOM else "no space left"
+    free = free_bytes(path)
+    sizes = ", ".join(([f"needs about {human_bytes(needed)}"] if needed else [])
+                      + ([f"{human_bytes(free)} free there"] if free is not None else []))
+    return DiskFull(f"{path}: cannot write it: {reason} ({sizes}); what was saved before is untouched: make room "
+                    "and run the same command again")
+
+
+def check_room(path: str | Path, needed: int) -> None:
+    """Refuse a write of about `needed` bytes to `path` before it starts when the file system has less free."""
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise disk_full(path, needed)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -31,8 +83,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if no_room(e):
+            raise disk_full(path, len(data), e) from None
         raise
 
 

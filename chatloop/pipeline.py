@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatloop.checkpoint import is_complete
+from chatloop.checkpoint import checkpoint_problem, read_lineage
 from chatloop.data.curate import CurateConfig, curate
 from chatloop.data.prompts import IngestConfig, PromptExportConfig, export, ingest
 from chatloop.errors import UserError
@@ -111,11 +111,18 @@ def _with(cfg, **changes):
 def finished(output: Path) -> bool:
     """Whether a stage is finished (then says it skips it): the output it writes last exists, a file written
     atomically, the marker file of a directory that appears whole, or a checkpoint's chatloop.json (written last)
-    saying complete."""
-    if output.is_file() and (output.name != "chatloop.json" or is_complete(output.parent)):
-        print(f"run: {output.parent if output.name == 'chatloop.json' else output} is already finished; skipping")
-        return True
-    return False
+    saying complete, of a checkpoint whose files are the ones it records (a corrupt one is unfinished: says so)."""
+    if not output.is_file():
+        return False
+    if output.name == "chatloop.json":
+        problem = checkpoint_problem(output.parent)
+        if problem is not None:
+            print(f"run: {problem}: the checkpoint is corrupt; running its stage again")
+            return False
+        if (read_lineage(output.parent) or {}).get("status") != "complete":
+            return False
+    print(f"run: {output.parent if output.name == 'chatloop.json' else output} is already finished; skipping")
+    return True
 
 
 def pretrained_model(root: Path, world: WorldConfig, vocab_size: int, pretrain_cfg: PretrainConfig, seed: int

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from chatloop.errors import UserError
-from chatloop.io import atomic_write_json, check_input_file, iter_texts, sha256_file
+from chatloop.io import atomic_write_json, check_input_file, disk_full, iter_texts, no_room, sha256_file
 from chatloop.tokenizer import Tokenizer
 
 CHUNK_CHARS = 1 << 16  # long documents are encoded in newline-aligned chunks, in parallel
@@ -53,8 +53,14 @@ def tokenize_files(tokenizer: Tokenizer, paths: list[str], text_field: str) -> n
 
 def _write_array(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    array.tofile(tmp)
-    tmp.replace(path)
+    try:
+        array.tofile(tmp)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if no_room(e):
+            raise disk_full(path, array.nbytes, e) from None
+        raise
 
 
 def build_shards(

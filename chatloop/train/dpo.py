@@ -67,7 +67,9 @@ from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.reward import split_by_conversation
 from chatloop.train.trainer import (
+    StageGuard,
     StepConfig,
+    apply_update,
     config_record,
     length_grouped_order,
     lr_at,
@@ -324,10 +326,10 @@ def read_data(cfg: DPOConfig, tokenizer: Tokenizer) -> tuple[list[DPOGroup], lis
 
 
 def train_step(train_policy: torch.nn.Module, policy: GPT, reference: GPT, optimizer: torch.optim.Optimizer,
-               chosen: list[DPOGroup], pad_id: int, cfg: DPOConfig, device, precision: str
-               ) -> tuple[float, dict[str, float], float]:
+               chosen: list[DPOGroup], pad_id: int, cfg: DPOConfig, device, precision: str,
+               guard: StageGuard | None = None) -> tuple[float, dict[str, float], float]:
     """Step 5's optimizer step on the step's ranked prompts: this rank's loss and sums of STATS, the gradient
-    norm."""
+    norm. With `guard`, a non-finite loss or gradient norm stops the stage or skips the update (StageGuard.finite)."""
     micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
     # Under torchrun: this rank's share of the step's prompts; the ranks' gradients are averaged, so each
     # rank's part of the mean over the step's prompts is scaled by their number (weight 0: an empty share).
@@ -344,9 +346,7 @@ def train_step(train_policy: torch.nn.Module, policy: GPT, reference: GPT, optim
         loss_sum += loss.item() * len(groups) / len(chosen) * weight
         for key, value in stats.items():
             totals[key] += value * weight
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf")).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = apply_update(optimizer, policy.parameters(), cfg.grad_clip, loss_sum, guard)
     return loss_sum, totals, grad_norm
 
 
@@ -398,37 +398,44 @@ def dpo(cfg: DPOConfig) -> Path:
     prompts_per_step = cfg.batch_size * cfg.grad_accum
     lengths = [max(len(s) for s in g.sequences) for g in train]
     evaluation: dict = {}
-    for step in range(start_step, total_steps):
-        epoch, within = divmod(step, per_epoch)
-        order = length_grouped_order(lengths, cfg.seed, epoch, cfg.batch_size)
-        chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
-        lr = lr_at(step, cfg, total_steps)
-        set_lr(optimizer, lr)
-        loss_sum, totals, grad_norm = train_step(train_policy, policy, reference, optimizer,
-                                                 [train[i] for i in chosen], tokenizer.pad_id, cfg, device, precision)
-        responses_seen, pairs_seen = responses_seen + totals["responses"], pairs_seen + totals["pairs"]
-        done = step + 1
-        metrics: dict[str, float] = {}
-        if done % cfg.log_every == 0 or done == total_steps:
-            elapsed = time.perf_counter() - last_time
-            summed = distributed.all_sum(loss_sum, responses_seen, pairs_seen, *totals.values())
-            totals = dict(zip(STATS, summed[3:]))
-            metrics.update({"train/loss": summed[0], **summarize(totals, "train"), "train/lr": lr,
-                            "train/grad_norm": grad_norm, "perf/pairs_per_s": summed[2] / elapsed,
-                            "perf/responses_per_s": summed[1] / elapsed})
-            bar.set_postfix(loss=f"{summed[0]:.3f}", acc=f"{metrics['train/reward_accuracy']:.2f}")
-            last_time, responses_seen, pairs_seen = time.perf_counter(), 0.0, 0.0
-        if val and (done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-            evaluation = evaluate_dpo(policy, reference, val, cfg, tokenizer.pad_id, device, precision)
-            metrics.update({f"val/{k}": evaluation[k] for k in VAL_METRICS})
-            last_time = time.perf_counter()
-        if metrics:
-            log.log(done, metrics)
-        if done % cfg.save_every == 0 or done == total_steps:
-            save_state(out, done, {"model": distributed.model_state(policy),
-                                   "optimizer": distributed.optimizer_state(policy, optimizer)}, cfg.keep_states)
-            last_time = time.perf_counter()
-        bar.update(1)
+    with StageGuard("dpo", out, cfg.on_nonfinite) as guard:  # SIGTERM / SIGINT, non-finite numbers
+        for step in range(start_step, total_steps):
+            epoch, within = divmod(step, per_epoch)
+            order = length_grouped_order(lengths, cfg.seed, epoch, cfg.batch_size)
+            chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
+            lr = lr_at(step, cfg, total_steps)
+            set_lr(optimizer, lr)
+            loss_sum, totals, grad_norm = train_step(train_policy, policy, reference, optimizer,
+                                                     [train[i] for i in chosen], tokenizer.pad_id, cfg, device,
+                                                     precision, guard.at(step + 1))
+            responses_seen, pairs_seen = responses_seen + totals["responses"], pairs_seen + totals["pairs"]
+            done = step + 1
+            metrics: dict[str, float] = {}
+            if done % cfg.log_every == 0 or done == total_steps:
+                elapsed = time.perf_counter() - last_time
+                summed = distributed.all_sum(loss_sum, responses_seen, pairs_seen, *totals.values())
+                totals = dict(zip(STATS, summed[3:]))
+                metrics.update({"train/loss": summed[0], **summarize(totals, "train"), "train/lr": lr,
+                                "train/grad_norm": grad_norm, "perf/pairs_per_s": summed[2] / elapsed,
+                                "perf/responses_per_s": summed[1] / elapsed})
+                bar.set_postfix(loss=f"{summed[0]:.3f}", acc=f"{metrics['train/reward_accuracy']:.2f}")
+                last_time, responses_seen, pairs_seen = time.perf_counter(), 0.0, 0.0
+            if val and (done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                evaluation = evaluate_dpo(policy, reference, val, cfg, tokenizer.pad_id, device, precision)
+                metrics.update({f"val/{k}": evaluation[k] for k in VAL_METRICS})
+                last_time = time.perf_counter()
+            if metrics:
+                log.log(done, metrics)
+            stop = guard.stop_requested()
+            if stop or done % cfg.save_every == 0 or done == total_steps:
+                save_state(out, done, {"model": distributed.model_state(policy),
+                                       "optimizer": distributed.optimizer_state(policy, optimizer)}, cfg.keep_states)
+                last_time = time.perf_counter()
+            bar.update(1)
+            if stop:
+                bar.close()
+                log.close()
+                raise guard.stopped(done, total_steps)
     bar.close()
     log.close()
 

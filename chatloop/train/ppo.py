@@ -67,10 +67,13 @@ from chatloop.data.formats import Prompt, prompt_messages, read_records
 from chatloop.device import autocast
 from chatloop.engine import Rollout, generate
 from chatloop.errors import UserError
+from chatloop.io import disk_full, no_room
 from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
+    StageGuard,
     TrainConfig,
+    apply_update,
     config_record,
     open_stage,
     resume,
@@ -363,54 +366,63 @@ def ppo(cfg: PPOConfig) -> Path:
 
     bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress or not distributed.is_main(), unit="it",
                dynamic_ncols=True)
-    for iteration in range(start, cfg.iterations):
-        t0 = time.perf_counter()
-        lr = lr_for(iteration, cfg)
-        set_lr(policy_opt, lr)
-        if value_opt is not None:
-            set_lr(value_opt, (cfg.value_lr or cfg.lr) * lr / cfg.lr)
+    with StageGuard("ppo", out, cfg.on_nonfinite, "iteration") as guard:  # SIGTERM / SIGINT, non-finite numbers
+        for iteration in range(start, cfg.iterations):
+            t0 = time.perf_counter()
+            lr = lr_for(iteration, cfg)
+            set_lr(policy_opt, lr)
+            if value_opt is not None:
+                set_lr(value_opt, (cfg.value_lr or cfg.lr) * lr / cfg.lr)
 
-        # step 1
-        rows = prompt_rows(iteration, cfg, len(prompts))
-        batch_prompts = [encoded[i] for i in rows]
+            # step 1
+            rows = prompt_rows(iteration, cfg, len(prompts))
+            batch_prompts = [encoded[i] for i in rows]
 
-        # step 2-6 (under torchrun each rank rolls out its share of the prompts with its own random stream)
-        generator.manual_seed(cfg.seed * 1_000_003 + iteration + 7_919_000_003 * distributed.rank())
-        batch = make_batch(policy, reference, reward, value_model, distributed.shard(batch_prompts),
-                           distributed.shard([prompts[i] for i in rows]), tokenizer, cfg, kl_ctl.value, generator,
-                           device, precision)
-        t1 = time.perf_counter()
+            # step 2-6 (under torchrun each rank rolls out its share of the prompts with its own random stream)
+            generator.manual_seed(cfg.seed * 1_000_003 + iteration + 7_919_000_003 * distributed.rank())
+            batch = make_batch(policy, reference, reward, value_model, distributed.shard(batch_prompts),
+                               distributed.shard([prompts[i] for i in rows]), tokenizer, cfg, kl_ctl.value, generator,
+                               device, precision)
+            t1 = time.perf_counter()
 
-        # step 7
-        stats = ppo_update(train_policy, train_value, policy_opt, value_opt, batch, cfg, ptx, ptx_per_minibatch,
-                           iteration, device, precision)
-        t2 = time.perf_counter()
+            # step 7 (a non-finite score stops the stage, or skips the iteration's update: StageGuard.finite)
+            stats = {}
+            if guard.at(iteration + 1).finite({"objective/scores": first_nonfinite(batch.scores)}):
+                stats = ppo_update(train_policy, train_value, policy_opt, value_opt, batch, cfg, ptx,
+                                   ptx_per_minibatch, iteration, device, precision, guard)
+                guard.weights_finite(policy, "policy")  # the next rollout samples from it
+            t2 = time.perf_counter()
 
-        # step 8
-        metrics = batch_metrics(batch, cfg, kl_ctl.value)  # the coefficient this batch's penalty used
-        if cfg.adaptive_kl:
-            kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), policy.parameters()):
-                    e.lerp_(p, 1 - cfg.ema_decay)
+            # step 8
+            metrics = batch_metrics(batch, cfg, kl_ctl.value)  # the coefficient this batch's penalty used
+            if cfg.adaptive_kl:
+                kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), policy.parameters()):
+                        e.lerp_(p, 1 - cfg.ema_decay)
 
-        # step 9
-        done = iteration + 1
-        metrics.update(stats)
-        metrics["train/lr"] = lr
-        metrics["perf/episodes_per_s"] = cfg.batch_size / (t2 - t0)
-        metrics["perf/rollout_s"] = t1 - t0
-        metrics["perf/update_s"] = t2 - t1
-        if done % cfg.log_every == 0 or done == cfg.iterations:
-            log.log(done, metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
-        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations) and distributed.is_main():
-            record_samples(out, done, batch, tokenizer, batch_prompts)
-        if done % cfg.save_every == 0 or done == cfg.iterations:
-            state = train_state(policy, policy_opt, value_model, value_opt, kl_ctl, ema)
-            save_state(out, done, state, cfg.keep_states)
-        bar.update(1)
+            # step 9
+            done = iteration + 1
+            metrics.update(stats)
+            metrics["train/lr"] = lr
+            metrics["perf/episodes_per_s"] = cfg.batch_size / (t2 - t0)
+            metrics["perf/rollout_s"] = t1 - t0
+            metrics["perf/update_s"] = t2 - t1
+            if done % cfg.log_every == 0 or done == cfg.iterations:
+                log.log(done, metrics)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations) and distributed.is_main():
+                record_samples(out, done, batch, tokenizer, batch_prompts)
+            stop = guard.stop_requested()
+            if stop or done % cfg.save_every == 0 or done == cfg.iterations:
+                state = train_state(policy, policy_opt, value_model, value_opt, kl_ctl, ema)
+                save_state(out, done, state, cfg.keep_states)
+            bar.update(1)
+            if stop:
+                bar.close()
+                log.close()
+                raise guard.stopped(done, cfg.iterations)
     bar.close()
     log.close()
     save_policy(cfg, out, ema if ema is not None else policy, tokenizer, kl_ctl.value, ptx is not None)
@@ -602,8 +614,16 @@ def make_batch(policy, reference, reward: RewardSource, value_model, prompts, re
                  kl_per_token.sum(1), masked_mean(entropy, mask))
 
 
+def first_nonfinite(x: torch.Tensor) -> float:
+    """The first nan or inf of `x` (0.0 when every value is finite): what StageGuard.finite is shown."""
+    bad = x[~torch.isfinite(x)]
+    return float(bad[0]) if bad.numel() else 0.0
+
+
 def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PPOConfig, ptx, ptx_per_minibatch,
-               iteration, device, precision) -> dict[str, float]:
+               iteration, device, precision, guard: StageGuard | None = None) -> dict[str, float]:
+    """Step 7: ppo_epochs passes of minibatch updates of the policy (and value model). With `guard`, a non-finite
+    loss or gradient norm of a minibatch stops the stage or skips that update (StageGuard.finite)."""
     r = batch.rollout
     B = r.tokens.shape[0]
     size = B // cfg.minibatches
@@ -650,8 +670,8 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
                     (pg_part * share).backward()
                 pg_sum += pg_part.item()
                 logp_all[chunk.rows, cols] = logp.detach()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
-            policy_opt.step()
+            ptx_part = cfg.ptx_coef * sums["loss/ptx"][-1] if ptx is not None else 0.0
+            apply_update(policy_opt, policy.parameters(), cfg.grad_clip, pg_sum + ptx_part, guard, "policy/")
 
             with torch.no_grad():
                 dlogp = (logp_all[sel] - batch.old_logprobs[sel]) * mask
@@ -679,8 +699,7 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
                 vf_sum += vf_part.item()
                 outside = (values.detach() - old_values).abs() > cfg.cliprange_value
                 clipped_sum += (outside.float() * m).sum().item()
-            torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip or float("inf"))
-            value_opt.step()
+            apply_update(value_opt, value_model.parameters(), cfg.grad_clip, vf_sum, guard, "value/")
             sums["loss/value"].append(vf_sum)
             sums["value/clipfrac"].append(clipped_sum / tokens_here.item())
     stats = distributed.mean_dict({k: float(np.mean(v)) for k, v in sums.items() if v})
@@ -701,7 +720,13 @@ def record_samples(out: Path, iteration: int, batch: Batch, tokenizer: Tokenizer
         rows.append({"iteration": iteration, "prompt": tokenizer.decode(prompts[i]).strip(),
                      "response": tokenizer.decode_reply(ids), "score": round(batch.scores[i].item(), 4),
                      "kl": round(batch.kl[i].item(), 4)})
-    with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    try:
+        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        if no_room(e):
+            raise disk_full(out / "samples.jsonl", len(text), e) from None
+        raise
     tqdm.write(f"[{iteration}] {rows[0]['prompt'][-60:]!r} -> {rows[0]['response'][:80]!r} "
                f"(score {rows[0]['score']:.2f})")

@@ -40,7 +40,9 @@ from chatloop.errors import UserError
 from chatloop.model import GPT, PRESETS, ModelOverrides, lm_loss, preset
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
+    StageGuard,
     StepConfig,
+    apply_update,
     config_record,
     lr_at,
     make_optimizer,
@@ -119,12 +121,14 @@ def train_step(
     grad_clip: float,
     device: torch.device,
     precision: str,
+    guard: StageGuard | None = None,
 ) -> tuple[float, float]:
     """One optimizer step: forward, loss and backward per micro-batch, then clip and AdamW.
 
     loss_fn comes from `forward_loss`. Returns the mean loss of the micro-batches and the gradient norm
     before clipping. benchmarks/train_throughput.py times exactly this function. Under torchrun, `model` is
-    the DDP/FSDP wrapper and the gradients are averaged over the ranks at the last micro-batch.
+    the DDP/FSDP wrapper and the gradients are averaged over the ranks at the last micro-batch. With `guard`, a
+    non-finite loss or gradient norm stops the stage or skips the update (StageGuard.finite).
     """
     loss_sum = 0.0
     for i, (x, y) in enumerate(micro_batches):
@@ -133,9 +137,7 @@ def train_step(
                 loss = loss_fn(x, y)
             (loss / grad_accum).backward()
         loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = apply_update(optimizer, model.parameters(), grad_clip, loss_sum / grad_accum, guard)
     return loss_sum / grad_accum, grad_norm
 
 
@@ -216,38 +218,44 @@ def pretrain(cfg: PretrainConfig) -> Path:
                unit="step", dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start_step
     val_loss = None
-    for step in range(start_step, cfg.max_steps):
-        lr = lr_at(step, cfg, cfg.max_steps)
-        set_lr(optimizer, lr)
-        # This rank's share of the step's samples (all of them in one process), in equal micro-batches.
-        shares = distributed.micro_batches(step * global_batch + np.arange(global_batch), cfg.batch_size)
-        loss, grad_norm = train_step(loss_fn, train_model, optimizer, (train.batch(ids, device) for ids in shares),
-                                     len(shares), cfg.grad_clip, device, precision)
-        done = step + 1
+    with StageGuard("pretrain", out, cfg.on_nonfinite) as guard:  # SIGTERM / SIGINT, non-finite numbers
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg, cfg.max_steps)
+            set_lr(optimizer, lr)
+            # This rank's share of the step's samples (all of them in one process), in equal micro-batches.
+            shares = distributed.micro_batches(step * global_batch + np.arange(global_batch), cfg.batch_size)
+            loss, grad_norm = train_step(loss_fn, train_model, optimizer, (train.batch(ids, device) for ids in shares),
+                                         len(shares), cfg.grad_clip, device, precision, guard.at(step + 1))
+            done = step + 1
 
-        # step 6
-        metrics: dict[str, float] = {}
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            now = time.perf_counter()
-            tps = (done - last_step) * tokens_per_step / (now - last_time)
-            last_time, last_step = now, done
-            loss = distributed.all_mean(loss)[0]
-            metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "perf/tokens_per_s": tps, "perf/mfu": tps * flops_per_token / peak,
-                            "data/sample_index": int(step * global_batch)})
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tps:,.0f}",
-                            mfu=f"{100 * metrics['perf/mfu']:.0f}%")
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = validation_loss(model, val, cfg, device, precision)
-            metrics.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
-            last_time = time.perf_counter()  # evaluation time is not training throughput
-        if metrics:
-            log.log(done, metrics)
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
-            save_state(out, done, {"model": distributed.model_state(model),
-                                   "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
-            last_time = time.perf_counter()
-        bar.update(1)
+            # step 6
+            metrics: dict[str, float] = {}
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                now = time.perf_counter()
+                tps = (done - last_step) * tokens_per_step / (now - last_time)
+                last_time, last_step = now, done
+                loss = distributed.all_mean(loss)[0]
+                metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                "perf/tokens_per_s": tps, "perf/mfu": tps * flops_per_token / peak,
+                                "data/sample_index": int(step * global_batch)})
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tps:,.0f}",
+                                mfu=f"{100 * metrics['perf/mfu']:.0f}%")
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                val_loss = validation_loss(model, val, cfg, device, precision)
+                metrics.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+                last_time = time.perf_counter()  # evaluation time is not training throughput
+            if metrics:
+                log.log(done, metrics)
+            stop = guard.stop_requested()
+            if stop or done % cfg.save_every == 0 or done == cfg.max_steps:
+                save_state(out, done, {"model": distributed.model_state(model),
+                                       "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
+                last_time = time.perf_counter()
+            bar.update(1)
+            if stop:
+                bar.close()
+                log.close()
+                raise guard.stopped(done, cfg.max_steps)
     bar.close()
     log.close()
 

@@ -51,7 +51,9 @@ from chatloop.io import atomic_write_json
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
+    StageGuard,
     StepConfig,
+    apply_update,
     config_record,
     length_grouped_order,
     lr_at,
@@ -324,9 +326,11 @@ def read_splits(cfg: RMConfig) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer, chosen: list[RMGroup],
-               pad_id: int, cfg: RMConfig, device, precision: str) -> tuple[float, int, int, int, int, float]:
+               pad_id: int, cfg: RMConfig, device, precision: str, guard: StageGuard | None = None
+               ) -> tuple[float, int, int, int, int, float]:
     """Step 5's optimizer step on the step's ranked prompts: (loss, pairs ordered right, pairs) of this rank,
-    responses and pairs it scored, and the gradient norm."""
+    responses and pairs it scored, and the gradient norm. With `guard`, a non-finite loss or gradient norm stops
+    the stage or skips the update (StageGuard.finite)."""
     loss_sum, correct, total, responses, pairs = 0.0, 0, 0, 0, 0
     micro_batches = [chosen[i : i + cfg.batch_size] for i in range(0, len(chosen), cfg.batch_size)]
     # Under torchrun: this rank's share of the step's prompts; the ranks' gradients are averaged, so each
@@ -342,9 +346,7 @@ def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.
         correct, total = correct + int(c * weight), total + int(t * weight)
         responses += sum(len(g.sequences) for g in groups)
         pairs += t
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = apply_update(optimizer, model.parameters(), cfg.grad_clip, loss_sum, guard)
     return loss_sum, correct, total, responses, pairs, grad_norm
 
 
@@ -413,30 +415,37 @@ def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[RMG
     last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
     prompts_per_step = cfg.batch_size * cfg.grad_accum
     lengths = [max(len(s) for s in g.sequences) for g in train]
-    for step in range(start_step, total_steps):
-        epoch, within = divmod(step, per_epoch)
-        order = length_grouped_order(lengths, seed, epoch, cfg.batch_size)
-        chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
-        lr = lr_at(step, cfg, total_steps)
-        set_lr(optimizer, lr)
-        loss_sum, correct, total, responses, pairs, grad_norm = train_step(
-            train_model, model, optimizer, [train[i] for i in chosen], tokenizer.pad_id, cfg, device, precision)
-        responses_seen, pairs_seen = responses_seen + responses, pairs_seen + pairs
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            elapsed = time.perf_counter() - last_time
-            loss_sum, correct, total, responses_seen, pairs_seen = distributed.all_sum(
-                loss_sum, correct, total, responses_seen, pairs_seen)
-            log.log(done, {"train/loss": loss_sum, "train/accuracy": correct / max(1, total), "train/lr": lr,
-                           "train/grad_norm": grad_norm, "perf/responses_per_s": responses_seen / elapsed,
-                           "perf/comparisons_per_s": pairs_seen / elapsed})
-            last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
-            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / max(1, total):.2f}")
-        if done % cfg.save_every == 0 or done == total_steps:
-            save_state(out, done, {"model": distributed.model_state(model),
-                                   "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
-            last_time = time.perf_counter()
-        bar.update(1)
+    with StageGuard(name, out, cfg.on_nonfinite) as guard:  # SIGTERM / SIGINT, non-finite numbers
+        for step in range(start_step, total_steps):
+            epoch, within = divmod(step, per_epoch)
+            order = length_grouped_order(lengths, seed, epoch, cfg.batch_size)
+            chosen = order[within * prompts_per_step : (within + 1) * prompts_per_step]
+            lr = lr_at(step, cfg, total_steps)
+            set_lr(optimizer, lr)
+            loss_sum, correct, total, responses, pairs, grad_norm = train_step(
+                train_model, model, optimizer, [train[i] for i in chosen], tokenizer.pad_id, cfg, device, precision,
+                guard.at(step + 1))
+            responses_seen, pairs_seen = responses_seen + responses, pairs_seen + pairs
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total_steps:
+                elapsed = time.perf_counter() - last_time
+                loss_sum, correct, total, responses_seen, pairs_seen = distributed.all_sum(
+                    loss_sum, correct, total, responses_seen, pairs_seen)
+                log.log(done, {"train/loss": loss_sum, "train/accuracy": correct / max(1, total), "train/lr": lr,
+                               "train/grad_norm": grad_norm, "perf/responses_per_s": responses_seen / elapsed,
+                               "perf/comparisons_per_s": pairs_seen / elapsed})
+                last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
+                bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / max(1, total):.2f}")
+            stop = guard.stop_requested()
+            if stop or done % cfg.save_every == 0 or done == total_steps:
+                save_state(out, done, {"model": distributed.model_state(model),
+                                       "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
+                last_time = time.perf_counter()
+            bar.update(1)
+            if stop:
+                bar.close()
+                log.close()
+                raise guard.stopped(done, total_steps)
     bar.close()
     log.close()
     return model

@@ -46,7 +46,9 @@ from chatloop.errors import UserError
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
+    StageGuard,
     StepConfig,
+    apply_update,
     config_record,
     lr_at,
     make_optimizer,
@@ -207,8 +209,9 @@ def validation_loss(model: GPT, examples: list[Example], cfg: SFTConfig, pad_id:
 
 def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.Optimizer,
                micro_batches: list[list[list[int]]], train: list[Example], pad_id: int, cfg: SFTConfig, device,
-               precision: str) -> tuple[float, float, int]:
-    """Step 5's optimizer step over its micro-batches: the loss (this rank's), the gradient norm, the tokens seen."""
+               precision: str, guard: StageGuard | None = None) -> tuple[float, float, int]:
+    """Step 5's optimizer step over its micro-batches: the loss (this rank's), the gradient norm, the tokens seen.
+    With `guard`, a non-finite loss or gradient norm stops the stage or skips the update (StageGuard.finite)."""
     # Under torchrun: this rank's share of the step's rows; the loss is normalised by the learned tokens of
     # the whole step and scaled by the number of ranks, whose gradients are averaged.
     micro_batches, weight = distributed.regroup(micro_batches, cfg.batch_size)
@@ -222,9 +225,7 @@ def train_step(train_model: torch.nn.Module, model: GPT, optimizer: torch.optim.
             loss.backward()
         loss_sum += loss.item()
     tokens = sum(len(train[i].ids) for rows in micro_batches for row in rows for i in row)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = apply_update(optimizer, model.parameters(), cfg.grad_clip, loss_sum, guard)
     return loss_sum, grad_norm, tokens
 
 
@@ -350,38 +351,44 @@ def sft(cfg: SFTConfig) -> Path:
     bar = tqdm(total=total_steps, initial=start_step, disable=not cfg.progress or not distributed.is_main(),
                unit="step", dynamic_ncols=True)
     last_time, tokens_seen = time.perf_counter(), 0
-    for step in range(start_step, total_steps):
-        epoch, micro_batches = plan[step]
-        lr = lr_at(step, cfg, total_steps)
-        set_lr(optimizer, lr)
-        loss_sum, grad_norm, tokens = train_step(train_model, model, optimizer, micro_batches, train,
-                                                 tokenizer.pad_id, cfg, device, precision)
-        tokens_seen += tokens
-        done = step + 1
-        metrics: dict[str, float] = {}
-        if done % cfg.log_every == 0 or done == total_steps:
-            now = time.perf_counter()
-            loss_sum, tokens_seen = distributed.all_mean(loss_sum)[0], distributed.all_sum(tokens_seen)[0]
-            metrics.update({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "perf/tokens_per_s": tokens_seen / (now - last_time), "data/epoch": epoch})
-            last_time, tokens_seen = now, 0
-            bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=epoch)
+    with StageGuard("sft", out, cfg.on_nonfinite) as guard:  # SIGTERM / SIGINT, non-finite numbers
+        for step in range(start_step, total_steps):
+            epoch, micro_batches = plan[step]
+            lr = lr_at(step, cfg, total_steps)
+            set_lr(optimizer, lr)
+            loss_sum, grad_norm, tokens = train_step(train_model, model, optimizer, micro_batches, train,
+                                                     tokenizer.pad_id, cfg, device, precision, guard.at(step + 1))
+            tokens_seen += tokens
+            done = step + 1
+            metrics: dict[str, float] = {}
+            if done % cfg.log_every == 0 or done == total_steps:
+                now = time.perf_counter()
+                loss_sum, tokens_seen = distributed.all_mean(loss_sum)[0], distributed.all_sum(tokens_seen)[0]
+                metrics.update({"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
+                                "perf/tokens_per_s": tokens_seen / (now - last_time), "data/epoch": epoch})
+                last_time, tokens_seen = now, 0
+                bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=epoch)
 
-        # step 6
-        if done in epoch_ends or done == total_steps:
-            row = end_of_epoch(model, reward_model, val, tokenizer, cfg, epoch + 1, done, device, precision)
-            epoch_metrics.append(row)
-            metrics.update({k: v for k, v in row.items() if k.startswith("val/")})
-            last_time, tokens_seen = time.perf_counter(), 0
-            print(f"sft: epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if "/" in k))
-        if metrics:
-            log.log(done, metrics)
-        if done % cfg.save_every == 0 or done in epoch_ends or done == total_steps:
-            save_state(out, done, {"model": distributed.model_state(model),
-                                   "optimizer": distributed.optimizer_state(model, optimizer),
-                                   "epoch_metrics": epoch_metrics}, cfg.keep_states)
-            last_time = time.perf_counter()
-        bar.update(1)
+            # step 6
+            if done in epoch_ends or done == total_steps:
+                row = end_of_epoch(model, reward_model, val, tokenizer, cfg, epoch + 1, done, device, precision)
+                epoch_metrics.append(row)
+                metrics.update({k: v for k, v in row.items() if k.startswith("val/")})
+                last_time, tokens_seen = time.perf_counter(), 0
+                print(f"sft: epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if "/" in k))
+            if metrics:
+                log.log(done, metrics)
+            stop = guard.stop_requested()
+            if stop or done % cfg.save_every == 0 or done in epoch_ends or done == total_steps:
+                save_state(out, done, {"model": distributed.model_state(model),
+                                       "optimizer": distributed.optimizer_state(model, optimizer),
+                                       "epoch_metrics": epoch_metrics}, cfg.keep_states)
+                last_time = time.perf_counter()
+            bar.update(1)
+            if stop:
+                bar.close()
+                log.close()
+                raise guard.stopped(done, total_steps)
     bar.close()
     log.close()
 

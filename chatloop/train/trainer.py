@@ -5,16 +5,28 @@ seed, device and precision), the optimizer and its schedule, resumable state (`r
 Resumable state lives in `OUT/train_state/step-NNNNNNNN/` (written to a temporary directory, then renamed)
 and `OUT/train_state/latest` names the newest one. A stage killed at any moment (even `kill -9`) restarts
 from the newest complete state with the same data order, because batches are a pure function of
-(seed, step) and the RNG states are restored.
+(seed, step) and the RNG states are restored. Each state's state.json records the size and sha256 of its
+state.pt: a resumed stage falls back to the previous kept state when the newest is corrupt.
+
+The faults of a long run (docs/FAULTS.md): a save that finds no room is a DiskFull error (its temporary removed,
+the older states untouched), a free-space check comes before a stage's first save (`resume`), and `StageGuard`
+turns SIGTERM / SIGINT into a saved state and exit 0 and a non-finite loss, gradient or reward into an error
+naming the step (or a skipped step), never a saved NaN.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +35,19 @@ import numpy as np
 import torch
 
 from chatloop import distributed
-from chatloop.checkpoint import is_complete
+from chatloop.checkpoint import checkpoint_problem, is_complete
 from chatloop.device import resolve_device, resolve_precision
-from chatloop.errors import UserError
-from chatloop.io import atomic_write_text
+from chatloop.errors import DiskFull, Diverged, Stopped, UserError
+from chatloop.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_room,
+    disk_full,
+    free_bytes,
+    human_bytes,
+    no_room,
+    sha256_file,
+)
 
 
 @dataclass
@@ -71,6 +92,11 @@ class TrainConfig:
     """Under torchrun (several processes): "ddp" keeps a whole model on every rank and averages gradients;
     "fsdp" shards parameters, gradients and optimizer states over the ranks (FSDP2), for models that do not
     fit on one device. Ignored in a single process. See docs/SCALING.md."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm (in PPO also a non-finite score of the reward): "stop" ends the stage with
+    an error naming the step, the metric and the last saved state (exit 2; the step's update is not applied and
+    nothing non-finite is ever saved); "skip" drops that step's update, says so and goes on. Either way, weights
+    that an update made non-finite stop the stage (a skip cannot undo them)."""
 
 
 @dataclass
@@ -99,6 +125,9 @@ def open_stage(stage: str, cfg: TrainConfig) -> tuple[torch.device, str] | None:
     if is_complete(Path(cfg.out)):
         print(f"{stage}: {Path(cfg.out)} is already finished; skipping (remove it to train again)")
         return None
+    problem = checkpoint_problem(Path(cfg.out))
+    if problem is not None:
+        print(f"{stage}: {problem}: the checkpoint is corrupt; training it again (from its last saved state, if any)")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     return device, resolve_precision(cfg.precision, device)
@@ -163,30 +192,97 @@ def _state_dir(out: Path) -> Path:
     return out / "train_state"
 
 
+def _tensors(obj: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in nested dicts, lists and tuples (a train state)."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{name}.{i}" if name else str(i))
+
+
+def state_bytes(state: dict[str, Any]) -> int:
+    """About the size of `state` as torch.save writes it: its tensors' bytes."""
+    return sum(t.nbytes for _, t in _tensors(state))
+
+
+def last_good_state(out: Path) -> str:
+    """Where a stopped stage would go on from: the state `latest` names, or that there is none."""
+    pointer = _state_dir(out) / "latest"
+    if pointer.is_file():
+        newest = pointer.parent / pointer.read_text().strip()
+        return f"the last good state is {newest} (the same command resumes from it)"
+    return "no state was saved yet (the same command starts over)"
+
+
+class _WatchedFile:
+    """The file torch.save writes state.pt through: it hashes what is written (state.json's sha256 without reading
+    the file back) and keeps the OSError of a failed write, which torch reports only as "unexpected pos"."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha256, self.bytes, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, data: Any) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.sha256.update(data)
+        self.bytes += n
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_state(out: Path, step: int, state: dict[str, Any], keep: int) -> None:
     """Write state atomically: a temporary directory, renamed, then the `latest` pointer replaced.
 
-    Under torchrun every rank calls this with the full states (distributed.model_state) and rank 0 writes.
+    Non-finite tensors are refused (Diverged), and so is a state that would not fit (DiskFull, checked before
+    writing and caught while writing); either way the temporary directory is removed and older states are
+    untouched. Under torchrun every rank calls this with the full states (distributed.model_state) and rank 0
+    writes.
     """
     if not distributed.is_main():
         distributed.barrier()  # wait until rank 0 has written it
         return
     root = _state_dir(out)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
+    for key, t in _tensors(state):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise Diverged(f"{root / name}: not saved: {key} holds nan or inf (the training diverged at or before "
+                           f"step {step}); {last_good_state(out)}")
+    needed = state_bytes(state)
+    check_room(root / name / "state.pt", needed)
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save({"step": step, "rng": rng, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
     final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    watched = None
+    try:
+        tmp.mkdir()
+        with open(tmp / "state.pt", "wb") as f:
+            watched = _WatchedFile(f)
+            torch.save({"step": step, "rng": rng, **state}, watched)
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_json(tmp / "state.json", {"step": step, "bytes": watched.bytes,
+                                               "sha256": watched.sha256.hexdigest()})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = watched.error if watched is not None and watched.error is not None else e
+        if no_room(error):
+            raise disk_full(final / "state.pt", needed, error) from None
+        raise
     atomic_write_text(root / "latest", name + "\n")
     states = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in states[:-keep] if keep > 0 else []:
@@ -194,15 +290,52 @@ def save_state(out: Path, step: int, state: dict[str, Any], keep: int) -> None:
     distributed.barrier()
 
 
-def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
-    """The newest complete state, with RNGs restored; None if the stage never saved one."""
+def _state_problem(directory: Path) -> str | None:
+    """What is wrong with a saved state against its state.json (missing, another size, another sha256), or None
+    (also for states saved before state.json was written)."""
+    path = directory / "state.pt"
+    if not path.is_file():
+        return f"{path} is missing"
+    record_path = directory / "state.json"
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{record_path} is not valid JSON"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{path} is {size:,} bytes, not the {record['bytes']:,} written (truncated or changed)"
+    if sha256_file(path) != record["sha256"]:
+        return f"{path} differs from what was written (its sha256 changed)"
+    return None
+
+
+def load_state(out: Path, device: torch.device, stage: str = "") -> dict[str, Any] | None:
+    """The newest complete state that is not corrupt (each checked against its state.json; a corrupt one is named
+    and the previous kept one tried), with RNGs restored; None if the stage never saved one."""
     pointer = _state_dir(out) / "latest"
     if not pointer.is_file():
         return None
-    path = _state_dir(out) / pointer.read_text().strip() / "state.pt"
-    if not path.is_file():
-        raise UserError(f"{pointer} names {path.parent.name}, which is missing: remove {pointer} to start over")
-    state = torch.load(path, map_location=device, weights_only=False)
+    newest = pointer.read_text().strip()
+    candidates = sorted((p for p in _state_dir(out).iterdir() if p.is_dir() and p.name.startswith("step-")
+                         and p.name <= newest), reverse=True)
+    if not candidates or candidates[0].name != newest:
+        candidates.insert(0, _state_dir(out) / newest)
+    prefix = f"{stage}: " if stage else ""
+    state = None
+    for i, directory in enumerate(candidates):
+        problem = _state_problem(directory)
+        if problem is None:
+            try:
+                state = torch.load(directory / "state.pt", map_location=device, weights_only=False)
+                break
+            except Exception as e:  # noqa: BLE001 - any unreadable state is a corrupt one; the previous may do
+                problem = f"{directory / 'state.pt'} cannot be read ({str(e).splitlines()[0][:200]})"
+        after = f"falling back to the previous state {candidates[i + 1]}" if i + 1 < len(candidates) else ""
+        print(f"{prefix}{problem}: the state is corrupt" + (f"; {after}" if after else ""))
+    if state is None:
+        raise UserError(f"{_state_dir(out)}: no readable train state left (see above): remove it to start over")
     rng = state["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -210,6 +343,121 @@ def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
     return state
+
+
+# ---------------------------------------------------------------- stop signals and divergence
+
+
+class StageGuard:
+    """A training stage's watch over what ends a long run early (docs/FAULTS.md): SIGTERM / SIGINT, and numbers
+    that are not finite.
+
+    Inside `with StageGuard(...) as guard:` the first SIGTERM or SIGINT only sets a flag and says so (a second one
+    does what it would have done: SIGINT raises KeyboardInterrupt, SIGTERM ends the process). At each step boundary
+    the stage asks `stop_requested()` (under torchrun the ranks agree: one all_reduce of the flag), saves its
+    resumable state when it is set and raises `stopped(...)`, which the CLI prints and exits 0 with. So the stop
+    comes within one step and one save; the handler says how long those took so far. Leaving the block puts the
+    previous handlers back.
+
+    `at(step).finite(metrics)` checks a step's numbers before its update is applied (the ranks agree): all finite
+    is True; else on_nonfinite "stop" raises Diverged naming the step, the metric and the last saved state, and
+    "skip" says so and is False (the stage drops the update). `weights_finite` checks a model after its update.
+    """
+
+    def __init__(self, stage: str, out: Path, on_nonfinite: str = "stop", unit: str = "step") -> None:
+        self.stage, self.out, self.on_nonfinite, self.unit = stage, Path(out), on_nonfinite, unit
+        self.step = 0
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+        self.intervals: deque[float] = deque(maxlen=50)
+        self.last = time.perf_counter()
+
+    def __enter__(self) -> StageGuard:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        self.last = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # the second one: what it would have done without the guard
+            previous = self.previous.get(signum, signal.SIG_DFL)
+            self._restore()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signum)
+            return
+        self.signal = signum
+        if distributed.is_main():
+            took = f"; a {self.unit} and a save took at most {max(self.intervals):.2g} s so far" \
+                if self.intervals else ""
+            # os.write, not print: a handler may run in the middle of a print to the same stream
+            os.write(2, (f"{self.stage}: {signal.Signals(signum).name}: saving the state at the end of this "
+                         f"{self.unit} and stopping{took} (send it again to stop at once, unsaved)\n").encode())
+
+    def at(self, step: int) -> StageGuard:
+        """The guard, its messages about `step` (the step being taken, counted from 1)."""
+        self.step = step
+        return self
+
+    def stop_requested(self) -> bool:
+        """At a step boundary (every rank, every step): whether a stop signal came."""
+        now = time.perf_counter()
+        self.intervals.append(now - self.last)
+        self.last = now
+        flag = self.signal is not None
+        if distributed.active():
+            flag = distributed.all_sum(float(flag))[0] > 0
+        return flag
+
+    def stopped(self, done: int, total: int) -> Stopped:
+        name = signal.Signals(self.signal).name if self.signal is not None else "a signal"
+        return Stopped(f"{self.stage}: stopped by {name} after {self.unit} {done} of {total}, its state saved in "
+                       f"{_state_dir(self.out)}: run the same command to resume")
+
+    def finite(self, metrics: dict[str, float]) -> bool:
+        bad = [(k, v) for k, v in metrics.items() if not math.isfinite(v)]
+        if distributed.active() and distributed.all_sum(float(len(bad)))[0] > 0 and not bad:
+            bad = [("a metric on another rank", float("nan"))]
+        if not bad:
+            return True
+        what = ", ".join(f"{k} is {v}" for k, v in bad)
+        if self.on_nonfinite == "skip":
+            print(f"{self.stage}: {self.unit} {self.step}: {what}; skipping its update (--on_nonfinite=skip)")
+            return False
+        raise Diverged(f"{self.stage}: {self.unit} {self.step}: {what}; stopped before applying it (nothing "
+                       f"non-finite was saved); {last_good_state(self.out)}: lower --lr, or pass "
+                       "--on_nonfinite=skip to skip such steps")
+
+    def weights_finite(self, model: torch.nn.Module, what: str) -> None:
+        """After an update: refuse to go on with non-finite weights (Diverged, whatever on_nonfinite says)."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
+        ok = bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
+        if distributed.active():
+            ok = distributed.all_sum(float(not ok))[0] == 0
+        if not ok:
+            raise Diverged(f"{self.stage}: {self.unit} {self.step}: the update made the {what}'s weights nan or "
+                           f"inf (nothing non-finite was saved); {last_good_state(self.out)}: lower --lr")
+
+
+def apply_update(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], grad_clip: float,
+                 loss: float, guard: StageGuard | None = None, prefix: str = "train/") -> float:
+    """Clip the gradients and step the optimizer, unless `guard` finds the loss or the gradient norm non-finite
+    (it raises, or the update is dropped); the gradients are cleared either way. The norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf")).item()
+    if guard is None or guard.finite({f"{prefix}loss": loss, f"{prefix}grad_norm": grad_norm}):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ---------------------------------------------------------------- logging
@@ -221,12 +469,20 @@ def resume(out: Path, device: torch.device, model: torch.nn.Module, optimizer: t
     """The newest train state of `out`, loaded into the model and its optimizer (under `keys`): its step (0
     without a state), the whole state (for what else the stage keeps in it), and the metrics log truncated to
     that step."""
-    start, state = 0, load_state(out, device)
+    start, state = 0, load_state(out, device, stage)
     if state is not None:
         distributed.load_model_state(model, state[keys[0]])
         distributed.load_optimizer_state(model, optimizer, state[keys[1]])
         start = state["step"]
         print(f"{stage}: resuming from {unit} {start} of {total}")
+    elif distributed.is_main():
+        # Before the first save, not after hours of training: room for a state of the model and its AdamW moments.
+        params = {id(p): p for p in model.parameters()}.values()
+        needed = sum(p.numel() * p.element_size() + (8 * p.numel() if p.requires_grad else 0) for p in params)
+        free = free_bytes(out)
+        if free is not None and free < needed:
+            raise DiskFull(f"{stage}: {out}: no room for its train states: one takes about {human_bytes(needed)}, "
+                           f"{human_bytes(free)} free there: make room (or give another --out) and run again")
     return start, state, MetricsLog(out, resume_step=start if state is not None else None)
 
 
@@ -265,8 +521,14 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = json.dumps(row) + "\n"
+        try:
+            self.file.write(line)
+            self.file.flush()
+        except OSError as e:  # a torn last line is what a resumed run drops anyway
+            if no_room(e):
+                raise disk_full(self.path, len(line), e) from None
+            raise
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, step)
