@@ -2,7 +2,7 @@
 
 A checkpoint directory holds config.json + model.safetensors (Hugging Face names and layouts), the
 tokenizer files, generation_config.json, and chatloop.json (lineage: stage, parent checkpoint, data files
-with sha256, config, metrics; and `files`: the size and sha256 of every other file it wrote). chatloop.json is
+with sha256, config, metrics; and `files`: the size and sha256 of the weights and tokenizer.json). chatloop.json is
 written last: a directory without it is unfinished. A directory whose files differ from what chatloop.json records
 (truncated, changed, missing) is corrupt: `load_model` refuses it naming the file and the stage that wrote it, and
 `is_complete` counts it unfinished, so the stage runs again. Hashing costs about 1 s per 1.6 GB here (SmolLM2-360M
@@ -354,9 +354,9 @@ def save_model(
             "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.pad_id, "do_sample": True,
             "temperature": 1.0, "top_k": 0, "top_p": 1.0,
         })
-    written = ["model.safetensors", "config.json"]
-    if tokenizer is not None:
-        written += ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    # The small JSON files are left out: people edit them by hand (eos, a chat template), and their readers
+    # check them anyway.
+    written = ["model.safetensors"] + (["tokenizer.json"] if tokenizer is not None else [])
     files = {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
              for name in written}
     record = {"chatloop_version": __version__, "created_at": utc_time(), "status": "complete", **(lineage or {}),
@@ -389,16 +389,16 @@ def checkpoint_problem(directory: str | Path) -> str | None:
         return str(e)
     if not lineage or not isinstance(lineage.get("files"), dict):
         return None
-    stage = lineage.get("stage", "?")
+    writer = f"the {lineage['stage']} stage" if lineage.get("stage") else "chatloop"
     for name, want in lineage["files"].items():
         path = directory / name
         if not path.is_file():
-            return f"{path} is missing (written by the {stage} stage)"
+            return f"{path} is missing (written by {writer})"
         size = path.stat().st_size
         if size != want.get("bytes", size):
-            return f"{path} is {size:,} bytes, not the {want['bytes']:,} the {stage} stage wrote (truncated or changed)"
+            return f"{path} is {size:,} bytes, not the {want['bytes']:,} {writer} wrote (truncated or changed)"
         if "sha256" in want and sha256_file(path) != want["sha256"]:
-            return f"{path} differs from what the {stage} stage wrote (its sha256 changed)"
+            return f"{path} differs from what {writer} wrote (its sha256 changed)"
     return None
 
 

@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,41 @@ def kill_when(command: list[str], ready: Callable[[], bool], timeout: float) -> 
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def assert_same_run(out: Path, reference: Path, loss_key: str) -> None:
+    """A resumed run `out` ended where the uninterrupted `reference` did: every step logged exactly once with the
+    same numbers (all but timings), and the same final metrics."""
+    got, want = metric_rows(out), metric_rows(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want]  # every step exactly once
+    for a, b in zip(got, want):
+        assert loss_key in a or a["step"] == 0
+        same = {k: v for k, v in b.items() if not k.startswith("perf/")}
+        assert {k: a[k] for k in same} == pytest.approx(same, abs=1e-5), a["step"]
+    final = json.loads((out / "chatloop.json").read_text())["metrics"]
+    for key, value in json.loads((reference / "chatloop.json").read_text())["metrics"].items():
+        assert final[key] == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value), key
+
+
+@contextmanager
+def tmpfs(directory: Path, size: int) -> Iterator[Callable[[int], None]]:
+    """A real small file system (tmpfs, `size` bytes) mounted at `directory` while the block runs; it yields a
+    function that resizes it. Needs root (as here and in CI) or a user namespace: skipped elsewhere, a failure
+    under CI."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def mount(*options: str) -> None:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "none", str(directory)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            message = f"cannot mount a tmpfs (root needed): {result.stderr.strip()}"
+            pytest.fail(message) if IN_CI else pytest.skip(message)
+
+    mount(f"size={size}")
+    try:
+        yield lambda new_size: mount("remount", f"size={new_size}")
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -109,7 +109,7 @@ def test_a_checkpoint_missing_a_file_or_tensor_is_refused_by_name(tmp_path):
     model = random_model(style="llama")
     save_model(model, tmp_path, None)
     (tmp_path / "model.safetensors").rename(tmp_path / "moved")
-    with pytest.raises(UserError, match="no model.safetensors"):
+    with pytest.raises(UserError, match="model.safetensors is missing"):
         load_model(tmp_path)
     (tmp_path / "moved").rename(tmp_path / "model.safetensors")
     (tmp_path / "config.json").unlink()

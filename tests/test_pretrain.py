@@ -95,7 +95,7 @@ def test_a_checkpoint_missing_a_file_is_a_clear_error(tmp_path, tokenizer_dir, c
     assert run_cli(*pretrain_args(tokenizer_dir, corpus_file, out, "--max_steps=2")).returncode == 0
     (out / "model.safetensors").unlink()
     result = run_cli("generate", f"--model={out}", "--prompts=The red")
-    assert result.returncode == 2 and "no model.safetensors" in result.stderr
+    assert result.returncode == 2 and "model.safetensors is missing (written by the pretrain stage)" in result.stderr
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from chatloop.checkpoint import is_complete, save_model
 from chatloop.model import GPT, GPTConfig
 from chatloop.tokenizer import Tokenizer
-from tests.conftest import FP32, cli_command, kill_when, metric_rows, run_cli
+from tests.conftest import FP32, assert_same_run, cli_command, kill_when, metric_rows, run_cli
 
 COLORS = ["red", "blue", "green", "brown"]
 
@@ -69,12 +69,4 @@ def test_kill_9_mid_stage_then_the_same_command_finishes_like_an_uninterrupted_r
     result = run_cli(*stage_args(stage, models, out))
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stdout
-    got = metric_rows(out)
-    assert [r["step"] for r in got] == [r["step"] for r in want]  # every step exactly once
-    for a, b in zip(got, want):
-        assert loss_key in a or a["step"] == 0
-        same = {k: v for k, v in b.items() if not k.startswith("perf/")}  # all but timings
-        assert {k: a[k] for k in same} == pytest.approx(same, abs=1e-5), a["step"]
-    final = json.loads((out / "chatloop.json").read_text())["metrics"]
-    for key, value in json.loads((reference / "chatloop.json").read_text())["metrics"].items():
-        assert final[key] == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value), key
+    assert_same_run(out, reference, loss_key)

@@ -39,9 +39,11 @@ import gzip
 import hashlib
 import json
 import random
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,15 +67,18 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from chatloop.data.formats import Prompt, validate_prompt_record
-from chatloop.errors import UserError
+from chatloop.errors import DiskFull, UserError
 from chatloop.io import (
     atomic_write_json,
     atomic_write_text,
     check_input_file,
+    free_bytes,
+    human_bytes,
+    no_room,
     replace_dir,
     sha256_file,
     temp_dir_beside,
@@ -214,6 +219,13 @@ def display_time(stored: str) -> str:
     return stored.replace(".000000Z", "Z")
 
 
+def refused_write(e: BaseException) -> bool:
+    """Whether a database error is the disk refusing a write: no room (chatloop.io.no_room: SQLite's "database or
+    disk is full", ENOSPC, a quota) or a disk I/O error. SQLite rolls such a transaction back: nothing of it is
+    stored, and the same write can be sent again once there is room."""
+    return no_room(e) or "disk I/O error" in str(e)
+
+
 def db_url(db: str) -> str:
     """An SQLAlchemy URL as given, or `sqlite:///PATH` for a plain file path."""
     return db if "://" in db else f"sqlite:///{db}"
@@ -230,13 +242,30 @@ class PromptStore:
         self.db = url.render_as_string(hide_password=True) if "://" in db else db
         """The store as messages, reports and manifests name it (a password in the URL is masked)."""
         self.is_sqlite = url.get_backend_name() == "sqlite"
+        self.path: Path | None = None
+        """The SQLite file, if the store is one."""
         if self.is_sqlite and url.database and url.database != ":memory:":
-            path = Path(url.database)
+            path = self.path = Path(url.database)
             if not create and not path.is_file():
                 raise UserError(f"--db: no prompt store at {path} (run `chatloop prompts ingest` first)")
             path.parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = open_engine(url, self.db, metadata, meta, "prompts", STORE_FORMAT, "a prompt store",
                                           " (ingest the JSONL files into a new store)")
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction. One the disk refuses (refused_write) is DiskFull naming the store: it was rolled
+        back, so nothing of it is stored, and the same command or request can be sent again once there is room."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, sqlite3.OperationalError) as e:  # sqlite3's own: _sqlite_insert's cursor
+            if not refused_write(e):
+                raise
+            free = free_bytes(self.path) if self.path else None
+            raise DiskFull(f"{self.db}: cannot write to the prompt store: {getattr(e, 'orig', e)}"
+                           + (f" ({human_bytes(free)} free there)" if free is not None else "")
+                           + "; nothing of this write was stored: make room and run it again") from None
 
     # -- ingest -----------------------------------------------------------------------------------------------
 
@@ -246,7 +275,7 @@ class PromptStore:
         path = check_input_file(path)
         result = IngestResult(str(path))
         seen: dict[str, int] = {}  # occurrences of each line so far (a Counter's missing-key path is slow)
-        with self.engine.begin() as conn:
+        with self.write() as conn:
             ingest_id = conn.execute(insert(ingests).values(
                 path=str(path), sha256=sha256_file(path), started_at=utc_time())).inserted_primary_key[0]
             batch: list[tuple[Any, ...]] = []
@@ -293,7 +322,7 @@ class PromptStore:
 
     def start_log(self, path: str) -> int:
         """An `ingests` row for records that arrive one by one (`chatloop serve`); returns its id."""
-        with self.engine.begin() as conn:
+        with self.write() as conn:
             return conn.execute(insert(ingests).values(path=path, sha256="live", started_at=utc_time())
                                 ).inserted_primary_key[0]
 
@@ -307,7 +336,7 @@ class PromptStore:
             if parsed is not None:
                 digest, fields = parsed
                 batch.append((f"{digest}#0", *fields, ingest_id, lineno))
-        with self.engine.begin() as conn:
+        with self.write() as conn:
             added = self._insert_new(conn, batch)
             conn.execute(update(ingests).where(ingests.c.id == ingest_id).values(
                 records=ingests.c.records + len(batch), added=ingests.c.added + added,
@@ -323,7 +352,7 @@ class PromptStore:
         body, texts = _ENCODE(prompt), _ENCODE(answers)
         for _ in range(2):  # a concurrent first insert of the same id: the second try finds it and updates
             try:
-                with self.engine.begin() as conn:
+                with self.write() as conn:
                     row = conn.execute(select(feedback.c.id, feedback.c.kind, feedback.c.prompt, feedback.c.answers)
                                        .where(feedback.c.user_id == user_id, feedback.c.client_id == client_id)).first()
                     if row is not None:
@@ -403,7 +432,7 @@ class PromptStore:
                       render: Callable[[dict[str, Any]], str]) -> int:
         """Store a curation run and its rows in one transaction; sets report["curation_id"]; returns the id."""
         dumps = json.dumps
-        with self.engine.begin() as conn:
+        with self.write() as conn:
             cid = conn.execute(insert(curations).values(
                 created_at=utc_time(), prompts=len(rows), config=dumps(report.get("config", {})), report="{}",
                 report_md="")).inserted_primary_key[0]
@@ -486,8 +515,8 @@ def open_engine(url: URL, shown: str, tables: MetaData, meta_table: Table, marke
             if fresh:
                 conn.execute(insert(meta_table).values(key="format", value=version))
             found = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "format")).scalar()
-    except OperationalError as e:
-        raise UserError(f"--db: cannot open {shown!r}: {e.orig}") from None
+    except OperationalError as e:  # a store that cannot be created on a full disk is DiskFull (exit 2 too)
+        raise (DiskFull if refused_write(e) else UserError)(f"--db: cannot open {shown!r}: {e.orig}") from None
     if found != version:
         raise UserError(f"--db: {shown!r} is {what} of format {found!r}, this chatloop reads format {version!r}"
                         + hint)

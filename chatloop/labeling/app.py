@@ -16,12 +16,17 @@ Security model (docs/LABELING.md has the long form):
   for labelers.
 - Jinja autoescapes everything and no markdown is rendered; the Content-Security-Policy allows no inline script,
   so even a missed escape would not run.
+
+A write the disk refuses (full, a quota, an I/O error) is a 507 saying that nothing was stored, never an
+acknowledgement: each request's writes are one transaction, rolled back. Reads go on; once there is room the same
+submission is stored (a repeat of a stored one returns its label).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +36,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatloop.data.prompts import refused_write
 from chatloop.errors import UserError
 from chatloop.labeling.answers import BadAnswer
 from chatloop.labeling.reports import export_records, report
@@ -57,6 +64,8 @@ FLAG_TEXT = {
     "expresses_moral_judgment": "Expresses a moral judgment",
     "contains_pii": "Contains personal information (PII)",
 }
+NOT_STORED = ("not stored: the server's disk is full (or failing), so nothing of this request was saved; keep your "
+              "answer and send it again in a few minutes (sending the same submission twice stores it once)")
 EXPORTS = ("rankings", "rankings_merged", "demonstrations", "ratings", "comparisons")
 
 
@@ -104,6 +113,18 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         if exc.status == 401:
             return redirect(request, "/login")
         return page(request, "error.html", exc.status, title=str(exc.status), message=exc.message)
+
+    @app.exception_handler(OperationalError)
+    async def store_error(request: Request, exc: OperationalError) -> Response:
+        """A write the disk refused (a full disk, a quota, an I/O error): 507, never an acknowledgement. Every write
+        is one transaction, which SQLite rolled back, so nothing of the request is stored; reads go on."""
+        if not refused_write(exc):
+            raise exc  # the guard logs it and answers a generic 500
+        print(f"chatloop label: {request.method} {app_path(request.scope)}: refused with 507, the database could not "
+              f"be written: {exc.orig}; make room beside {store.db}", file=sys.stderr, flush=True)
+        if site.is_api(request):
+            return JSONResponse({"error": NOT_STORED, "stored": False}, status_code=507, headers={"retry-after": "60"})
+        return page(request, "error.html", 507, title="Not saved", message=NOT_STORED)
 
     account_pages(app, site)
     task_pages(app, site, lease_s)

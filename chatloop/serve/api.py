@@ -14,7 +14,7 @@ time, the model and the sampling settings) to the request log (JSONL) and the pr
 training set. The page's thumbs and regenerations go to the same store as comparisons (`chatloop prompts
 feedback` exports them for `chatloop rm`). A key marked `nolog` opts out of both. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, with the status OpenAI uses (400 bad request, 401 key,
-404 model, 413 body, 429 queue).
+404 model, 413 body, 429 queue), and 507 when a prompt or a judgement cannot be logged for want of room (PromptLog).
 
 Every request passes chatloop.serve.guard first (body size, JSON depth, integer range, valid Unicode), and no
 client can hold the event loop: a prompt whose UTF-8 length cannot fit `max_prompt_tokens` (more bytes than
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -45,7 +46,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chatloop.data.feedback import check_body
 from chatloop.data.formats import validate_prompt_value
 from chatloop.data.prompts import DEFAULT_DB, PromptStore
-from chatloop.errors import UserError
+from chatloop.errors import DiskFull, UserError
+from chatloop.io import disk_full, no_room
 from chatloop.serve.batcher import Batcher, Job, QueueFull, Sampling, TextStream
 from chatloop.serve.guard import Guard, Limits
 from chatloop.tokenizer import Tokenizer
@@ -53,6 +55,8 @@ from chatloop.tokenizer import Tokenizer
 HERE = Path(__file__).parent
 PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),
               "/page.css": ("page.css", "text/css")}
+NOT_STORED = ("The server's disk is full: nothing of this request was stored (a prompt is answered only once it is "
+              "logged); retry later.")
 TOKENIZE_THREADS = 2  # prompts tokenized at once (each in a worker thread); the others wait their turn
 
 
@@ -151,7 +155,9 @@ def load_keys(cfg: ServeConfig) -> dict[str, Key]:
 class PromptLog:
     """Appends each logged request to the JSONL request log, then to the prompt store (same keys as an
     ingest of that log, so re-ingesting it adds nothing). The log line is written first: if the database
-    fails, the prompt is still on disk and a later `chatloop prompts ingest` stores it."""
+    fails, the prompt is still on disk and a later `chatloop prompts ingest` stores it (the request is served,
+    with a line on stderr). A line that finds no room is cut off again, never left half-written, and is DiskFull:
+    the request is refused (507) unanswered, as it is when the store fails and there is no request log."""
 
     def __init__(self, db: str, path: str) -> None:
         self.store = PromptStore(db) if db else None
@@ -173,8 +179,7 @@ class PromptLog:
         line = json.dumps(record, ensure_ascii=False)
         with self.lock:
             if self.path:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
+                self.append(self.path, (line + "\n").encode("utf-8"))
             self.count += 1
             number = self.count
         if self.store:
@@ -183,8 +188,26 @@ class PromptLog:
             except Exception as e:  # noqa: BLE001 - the JSONL line keeps the prompt; serving goes on
                 if not self.path:
                     raise
-                print(f"chatloop serve: prompt store write failed ({e}); the prompt is in {self.path}",
-                      file=sys.stderr)
+                print(f"chatloop serve: prompt store write failed ({getattr(e, 'orig', e)}); the prompt is in "
+                      f"{self.path}", file=sys.stderr)
+
+    @staticmethod
+    def append(path: Path, data: bytes) -> None:
+        """Append `data` whole or not at all: a write that fails part way is cut off again (a half line would spoil
+        the next one too); one that found no room is DiskFull."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end, view = os.lseek(fd, 0, os.SEEK_END), memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as e:
+                os.ftruncate(fd, end)
+                if no_room(e):
+                    raise disk_full(path, len(data), e) from None
+                raise
+        finally:
+            os.close(fd)
 
 
 # -- request bodies ---------------------------------------------------------------------------------------------
@@ -434,6 +457,13 @@ def create_app(server: Server) -> FastAPI:
     async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
         return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
 
+    @app.exception_handler(DiskFull)
+    async def no_room_error(request: Request, e: DiskFull) -> JSONResponse:
+        """The request log or the prompt store found no room: 507; a prompt is answered only once it is logged, and
+        nothing of this request was stored. Reads (models, stats, the page) go on."""
+        print(f"chatloop serve: {request.url.path}: refused with 507: {e}", file=sys.stderr, flush=True)
+        return APIError(507, NOT_STORED, type="server_error", code="insufficient_storage").response()
+
     # An exception that escapes a handler is logged and answered by the guard (a generic 500, no exception text).
 
     def page_file(path: str) -> Any:
@@ -538,6 +568,8 @@ async def feedback(request: Request) -> dict[str, Any]:
     try:
         _, new = await run_in_threadpool(server.log.feedback, key.user_id, client_id, kind, messages, answers,
                                          verdict, server.name)
+    except DiskFull:
+        raise
     except UserError as e:
         raise APIError(409, str(e), param="id") from None
     return {"logged": True, "new": new}

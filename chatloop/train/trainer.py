@@ -192,21 +192,21 @@ def _state_dir(out: Path) -> Path:
     return out / "train_state"
 
 
-def _tensors(obj: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def state_tensors(obj: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """(dotted name, tensor) of every tensor in nested dicts, lists and tuples (a train state)."""
     if isinstance(obj, torch.Tensor):
         yield name, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _tensors(v, f"{name}.{k}" if name else str(k))
+            yield from state_tensors(v, f"{name}.{k}" if name else str(k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _tensors(v, f"{name}.{i}" if name else str(i))
+            yield from state_tensors(v, f"{name}.{i}" if name else str(i))
 
 
 def state_bytes(state: dict[str, Any]) -> int:
     """About the size of `state` as torch.save writes it: its tensors' bytes."""
-    return sum(t.nbytes for _, t in _tensors(state))
+    return sum(t.nbytes for _, t in state_tensors(state))
 
 
 def last_good_state(out: Path) -> str:
@@ -252,7 +252,7 @@ def save_state(out: Path, step: int, state: dict[str, Any], keep: int) -> None:
         return
     root = _state_dir(out)
     name = f"step-{step:08d}"
-    for key, t in _tensors(state):
+    for key, t in state_tensors(state):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise Diverged(f"{root / name}: not saved: {key} holds nan or inf (the training diverged at or before "
                            f"step {step}); {last_good_state(out)}")
