@@ -46,7 +46,9 @@ def nan_reward(arg: str, tokenizer, reward_scale: float):
     return Blowup()
 
 
-NAN_REWARD = ["--reward_fn=tests.test_faults:nan_reward", "--reward_fn_arg=5", "--reward_model="]
+def nan_reward_args(inputs: dict[str, Path]) -> list[str]:
+    return ["--reward_fn=tests.test_faults:nan_reward", "--reward_fn_arg=5", "--reward_model=",
+            f"--value_model={inputs['root'] / 'rm'}"]
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +178,13 @@ def test_a_diverging_loss_or_reward_stops_with_exit_2_naming_the_step_and_saves_
                                                                                                   stage):
     out = tmp_path / "diverged"
     # AdamW moves each weight by about lr in its first step: 1e30 makes the second step's loss inf or nan.
-    blowup = (NAN_REWARD if stage == "ppo"
+    blowup = (nan_reward_args(inputs) if stage == "ppo"
               else ["--lr=1e30", "--warmup_steps=0"])
     result = run_cli(*args(stage, inputs, out, *blowup))
     assert result.returncode == 2, result.stderr
     error = result.stderr.strip().splitlines()[-1]
     unit, metric = ("iteration 5", "objective/scores") if stage == "ppo" else ("step 2", r"train/(loss|grad_norm)")
-    assert re.match(rf"chatloop {stage}: error: {stage}: {unit}: {metric} is (nan|inf|-inf).*stopped before applying "
+    assert re.match(rf"chatloop {stage}: error: {unit}: {metric} is (nan|inf|-inf).*stopped before applying "
                     rf"it \(nothing non-finite was saved\); (the last good state is {out}/train_state/step-\d+|no "
                     "state was saved yet)", error), error
     assert not (out / "chatloop.json").exists() and not leftovers(out)
@@ -193,7 +195,7 @@ def test_a_diverging_loss_or_reward_stops_with_exit_2_naming_the_step_and_saves_
 
 def test_ppo_skips_the_update_of_an_iteration_whose_reward_is_not_finite_when_asked(tmp_path, inputs):
     out = tmp_path / "skipped"
-    result = run_cli(*args("ppo", inputs, out, *NAN_REWARD, "--on_nonfinite=skip"))
+    result = run_cli(*args("ppo", inputs, out, *nan_reward_args(inputs), "--on_nonfinite=skip"))
     assert result.returncode == 0, result.stderr
     assert "ppo: iteration 5: objective/scores is nan; skipping its update (--on_nonfinite=skip)" in result.stdout
     assert is_complete(out)

@@ -117,8 +117,8 @@ def test_a_prompt_or_judgement_that_cannot_be_logged_is_refused_with_507_and_log
             for reply in (ask("Refused: where does the fox run?"), feedback_post(server.url, "sk-alice", judgement)):
                 assert reply.status_code == 507, reply.text
                 assert reply.json()["error"] == {
-                    "message": "The server's disk is full: nothing of this request was stored (a prompt is answered "
-                               "only once it is logged); retry later.",
+                    "message": "The server's disk is full (or failing): nothing of this request was stored (a prompt "
+                               "is answered only once it is logged); retry later.",
                     "type": "server_error", "param": None, "code": "insufficient_storage"}
             models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sk-alice"})
             assert models.status_code == 200  # reads go on

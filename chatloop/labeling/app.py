@@ -64,8 +64,8 @@ FLAG_TEXT = {
     "expresses_moral_judgment": "Expresses a moral judgment",
     "contains_pii": "Contains personal information (PII)",
 }
-NOT_STORED = ("not stored: the server's disk is full (or failing), so nothing of this request was saved; keep your "
-              "answer and send it again in a few minutes (sending the same submission twice stores it once)")
+NOT_STORED = ("not stored: the server's disk is full (or failing), so nothing of this request was saved; send it again "
+              "in a few minutes (a submission sent twice is stored once)")
 EXPORTS = ("rankings", "rankings_merged", "demonstrations", "ratings", "comparisons")
 
 
@@ -120,8 +120,8 @@ def create_app(store: LabelStore, *, secure_cookies: bool = False, lease_s: floa
         is one transaction, which SQLite rolled back, so nothing of the request is stored; reads go on."""
         if not refused_write(exc):
             raise exc  # the guard logs it and answers a generic 500
-        print(f"chatloop label: {request.method} {app_path(request.scope)}: refused with 507, the database could not "
-              f"be written: {exc.orig}; make room beside {store.db}", file=sys.stderr, flush=True)
+        print(f"chatloop label: {request.method} {app_path(request.scope)} refused with 507: cannot write to "
+              f"{store.db}: {exc.orig} (nothing of it was stored); make room there", file=sys.stderr, flush=True)
         if site.is_api(request):
             return JSONResponse({"error": NOT_STORED, "stored": False}, status_code=507, headers={"retry-after": "60"})
         return page(request, "error.html", 507, title="Not saved", message=NOT_STORED)

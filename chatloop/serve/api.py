@@ -55,8 +55,8 @@ from chatloop.tokenizer import Tokenizer
 HERE = Path(__file__).parent
 PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),
               "/page.css": ("page.css", "text/css")}
-NOT_STORED = ("The server's disk is full: nothing of this request was stored (a prompt is answered only once it is "
-              "logged); retry later.")
+NOT_STORED = ("The server's disk is full (or failing): nothing of this request was stored (a prompt is answered only "
+              "once it is logged); retry later.")
 TOKENIZE_THREADS = 2  # prompts tokenized at once (each in a worker thread); the others wait their turn
 
 
@@ -189,7 +189,7 @@ class PromptLog:
                 if not self.path:
                     raise
                 print(f"chatloop serve: prompt store write failed ({getattr(e, 'orig', e)}); the prompt is in "
-                      f"{self.path}", file=sys.stderr)
+                      f"{self.path} (`chatloop prompts ingest` of it stores what is missing)", file=sys.stderr)
 
     @staticmethod
     def append(path: Path, data: bytes) -> None:

@@ -587,7 +587,8 @@ def make_batch(policy, reference, reward: RewardSource, value_model, prompts, re
     # step 3 (this and step 4 on chunks of rows of similar length: see length_chunks)
     rows = torch.arange(mask.shape[0], device=mask.device)
     scores = reward.scores(records, rollout).to(device)
-    scores = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.no_eos_score))
+    # (a non-finite score stays, unhidden by no_eos_score: StageGuard stops or skips the iteration on it)
+    scores = torch.where(rollout.ended | ~torch.isfinite(scores), scores, torch.full_like(scores, cfg.no_eos_score))
     # step 4
     def logprobs_of(model):
         return lambda t, a, p: response_logprobs(model, t, a, p, cfg.temperature, device, precision)
