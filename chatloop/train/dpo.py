@@ -356,6 +356,13 @@ def print_eval(evaluation: dict) -> None:
           f"{evaluation['pairs']} pairs of {evaluation['prompts']} prompts")
 
 
+def require_inputs(cfg: DPOConfig) -> None:
+    if not cfg.policy or not cfg.data:
+        raise UserError("--policy (an SFT checkpoint) and --data (ranking files) are required")
+    if cfg.beta <= 0:
+        raise UserError(f"--beta={cfg.beta}: expected a positive number")
+
+
 def dpo(cfg: DPOConfig) -> Path:
     out = Path(cfg.out)
     # step 1
@@ -363,10 +370,7 @@ def dpo(cfg: DPOConfig) -> Path:
     if opened is None:
         return out
     device, precision = opened
-    if not cfg.policy or not cfg.data:
-        raise UserError("--policy (an SFT checkpoint) and --data (ranking files) are required")
-    if cfg.beta <= 0:
-        raise UserError(f"--beta={cfg.beta}: expected a positive number")
+    require_inputs(cfg)
 
     # step 2
     tokenizer = Tokenizer.load(cfg.policy)
@@ -433,9 +437,7 @@ def dpo(cfg: DPOConfig) -> Path:
                 last_time = time.perf_counter()
             bar.update(1)
             if stop:
-                bar.close()
-                log.close()
-                raise guard.stopped(done, total_steps)
+                raise guard.stopped(done, total_steps, bar, log)
     bar.close()
     log.close()
 

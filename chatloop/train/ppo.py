@@ -420,9 +420,7 @@ def ppo(cfg: PPOConfig) -> Path:
                 save_state(out, done, state, cfg.keep_states)
             bar.update(1)
             if stop:
-                bar.close()
-                log.close()
-                raise guard.stopped(done, cfg.iterations)
+                raise guard.stopped(done, cfg.iterations, bar, log)
     bar.close()
     log.close()
     save_policy(cfg, out, ema if ema is not None else policy, tokenizer, kl_ctl.value, ptx is not None)

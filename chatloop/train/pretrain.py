@@ -253,9 +253,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 last_time = time.perf_counter()
             bar.update(1)
             if stop:
-                bar.close()
-                log.close()
-                raise guard.stopped(done, cfg.max_steps)
+                raise guard.stopped(done, cfg.max_steps, bar, log)
     bar.close()
     log.close()
 

@@ -443,9 +443,7 @@ def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[RMG
                 last_time = time.perf_counter()
             bar.update(1)
             if stop:
-                bar.close()
-                log.close()
-                raise guard.stopped(done, total_steps)
+                raise guard.stopped(done, total_steps, bar, log)
     bar.close()
     log.close()
     return model

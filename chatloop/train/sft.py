@@ -304,6 +304,13 @@ def split_validation(conversations, cfg: SFTConfig, skipped: Counter):
     return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
 
 
+def require_inputs(cfg: SFTConfig) -> None:
+    if not cfg.model:
+        raise UserError("--model: give the checkpoint to fine-tune")
+    if not cfg.data:
+        raise UserError("--data: give at least one demonstrations file")
+
+
 def sft(cfg: SFTConfig) -> Path:
     out = Path(cfg.out)
     # step 1
@@ -311,10 +318,7 @@ def sft(cfg: SFTConfig) -> Path:
     if opened is None:
         return out
     device, precision = opened
-    if not cfg.model:
-        raise UserError("--model: give the checkpoint to fine-tune")
-    if not cfg.data:
-        raise UserError("--data: give at least one demonstrations file")
+    require_inputs(cfg)
     tokenizer = Tokenizer.load(cfg.model)
 
     # step 2
@@ -386,9 +390,7 @@ def sft(cfg: SFTConfig) -> Path:
                 last_time = time.perf_counter()
             bar.update(1)
             if stop:
-                bar.close()
-                log.close()
-                raise guard.stopped(done, total_steps)
+                raise guard.stopped(done, total_steps, bar, log)
     bar.close()
     log.close()
 

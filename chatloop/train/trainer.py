@@ -419,7 +419,10 @@ class StageGuard:
             flag = distributed.all_sum(float(flag))[0] > 0
         return flag
 
-    def stopped(self, done: int, total: int) -> Stopped:
+    def stopped(self, done: int, total: int, *closing: Any) -> Stopped:
+        """The Stopped error to raise after the state is saved (`closing`: the progress bar, the log: closed)."""
+        for thing in closing:
+            thing.close()
         name = signal.Signals(self.signal).name if self.signal is not None else "a signal"
         return Stopped(f"{self.stage}: stopped by {name} after {self.unit} {done} of {total}, its state saved in "
                        f"{_state_dir(self.out)}: run the same command to resume")
