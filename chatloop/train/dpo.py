@@ -76,7 +76,6 @@ from chatloop.train.trainer import (
     make_optimizer,
     open_stage,
     resume,
-    save_state,
     set_lr,
 )
 
@@ -430,14 +429,11 @@ def dpo(cfg: DPOConfig) -> Path:
                 last_time = time.perf_counter()
             if metrics:
                 log.log(done, metrics)
-            stop = guard.stop_requested()
-            if stop or done % cfg.save_every == 0 or done == total_steps:
-                save_state(out, done, {"model": distributed.model_state(policy),
-                                       "optimizer": distributed.optimizer_state(policy, optimizer)}, cfg.keep_states)
+            if guard.end_step(done, total_steps, done % cfg.save_every == 0 or done == total_steps,
+                              lambda: {"model": distributed.model_state(policy),
+                                       "optimizer": distributed.optimizer_state(policy, optimizer)},
+                              cfg.keep_states, bar, log):
                 last_time = time.perf_counter()
-            bar.update(1)
-            if stop:
-                raise guard.stopped(done, total_steps, bar, log)
     bar.close()
     log.close()
 

@@ -77,7 +77,6 @@ from chatloop.train.trainer import (
     config_record,
     open_stage,
     resume,
-    save_state,
     set_lr,
 )
 
@@ -414,13 +413,9 @@ def ppo(cfg: PPOConfig) -> Path:
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.iterations) and distributed.is_main():
                 record_samples(out, done, batch, tokenizer, batch_prompts)
-            stop = guard.stop_requested()
-            if stop or done % cfg.save_every == 0 or done == cfg.iterations:
-                state = train_state(policy, policy_opt, value_model, value_opt, kl_ctl, ema)
-                save_state(out, done, state, cfg.keep_states)
-            bar.update(1)
-            if stop:
-                raise guard.stopped(done, cfg.iterations, bar, log)
+            guard.end_step(done, cfg.iterations, done % cfg.save_every == 0 or done == cfg.iterations,
+                           lambda: train_state(policy, policy_opt, value_model, value_opt, kl_ctl, ema),
+                           cfg.keep_states, bar, log)
     bar.close()
     log.close()
     save_policy(cfg, out, ema if ema is not None else policy, tokenizer, kl_ctl.value, ptx is not None)

@@ -48,7 +48,6 @@ from chatloop.train.trainer import (
     make_optimizer,
     open_stage,
     resume,
-    save_state,
     set_lr,
 )
 
@@ -246,14 +245,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 last_time = time.perf_counter()  # evaluation time is not training throughput
             if metrics:
                 log.log(done, metrics)
-            stop = guard.stop_requested()
-            if stop or done % cfg.save_every == 0 or done == cfg.max_steps:
-                save_state(out, done, {"model": distributed.model_state(model),
-                                       "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
+            if guard.end_step(done, cfg.max_steps, done % cfg.save_every == 0 or done == cfg.max_steps,
+                              lambda: {"model": distributed.model_state(model),
+                                       "optimizer": distributed.optimizer_state(model, optimizer)},
+                              cfg.keep_states, bar, log):
                 last_time = time.perf_counter()
-            bar.update(1)
-            if stop:
-                raise guard.stopped(done, cfg.max_steps, bar, log)
     bar.close()
     log.close()
 

@@ -60,7 +60,6 @@ from chatloop.train.trainer import (
     make_optimizer,
     open_stage,
     resume,
-    save_state,
     seed_everything,
     set_lr,
 )
@@ -436,14 +435,11 @@ def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[RMG
                                "perf/comparisons_per_s": pairs_seen / elapsed})
                 last_time, responses_seen, pairs_seen = time.perf_counter(), 0, 0
                 bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{correct / max(1, total):.2f}")
-            stop = guard.stop_requested()
-            if stop or done % cfg.save_every == 0 or done == total_steps:
-                save_state(out, done, {"model": distributed.model_state(model),
-                                       "optimizer": distributed.optimizer_state(model, optimizer)}, cfg.keep_states)
+            if guard.end_step(done, total_steps, done % cfg.save_every == 0 or done == total_steps,
+                              lambda: {"model": distributed.model_state(model),
+                                       "optimizer": distributed.optimizer_state(model, optimizer)},
+                              cfg.keep_states, bar, log):
                 last_time = time.perf_counter()
-            bar.update(1)
-            if stop:
-                raise guard.stopped(done, total_steps, bar, log)
     bar.close()
     log.close()
     return model

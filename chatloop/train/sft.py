@@ -54,7 +54,6 @@ from chatloop.train.trainer import (
     make_optimizer,
     open_stage,
     resume,
-    save_state,
     set_lr,
 )
 
@@ -382,15 +381,12 @@ def sft(cfg: SFTConfig) -> Path:
                 print(f"sft: epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if "/" in k))
             if metrics:
                 log.log(done, metrics)
-            stop = guard.stop_requested()
-            if stop or done % cfg.save_every == 0 or done in epoch_ends or done == total_steps:
-                save_state(out, done, {"model": distributed.model_state(model),
+            if guard.end_step(done, total_steps, done % cfg.save_every == 0 or done in epoch_ends
+                              or done == total_steps,
+                              lambda: {"model": distributed.model_state(model),
                                        "optimizer": distributed.optimizer_state(model, optimizer),
-                                       "epoch_metrics": epoch_metrics}, cfg.keep_states)
+                                       "epoch_metrics": epoch_metrics}, cfg.keep_states, bar, log):
                 last_time = time.perf_counter()
-            bar.update(1)
-            if stop:
-                raise guard.stopped(done, total_steps, bar, log)
     bar.close()
     log.close()
 

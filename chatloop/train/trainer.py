@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -426,6 +426,18 @@ class StageGuard:
         name = signal.Signals(self.signal).name if self.signal is not None else "a signal"
         return Stopped(f"{self.stage}: stopped by {name} after {self.unit} {done} of {total}, its state saved in "
                        f"{_state_dir(self.out)}: run the same command to resume")
+
+    def end_step(self, done: int, total: int, due: bool, state: Callable[[], dict[str, Any]], keep: int, bar: Any,
+                 log: MetricsLog) -> bool:
+        """A step's end (every rank): save `state()` when `due` or when a stop signal came, move the progress bar on,
+        and after a stop's save raise `stopped` (bar and log closed). Whether it saved (for the stage's timer)."""
+        stop = self.stop_requested()
+        if stop or due:
+            save_state(self.out, done, state(), keep)
+        bar.update(1)
+        if stop:
+            raise self.stopped(done, total, bar, log)
+        return due
 
     def finite(self, metrics: dict[str, float]) -> bool:
         bad = [(k, v) for k, v in metrics.items() if not math.isfinite(v)]
