@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from chatloop import __version__
+from chatloop import __version__, lora
 from chatloop.errors import Diverged, UserError
 from chatloop.io import atomic_write_json, check_room, disk_full, no_room, sha256_file, utc_time
 from chatloop.model import GPT, GPTConfig
@@ -277,17 +277,23 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     head: str | None = None,
+    merge: bool = True,
     **overrides: Any,
 ) -> GPT:
     """Load a chatloop or transformers checkpoint directory as a GPT.
 
     head: force "lm" or "scalar" (e.g. "scalar" turns an SFT model into a reward model: its new score head
     is freshly initialised and the unembedding is dropped). overrides: GPTConfig fields such as dropout.
+    An adapter checkpoint (chatloop.lora) is its base with the adapter applied: merged into the weights, or with
+    merge=False kept as an adapter (to be saved as one again).
     """
     directory = Path(directory)
     hf, config_path = read_hf_config(directory)
     verify(directory)
     cfg = gpt_config_from_hf(hf, str(config_path))
+    base = lora.base_of(directory, read_lineage(directory))
+    if base is not None:
+        return _load_adapted(directory, base, cfg, hf, device, dtype, head, merge, overrides)
     tensors, weights_path = _read_tensors(directory)
     sd = from_hf_state_dict(cfg, tensors, weights_path)
     fresh: dict[str, torch.Tensor] = {}
@@ -314,6 +320,19 @@ def load_model(
     return model.to(dtype=dtype)
 
 
+def _load_adapted(directory: Path, base: Path, cfg: GPTConfig, hf: dict[str, Any], device: str | torch.device,
+                  dtype: torch.dtype, head: str | None, merge: bool, overrides: dict[str, Any]) -> GPT:
+    """An adapter checkpoint: the base loaded (with the head asked for, its own by default), the adapter applied.
+    The adapter adapts the blocks only, so a new head on the merged model is the same as a new head on the base."""
+    head = head or cfg.head
+    model = load_model(base, device=device, head=head, **overrides)
+    own_head = head == cfg.head == "scalar"
+    lora.apply_saved(model, directory, base, keep_head=own_head)
+    if own_head:
+        model.reward_bias = float(hf.get("reward_bias", 0.0))
+    return (lora.merge(model) if merge else model).to(dtype=dtype)
+
+
 def save_model(
     model: GPT,
     out_dir: str | Path,
@@ -327,17 +346,24 @@ def save_model(
     a write that would not fit (DiskFull), before anything in `out_dir` changes."""
     out_dir = Path(out_dir)
     dtype = dtype or next(model.parameters()).dtype
-    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in to_hf_state_dict(model).items()}
+    adapter: dict[str, Any] | None = None
+    if lora.adapter_of(model) is not None:  # the adapter only, in peft's format; chatloop.json names its base
+        adapter, tensors = lora.save_adapter(model, out_dir, dtype)
+    else:
+        tensors = {k: v.to("cpu", dtype).contiguous() for k, v in to_hf_state_dict(model).items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise Diverged(f"{out_dir}: not saved: the weights hold nan or inf ({bad[0]}{more}): the training diverged")
-    weights = out_dir / "model.safetensors"
+    weights = out_dir / (lora.ADAPTER_WEIGHTS if adapter else "model.safetensors")
     needed = sum(t.nbytes for t in tensors.values())
     check_room(weights, needed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / LINEAGE_FILE).unlink(missing_ok=True)  # the directory is unfinished until the lineage lands
-    tmp = out_dir / ".model.safetensors.tmp"
+    for stale in ("model.safetensors", lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG):  # of a run with(out) LoRA before
+        if stale != weights.name:
+            (out_dir / stale).unlink(missing_ok=True)
+    tmp = out_dir / f".{weights.name}.tmp"
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, weights)
@@ -346,6 +372,8 @@ def save_model(
         if no_room(e):
             raise disk_full(weights, needed, e) from None
         raise
+    if adapter:
+        atomic_write_json(out_dir / lora.ADAPTER_CONFIG, lora.hf_config(model))
     # extra_config: chatloop's additions that transformers carries along untouched (e.g. reward_bias).
     atomic_write_json(out_dir / "config.json", {**hf_config(model.cfg, tokenizer, dtype), **(extra_config or {})})
     if tokenizer is not None:
@@ -356,11 +384,11 @@ def save_model(
         })
     # The small JSON files are left out: people edit them by hand (eos, a chat template), and their readers
     # check them anyway.
-    written = ["model.safetensors"] + (["tokenizer.json"] if tokenizer is not None else [])
+    written = [weights.name] + (["tokenizer.json"] if tokenizer is not None else [])
     files = {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
              for name in written}
     record = {"chatloop_version": __version__, "created_at": utc_time(), "status": "complete", **(lineage or {}),
-              "files": files}
+              **({"adapter": adapter} if adapter else {}), "files": files}
     atomic_write_json(out_dir / LINEAGE_FILE, record)
 
 

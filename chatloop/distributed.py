@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from chatloop.errors import UserError
+
 T = TypeVar("T")
 _device: torch.device | None = None
 
@@ -227,9 +229,12 @@ def wrap(model: nn.Module, parallel: str, device: torch.device, frozen: bool = F
     frozen: a model that is only evaluated (PPO's reference and reward model): left whole under DDP,
     sharded like the others under FSDP. Single process: `model` as it is.
     """
-    if not active():
+    if not active() or not isinstance(model, nn.Module):  # a WithoutAdapter view runs through its model's wrapper
         return model
     if parallel == "fsdp":
+        if getattr(model, "adapter", None) is not None:
+            raise UserError("--parallel=fsdp with --lora_rank: not supported (an adapter's frozen base is small "
+                            "enough to replicate): use --parallel=ddp")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -322,7 +327,12 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(model, options=_options())
-    return unwrap(model).state_dict()
+    inner = unwrap(model)
+    state = inner.state_dict()
+    if getattr(inner, "adapter", None) is not None:  # LoRA: the frozen base is its checkpoint's, not the state's
+        trained = {n for n, p in inner.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+    return state
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -332,7 +342,15 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     else:
-        unwrap(model).load_state_dict(state)
+        inner = unwrap(model)
+        if getattr(inner, "adapter", None) is None:
+            inner.load_state_dict(state)
+            return
+        trained = {n for n, p in inner.named_parameters() if p.requires_grad}
+        if set(state) != trained:
+            raise UserError(f"the train state holds {len(state)} tensors, but the model trains {len(trained)} (was "
+                            "it saved with other --lora_* fields?): resume with the fields it was saved with")
+        inner.load_state_dict(state, strict=False)
 
 
 def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

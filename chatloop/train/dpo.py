@@ -56,13 +56,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatloop import distributed
+from chatloop import distributed, lora
 from chatloop.checkpoint import data_record, load_model, save_model
 from chatloop.data.formats import prompt_messages, ranking_pairs
 from chatloop.data.readers import read_rankings
 from chatloop.device import autocast
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json
+from chatloop.lora import LoraFields
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.reward import split_by_conversation
@@ -81,7 +82,7 @@ from chatloop.train.trainer import (
 
 
 @dataclass
-class DPOConfig(StepConfig):
+class DPOConfig(StepConfig, LoraFields):
     out: str = "runs/dpo"
     """Output directory: the DPO policy checkpoint, train_state/, metrics.jsonl, eval.json."""
     policy: str = ""
@@ -379,7 +380,11 @@ def dpo(cfg: DPOConfig) -> Path:
     policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
     if policy.lm_head is None:
         raise UserError(f"--policy={cfg.policy}: not a language model (it has a scalar head)")
-    reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
+    policy = lora.attach(policy, cfg, cfg.policy)
+    if cfg.lora_rank and not cfg.reference:
+        reference = lora.WithoutAdapter(policy)  # the same weights, adapter off: no second copy
+    else:
+        reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
     if cfg.seq_len > policy.cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the policy's max_seq_len {policy.cfg.max_seq_len}")
     train_policy = distributed.wrap(policy, cfg.parallel, device)  # under torchrun: DDP or FSDP2

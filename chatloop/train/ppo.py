@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chatloop import distributed
+from chatloop import distributed, lora
 from chatloop.checkpoint import data_record, load_model, save_model
 from chatloop.config import resolve_function
 from chatloop.data.corpus import TokenWindows, build_shards
@@ -68,6 +68,7 @@ from chatloop.device import autocast
 from chatloop.engine import Rollout, generate
 from chatloop.errors import UserError
 from chatloop.io import disk_full, no_room
+from chatloop.lora import LoraFields
 from chatloop.model import GPT, lm_loss, token_logprobs
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
@@ -82,7 +83,7 @@ from chatloop.train.trainer import (
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(TrainConfig, LoraFields):
     out: str = "runs/ppo"
     """Output directory: the policy checkpoint, train_state/, metrics.jsonl, tb/, samples.jsonl."""
     policy: str = ""
@@ -445,15 +446,26 @@ def reward_source(cfg: PPOConfig, reward_model: GPT | None, tokenizer: Tokenizer
 def load_models(cfg: PPOConfig, device: torch.device) -> tuple[GPT, GPT, GPT | None, GPT | None]:
     """The policy, the frozen reference, the frozen reward model (if PPO scores with it) and the value model (with
     a critic); dropout off in all of them (Huang et al.: otherwise the ratio is not 1 at the first minibatch)."""
-    policy = load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint)
-    reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
+    policy = lora.attach(load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint),
+                         cfg, cfg.policy)
+    if cfg.lora_rank and not cfg.reference:
+        reference = lora.WithoutAdapter(policy)  # the same weights, adapter off: no second copy
+    else:
+        reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
     reward_model = None
     if not cfg.reward_fn:
-        reward_model = load_model(cfg.reward_model, device=device, dropout=0.0).eval().requires_grad_(False)
+        reward_model = load_model(cfg.reward_model, device=device, dropout=0.0,
+                                  grad_checkpoint=cfg.grad_checkpoint).eval().requires_grad_(False)
         if reward_model.score is None:
             raise UserError(f"--reward_model={cfg.reward_model}: not a reward model (no scalar head)")
-    value_model = load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar", dropout=0.0,
-                             grad_checkpoint=cfg.grad_checkpoint) if cfg.critic else None
+    if cfg.lora_rank and cfg.critic and reward_model is not None and not cfg.value_model:
+        # The value model is the reward model's weights with an adapter and a copy of its head; with the adapter
+        # off it is the reward model again: one copy of those weights for both.
+        value_model = lora.attach(reward_model.train(), cfg, cfg.reward_model, head_copy=True)
+        return policy, reference, lora.WithoutAdapter(value_model), value_model
+    value_model = lora.attach(load_model(cfg.value_model or cfg.reward_model, device=device, head="scalar",
+                                         dropout=0.0, grad_checkpoint=cfg.grad_checkpoint),
+                              cfg, cfg.value_model or cfg.reward_model) if cfg.critic else None
     return policy, reference, reward_model, value_model
 
 

@@ -41,13 +41,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatloop import distributed
+from chatloop import distributed, lora
 from chatloop.checkpoint import data_record, load_model, save_model
 from chatloop.data.formats import prompt_messages, ranking_pairs
 from chatloop.data.readers import read_demonstrations, read_rankings
 from chatloop.device import autocast, resolve_device, resolve_precision
 from chatloop.errors import UserError
 from chatloop.io import atomic_write_json
+from chatloop.lora import LoraFields
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
@@ -66,7 +67,7 @@ from chatloop.train.trainer import (
 
 
 @dataclass
-class RMConfig(StepConfig):
+class RMConfig(StepConfig, LoraFields):
     out: str = "runs/rm"
     """Output directory: the reward-model checkpoint (sequence classification), train_state/, metrics, eval."""
     model: str = ""
@@ -111,6 +112,9 @@ class RMConfig(StepConfig):
     """Longest prompt + response in tokens; longer ones keep the end of the prompt (the answer is kept)."""
     save_every: int = 200
     """Save the resumable training state every this many steps."""
+    grad_checkpoint: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: about a third more compute
+    for activation memory of one block instead of all (a real model's K answers at seq_len 384)."""
 
 
 @dataclass
@@ -399,7 +403,8 @@ def train_member(cfg: RMConfig, seed: int, out: Path, name: str, train: list[RMG
     states and metrics in `out`; the trained model (sharded under FSDP)."""
     # step 3
     seed_everything(seed)  # the head's initialisation
-    model = load_model(cfg.model, device=device, head="scalar", dropout=0.0)
+    model = lora.attach(load_model(cfg.model, device=device, head="scalar", dropout=0.0,
+                                   grad_checkpoint=cfg.grad_checkpoint), cfg, cfg.model)
     train_model = distributed.wrap(model, cfg.parallel, device)  # under torchrun: DDP or FSDP2
     optimizer = make_optimizer(model, cfg, device)
     per_epoch, total_steps = steps(cfg, len(train))

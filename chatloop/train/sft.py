@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chatloop import distributed
+from chatloop import distributed, lora
 from chatloop.checkpoint import data_record, load_model, read_lineage, save_model
 from chatloop.data.readers import read_demonstrations
 from chatloop.device import autocast
 from chatloop.engine import generate
 from chatloop.errors import UserError
+from chatloop.lora import LoraFields
 from chatloop.model import GPT
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
@@ -59,7 +60,7 @@ from chatloop.train.trainer import (
 
 
 @dataclass
-class SFTConfig(StepConfig):
+class SFTConfig(StepConfig, LoraFields):
     out: str = "runs/sft"
     """Output directory: the selected checkpoint, epochs/epoch-N checkpoints, train_state/, metrics.jsonl."""
     model: str = ""
@@ -103,6 +104,9 @@ class SFTConfig(StepConfig):
     """Answer length budget when sampling for RM-score selection."""
     save_every: int = 200
     """Save the resumable training state every this many steps (and at each epoch's end)."""
+    grad_checkpoint: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: about a third more compute
+    for activation memory of one block instead of all (a real model at seq_len 512)."""
 
 
 @dataclass
@@ -324,7 +328,8 @@ def sft(cfg: SFTConfig) -> Path:
     train, val, skipped, report = load_examples(cfg, tokenizer)
 
     # step 3
-    model = load_model(cfg.model, device=device, dropout=cfg.dropout)
+    model = lora.attach(load_model(cfg.model, device=device, dropout=cfg.dropout,
+                                   grad_checkpoint=cfg.grad_checkpoint), cfg, cfg.model)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     train_model = distributed.wrap(model, cfg.parallel, device)  # under torchrun: DDP or FSDP2
@@ -397,7 +402,7 @@ def sft(cfg: SFTConfig) -> Path:
     trained = [r for r in epoch_metrics if r["epoch"] > 0]
     best = (max if select_by == "rm_score" else min)(trained, key=lambda r: r[key])
     best_dir = out / "epochs" / f"epoch-{best['epoch']}"
-    selected = load_model(best_dir, device=device)
+    selected = load_model(best_dir, device=device, merge=False)  # an adapter stays one
     save_model(selected, out, tokenizer, lineage={
         "stage": "sft", "parent": cfg.model, "parent_lineage": (read_lineage(cfg.model) or {}).get("stage"),
         "data": data_record(cfg.data + cfg.val_data), "config": config_record(cfg),
