@@ -6,6 +6,8 @@ benchmarks/rm_real_data.py.
     .venv/bin/python benchmarks/rm_real_model.py --hh-train 192 --hh-val 160 --oa-train 40 --seq-len 128
                                                                    # BENCHMARKS.md's CPU figures (a budget)
     .venv/bin/python benchmarks/rm_real_model.py --quick           # smoke run
+    .venv/bin/python benchmarks/rm_real_model.py --skip-oa --hh-val 120 --seq-len 128 --curve 32,64,128 \
+        --variants full,lora                                       # LoRA against full weights, a curve over pairs
 
 The held-out split is rm_real_data.py's (`split_by_conversation(rankings, 0.2, seed 1337)`: 468 HH pairs, 42
 OpenAssistant prompts with 178 pairs), so the figures compare with its tiny model's on the same pairs; --hh-val and
@@ -14,6 +16,8 @@ OpenAssistant prompts with 178 pairs), so the figures compare with its tiny mode
   1. `chatloop import` of the GGUF (or --src), once.
   2. Per data set, `chatloop rm --model IMPORT --data TRAIN --val_data HELD_OUT` (1 epoch): the RM starts from the
      imported chat model (no separate SFT: it is already instruction-tuned), its scalar head fresh.
+     Per --variants: "full" trains every weight (--lr), "lora" a rank --lora-rank adapter and the head (--lora-lr);
+     per --curve, the first N training rankings of HH (each size its own RM, the same held-out pairs).
   3. Report: accuracy (`chatloop rm`'s OUT/eval.json) with a Wilson 95% interval over pairs and, where one prompt
      has several pairs (OpenAssistant), a bootstrap over prompts from re-scoring; "the longer answer wins" (in
      SmolLM2 tokens) on the same pairs; the tiny model's figures from runs/bench-rm-real/results.json when that run
@@ -70,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of held-out prompts")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every stage (0: torch's default)")
     p.add_argument("--skip-oa", action="store_true", help="HH only")
+    p.add_argument("--variants", default="full", help="comma-separated: full (every weight), lora (an adapter)")
+    p.add_argument("--lora-rank", type=int, default=16, help="the lora variant's rank")
+    p.add_argument("--lora-lr", type=float, default=2e-4, help="the lora variant's peak learning rate")
+    p.add_argument("--curve", default="", help="comma-separated HH training sizes (rankings), each its own RM; "
+                   "empty: --hh-train only")
     p.add_argument("--quick", action="store_true", help="smoke run: a few pairs of everything")
     args = p.parse_args(argv)
     if args.quick:
@@ -86,13 +95,68 @@ def tiny_figures() -> tuple[dict, str]:
     return TINY, "BENCHMARKS.md (benchmarks/rm_real_data.py, whole held-out sets)"
 
 
+def train_and_score(args, name: str, rankings: list[dict], n_train: int, n_val: int, out: Path, variant: str,
+                    work: Path, model_dir: Path, chatloop: list[str], tokenizer, tiny: dict,
+                    seconds: dict[str, float]) -> dict:
+    """Step 2 for one data set, training size and variant: the RM trained (unless it is there) and scored."""
+    from chatloop.data.formats import ranking_pairs
+    from chatloop.train.reward import split_by_conversation
+
+    train, val = split_by_conversation(rankings, 0.2, SEED)
+    full_val = val
+    train, val = train[: n_train or len(train)], val[: n_val or len(val)]
+    tag = out.name
+    for part, records in (("train", train), ("val", val)):
+        (work / f"{tag}-{len(train)}-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = out.with_name(f"{tag}-{len(train)}-{variant}")
+    peak = out.with_name(out.name + ".peak_kb")
+    lora = [f"--lora_rank={args.lora_rank}", f"--lr={args.lora_lr}"] if variant == "lora" else [f"--lr={args.lr}"]
+    if not (out / "chatloop.json").is_file():
+        # /usr/bin/time -f %M: the peak resident set of the stage's process (kB).
+        seconds[f"rm {name} {len(train)} {variant}"] = run([
+            "/usr/bin/time", "-f", "%M", "-o", str(peak),
+            *chatloop, "rm", f"--model={model_dir}", f"--data={work / f'{tag}-{len(train)}-train.jsonl'}",
+            f"--val_data={work / f'{tag}-{len(train)}-val.jsonl'}", f"--out={out}", "--epochs=1",
+            f"--batch_size={args.batch_size}", "--warmup_steps=2", f"--seq_len={args.seq_len}",
+            f"--precision={args.precision}", "--save_every=100000", "--no-progress", f"--seed={SEED}", *lora,
+        ], out.with_suffix(".log"), args.threads)
+    report = json.loads((out / "eval.json").read_text())
+    pairs = report["pairs"]
+    correct = round(report["accuracy"] * pairs)
+    if any(len(ranking_pairs(r["ranks"])) > 1 for r in val):  # pairs of one prompt are not independent
+        outcomes = rescore(out, val, args.seq_len)
+        boot = bootstrap_by_prompt(outcomes, args.bootstrap, SEED)
+    else:
+        boot = None
+    baseline = longer_wins(val, tokenizer)
+    baseline_full = longer_wins(full_val, tokenizer)
+    lo, hi = wilson(correct, pairs)
+    base_correct, base_pairs = sum(sum(o) for o in baseline), sum(len(o) for o in baseline)
+    blo, bhi = wilson(base_correct, base_pairs)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {
+        "dataset": name, "variant": variant, "train_prompts": len(train),
+        "train_pairs": sum(len(ranking_pairs(r["ranks"])) for r in train), "val_prompts": len(val),
+        "val_pairs": pairs, "held_out_prompts_in_split": len(full_val), "accuracy": report["accuracy"],
+        "wilson_95": [lo, hi], "bootstrap_by_prompt_95": boot,
+        "p_value_vs_chance": binomial_p_above_half(correct, pairs), "log_loss": report["log_loss"],
+        "longer_wins_accuracy": base_correct / base_pairs, "longer_wins_wilson_95": [blo, bhi],
+        "longer_wins_accuracy_whole_split": sum(sum(o) for o in baseline_full) / sum(len(o) for o in baseline_full),
+        "margin_over_longer_wins": report["accuracy"] - base_correct / base_pairs,
+        "tiny_model": tiny.get(name), "train_steps": max((m["step"] for m in metrics), default=0),
+        "last_train_accuracy": [m["train/accuracy"] for m in metrics if "train/accuracy" in m][-1:],
+        "seconds": seconds.get(f"rm {name} {len(train)} {variant}"),
+        "peak_rss_gb": int(peak.read_text().split()[-1]) / 1e6 if peak.is_file() else None,
+        "disk_gb": size / 1e9,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from chatloop.data.formats import ranking_pairs
     from chatloop.data.readers import read_rankings
     from chatloop.model_import import smollm2_gguf
     from chatloop.tokenizer import Tokenizer
-    from chatloop.train.reward import split_by_conversation
 
     root = data_root(args.data_root)
     run_dir = Path(args.run_dir)
@@ -119,61 +183,31 @@ def main(argv: list[str] | None = None) -> None:
         sets["OpenAssistant"] = (read_rankings(root / OA_FILE), args.oa_train, args.oa_val, run_dir / "rm-oasst")
     tiny, tiny_source = tiny_figures()
     rows = []
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"full", "lora"}
+    if unknown:
+        sys.exit(f"--variants: {sorted(unknown)} unknown (expected full, lora)")
     for name, (rankings, n_train, n_val, out) in sets.items():
-        train, val = split_by_conversation(rankings, 0.2, SEED)
-        full_val = val
-        train, val = train[: n_train or len(train)], val[: n_val or len(val)]
-        tag = out.name
-        for part, records in (("train", train), ("val", val)):
-            (work / f"{tag}-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        if not (out / "chatloop.json").is_file():
-            seconds[f"rm {name}"] = run([
-                *chatloop, "rm", f"--model={model_dir}", f"--data={work / f'{tag}-train.jsonl'}",
-                f"--val_data={work / f'{tag}-val.jsonl'}", f"--out={out}", "--epochs=1",
-                f"--batch_size={args.batch_size}", f"--lr={args.lr}", "--warmup_steps=2", f"--seq_len={args.seq_len}",
-                f"--precision={args.precision}", "--save_every=100000", "--no-progress", f"--seed={SEED}",
-            ], run_dir / f"{tag}.log", args.threads)
-        report = json.loads((out / "eval.json").read_text())
-        pairs = report["pairs"]
-        correct = round(report["accuracy"] * pairs)
-        if any(len(ranking_pairs(r["ranks"])) > 1 for r in val):  # pairs of one prompt are not independent
-            outcomes = rescore(out, val, args.seq_len)
-            boot = bootstrap_by_prompt(outcomes, args.bootstrap, SEED)
-        else:
-            boot = None
-        baseline = longer_wins(val, tokenizer)
-        baseline_full = longer_wins(full_val, tokenizer)
-        lo, hi = wilson(correct, pairs)
-        base_correct, base_pairs = sum(sum(o) for o in baseline), sum(len(o) for o in baseline)
-        blo, bhi = wilson(base_correct, base_pairs)
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        rows.append({
-            "dataset": name, "train_prompts": len(train),
-            "train_pairs": sum(len(ranking_pairs(r["ranks"])) for r in train), "val_prompts": len(val),
-            "val_pairs": pairs, "held_out_prompts_in_split": len(full_val), "accuracy": report["accuracy"],
-            "wilson_95": [lo, hi], "bootstrap_by_prompt_95": boot,
-            "p_value_vs_chance": binomial_p_above_half(correct, pairs), "log_loss": report["log_loss"],
-            "longer_wins_accuracy": base_correct / base_pairs, "longer_wins_wilson_95": [blo, bhi],
-            "longer_wins_accuracy_whole_split": sum(sum(o) for o in baseline_full) / sum(len(o) for o in baseline_full),
-            "margin_over_longer_wins": report["accuracy"] - base_correct / base_pairs,
-            "tiny_model": tiny.get(name), "train_steps": max((m["step"] for m in metrics), default=0),
-            "last_train_accuracy": [m["train/accuracy"] for m in metrics if "train/accuracy" in m][-1:],
-        })
+        sizes = [int(n) for n in args.curve.split(",") if n] if args.curve and name.startswith("HH") else [n_train]
+        for size in sizes:
+            for variant in variants:
+                rows.append(train_and_score(args, name, rankings, size, n_val, out, variant, work, model_dir,
+                                            chatloop, tokenizer, tiny, seconds))
 
     # 3. report
     uptime_end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     wall = time.perf_counter() - started
     print(f"\nuptime (end): {uptime_end}; {wall:.0f} s wall")
-    print("\n| dataset | train prompts / pairs | held-out prompts / pairs | SmolLM2 RM accuracy | 95% CI | "
-          "longer answer wins (same pairs) | margin | tiny model (rm_real_data.py) |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    print("\n| dataset | variant | train prompts / pairs | held-out prompts / pairs | SmolLM2 RM accuracy | 95% CI | "
+          "longer answer wins (same pairs) | margin | time (s) | peak RSS (GB) | on disk (GB) |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ci = r["bootstrap_by_prompt_95"] or r["wilson_95"]
-        t = r["tiny_model"] or {}
-        print(f"| {r['dataset']} | {r['train_prompts']} / {r['train_pairs']} | {r['val_prompts']} / {r['val_pairs']} | "
-              f"{r['accuracy']:.3f} | {ci[0]:.3f}-{ci[1]:.3f} | {r['longer_wins_accuracy']:.3f} | "
-              f"{100 * r['margin_over_longer_wins']:+.1f} pts | {t.get('accuracy', float('nan')):.3f} on "
-              f"{t.get('val_pairs', t.get('pairs'))} pairs |")
+        took = f"{r['seconds']:.0f}" if r["seconds"] is not None else "(earlier run)"
+        peak = f"{r['peak_rss_gb']:.2f}" if r["peak_rss_gb"] is not None else "-"
+        print(f"| {r['dataset']} | {r['variant']} | {r['train_prompts']} / {r['train_pairs']} | {r['val_prompts']} / "
+              f"{r['val_pairs']} | {r['accuracy']:.3f} | {ci[0]:.3f}-{ci[1]:.3f} | {r['longer_wins_accuracy']:.3f} | "
+              f"{100 * r['margin_over_longer_wins']:+.1f} pts | {took} | {peak} | {r['disk_gb']:.3f} |")
     record = {"benchmark": "rm_real_model", "command": " ".join(["benchmarks/rm_real_model.py", *sys.argv[1:]]),
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uptime_start": uptime_start,
               "uptime_end": uptime_end, "wall_seconds": round(wall), "seconds": seconds, "settings": vars(args),

@@ -12,6 +12,10 @@ Our own checkpoints and imported ones load through the same path (`load_model`):
 a GPTConfig and the tensors are renamed (and, for GPT-2's Conv1D, transposed; for our fused q/k/v and
 gate/up projections, concatenated). What cannot be represented exactly is refused with a clear error
 rather than loaded approximately.
+
+A LoRA stage writes an adapter checkpoint instead (chatloop.lora): adapter_model.safetensors + adapter_config.json in
+peft's format beside config.json and the tokenizer files, chatloop.json naming the base; `load_model` loads the base
+(itself possibly an adapter) and applies the adapter, merged unless asked not to.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ VERBS: dict[str, tuple[str, str, str, str]] = {
     "run": ("chatloop.pipeline", "RunConfig", "run", "the whole loop from one config (default: configs/tiny.yaml)"),
     "import": ("chatloop.model_import", "ImportConfig", "import_model",
                "a GGUF file or Hugging Face model directory as a chatloop checkpoint"),
+    "export": ("chatloop.export", "ExportConfig", "export",
+               "a checkpoint as a GGUF file (llama.cpp, ollama) or a merged safetensors directory"),
     "loop": ("chatloop.realloop", "LoopConfig", "loop",
              "the loop on real data from an imported chat model (configs/smollm2.yaml)"),
     "generate": ("chatloop.generate", "GenerateConfig", "generate", "sample from a checkpoint"),

@@ -92,16 +92,16 @@ def adapter_of(model: torch.nn.Module) -> Adapter | None:
     return getattr(model, "adapter", None)
 
 
-def attach(model: GPT, fields: LoraFields, base: str | Path, head_copy: bool = False) -> GPT:
+def attach(model: GPT, cfg: LoraFields, base: str | Path, head_copy: bool = False) -> GPT:
     """Freeze `model` (loaded from `base`) and give it a fresh adapter (B = 0: it starts as the base). A scalar head
     is trained in full; head_copy: as a copy beside the frozen original, which the adapter-off model keeps (PPO's
     value model, whose adapter-off self is the reward model)."""
-    if fields.lora_rank <= 0:
+    if cfg.lora_rank <= 0:
         return model
     if adapter_of(model) is not None:
         raise UserError(f"{base}: the model already has an adapter (merge it first)")
-    config = peft.LoraConfig(r=fields.lora_rank, lora_alpha=fields.lora_alpha or 2 * fields.lora_rank,
-                             lora_dropout=fields.lora_dropout, target_modules=targets(model.cfg, fields.lora_targets),
+    config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                             lora_dropout=cfg.lora_dropout, target_modules=targets(model.cfg, cfg.lora_targets),
                              modules_to_save=["score"] if head_copy and model.score is not None else None)
     _inject(model, config, base)
     if model.score is not None and not head_copy:
@@ -153,8 +153,8 @@ class WithoutAdapter:
         return self  # the base weights are frozen already; the adapter's trainable ones are not ours to freeze
 
 
-def trainable_names(model: torch.nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+def same_checkpoint(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def merge(model: GPT) -> GPT:

@@ -295,26 +295,41 @@ def write_data(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_one_sft_step_rm_step_and_ppo_iteration_on_smollm2(smollm2, tmp_path):
+def test_one_lora_step_of_sft_rm_dpo_and_ppo_on_smollm2_and_peft_opens_the_sft_adapter(smollm2, tmp_path):
+    """The real model through every fine-tuning stage with LoRA adapters (the full-weight stages are tested on the
+    tiny model and in the kill -9 tests below): RM and DPO from SFT's adapter, PPO from SFT's and the RM's."""
     write_data(tmp_path)
-    common = ["--progress=false", "--log_every=1", FP32]
+    common = ["--progress=false", "--log_every=1", FP32, "--lora_rank=8"]
     sft = run_cli("sft", f"--model={smollm2}", f"--data={tmp_path / 'demos.jsonl'}", f"--out={tmp_path / 'sft'}",
                   "--max_steps=1", "--batch_size=2", "--seq_len=64", "--dropout=0", "--val_fraction=0.1",
-                  "--lr=1e-5", *common)
+                  "--lr=1e-4", "--grad_checkpoint", *common)
     assert sft.returncode == 0, sft.stderr
-    rm = run_cli("rm", f"--model={smollm2}", f"--data={tmp_path / 'rankings.jsonl'}", f"--out={tmp_path / 'rm'}",
-                 "--max_steps=1", "--batch_size=2", "--seq_len=48", *common)
+    rm = run_cli("rm", f"--model={tmp_path / 'sft'}", f"--data={tmp_path / 'rankings.jsonl'}",
+                 f"--out={tmp_path / 'rm'}", "--max_steps=1", "--batch_size=2", "--seq_len=48", "--grad_checkpoint",
+                 *common)
     assert rm.returncode == 0, rm.stderr
+    dpo = run_cli("dpo", f"--policy={tmp_path / 'sft'}", f"--data={tmp_path / 'rankings.jsonl'}",
+                  f"--out={tmp_path / 'dpo'}", "--max_steps=1", "--batch_size=2", "--seq_len=48", *common)
+    assert dpo.returncode == 0, dpo.stderr
     ppo = run_cli("ppo", f"--policy={tmp_path / 'sft'}", f"--reward_model={tmp_path / 'rm'}",
                   f"--prompts={tmp_path / 'prompts.jsonl'}", f"--out={tmp_path / 'ppo'}", "--iterations=1",
                   "--batch_size=2", "--minibatches=1", "--ppo_epochs=1", "--max_new_tokens=6",
                   "--max_prompt_tokens=48", "--sample_every=1", *common)
     assert ppo.returncode == 0, ppo.stderr
-    for stage in ("sft", "rm", "ppo"):
+    full = (smollm2 / "model.safetensors").stat().st_size
+    for stage in ("sft", "rm", "dpo", "ppo"):
         rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
         assert rows and all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float)), stage
+        assert (tmp_path / stage / "adapter_model.safetensors").stat().st_size < full / 50, stage
     samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert samples and all("<|im_end|>" not in s["response"] for s in samples)
+
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "sft").eval()
+    ids = torch.tensor([Tokenizer.load(smollm2).encode("The capital of France is Paris.")])
+    with torch.no_grad():
+        assert (load_model(tmp_path / "sft")(ids) - theirs(input_ids=ids).logits).abs().max().item() < 1e-4
 
 
 # ---------------------------------------------------------------- kill -9 and resume, on SmolLM2 cut to 2 layers

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import chatloop
+from chatloop import lora
 from chatloop.cli import VERBS
 from chatloop.train import trainer
 
@@ -25,10 +26,11 @@ ROOT = Path(chatloop.__file__).parent
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"chatloop", "chatloop.errors", "chatloop.io", "chatloop.config"}),
     ("model", {"chatloop.model", "chatloop.tokenizer"}),
-    ("runtime", {"chatloop.engine", "chatloop.checkpoint", "chatloop.device", "chatloop.distributed"}),
+    ("runtime", {"chatloop.engine", "chatloop.checkpoint", "chatloop.lora", "chatloop.device",
+                 "chatloop.distributed"}),
     ("data", {"chatloop.data.*"}),
     ("stages", {"chatloop.train.*", "chatloop.sample", "chatloop.generate", "chatloop.evaluate",
-                "chatloop.model_import"}),
+                "chatloop.model_import", "chatloop.export"}),
     ("apps", {"chatloop.labeling.*", "chatloop.serve.*"}),
     ("loop", {"chatloop.realloop", "chatloop.report"}),
     ("world", {"chatloop.world.*"}),
@@ -158,9 +160,9 @@ def test_no_import_cycles_among_chatloops_modules():
 ])
 def test_every_field_a_stage_lists_in_help_is_read_by_it(module_name, config_name):
     """A `--help` field the stage does nothing with is a bug: each field is read as `cfg.FIELD` by the stage's
-    module or by the trainer helpers every stage calls (opening, optimizer, schedule)."""
+    module or by the helpers every stage calls (trainer: opening, optimizer, schedule; lora: the adapter)."""
     module = importlib.import_module(module_name)
-    text = inspect.getsource(module) + "\n" + inspect.getsource(trainer)
+    text = "\n".join(inspect.getsource(m) for m in (module, trainer, lora))
     unread = [f.name for f in dataclasses.fields(getattr(module, config_name))
               if not re.search(rf"\bcfg\.{f.name}\b", text)]
     assert not unread, f"{config_name}: fields nothing reads: {unread}"

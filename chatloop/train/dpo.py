@@ -381,10 +381,9 @@ def dpo(cfg: DPOConfig) -> Path:
     if policy.lm_head is None:
         raise UserError(f"--policy={cfg.policy}: not a language model (it has a scalar head)")
     policy = lora.attach(policy, cfg, cfg.policy)
-    if cfg.lora_rank and not cfg.reference:
-        reference = lora.WithoutAdapter(policy)  # the same weights, adapter off: no second copy
-    else:
-        reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
+    reference = (lora.WithoutAdapter(policy)  # the same weights, adapter off: no second copy
+                 if cfg.lora_rank and lora.same_checkpoint(cfg.reference or cfg.policy, cfg.policy) else
+                 load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False))
     if cfg.seq_len > policy.cfg.max_seq_len:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the policy's max_seq_len {policy.cfg.max_seq_len}")
     train_policy = distributed.wrap(policy, cfg.parallel, device)  # under torchrun: DDP or FSDP2

@@ -448,7 +448,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[GPT, GPT, GPT | N
     a critic); dropout off in all of them (Huang et al.: otherwise the ratio is not 1 at the first minibatch)."""
     policy = lora.attach(load_model(cfg.policy, device=device, dropout=0.0, grad_checkpoint=cfg.grad_checkpoint),
                          cfg, cfg.policy)
-    if cfg.lora_rank and not cfg.reference:
+    if cfg.lora_rank and lora.same_checkpoint(cfg.reference or cfg.policy, cfg.policy):
         reference = lora.WithoutAdapter(policy)  # the same weights, adapter off: no second copy
     else:
         reference = load_model(cfg.reference or cfg.policy, device=device, dropout=0.0).eval().requires_grad_(False)
