@@ -300,6 +300,7 @@ def load_model(
         return _load_adapted(directory, base, cfg, hf, device, dtype, head, merge, overrides)
     tensors, weights_path = _read_tensors(directory)
     sd = from_hf_state_dict(cfg, tensors, weights_path)
+    del tensors  # what was renamed is the weights now, what was fused is copied: free the file's own tensors
     fresh: dict[str, torch.Tensor] = {}
     if head is not None and head != cfg.head:
         sd.pop("lm_head.weight", None)
@@ -310,12 +311,14 @@ def load_model(
         cfg = GPTConfig(**{**cfg.__dict__, **overrides})
     with torch.device("meta"):
         model = GPT(cfg)
-    model = model.to_empty(device=device)
     state = {k: sd.get(k, fresh.get(k)) for k in model.state_dict()}
     missing = [k for k, v in state.items() if v is None]
     if missing:
         raise UserError(f"{weights_path}: no tensor for {missing[0]}")
-    model.load_state_dict(state, assign=False)
+    del sd
+    # assign: the loaded tensors become the parameters; copying them into new ones held the model twice while it
+    # loaded (a 135M model: 1.1 GB instead of 0.54).
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
     if cfg.tie_embeddings and model.lm_head is not None:
         model.lm_head.weight = model.tok_emb.weight
     if cfg.head == "scalar":

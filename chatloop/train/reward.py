@@ -90,6 +90,9 @@ class RMConfig(StepConfig, LoraFields):
     """Also scale rewards so that the answers to one prompt (the training rankings' K answers) spread with std 1
     on average, folded into the head: what PPO's advantages see, so that its kl_coef weighs the same against any
     RM (Ziegler et al. scale to std 1 too). Without it, two RMs of the same data differ in scale by up to 1.4x."""
+    normalize_prompts: int = 0
+    """Training prompts whose answers set the gain and the bias (the first N of a seeded shuffle); 0: all. Scoring
+    every training answer once more in fp32 costs a real model's RM as long as a third of its training."""
     members: int = 1
     """Reward models trained from the same start on the same rankings (seeds seed, seed+1, ...) and averaged
     weight by weight into the one saved: WARM (Ramé et al. 2024), an ensemble's robustness at the inference cost
@@ -358,6 +361,9 @@ def normalise(model: GPT, train: list[RMGroup], tokenizer: Tokenizer, cfg: RMCon
     """Step 6 (in fp32, the precision of the checkpoint as saved: a bf16 bias would be off by its noise): the
     reference answers' mean reward becomes 0 (reward_bias) and, with normalize_gain, the training answers' mean
     spread within a prompt 1 (folded into the head); the gain."""
+    if cfg.normalize_prompts and cfg.normalize_prompts < len(train):
+        order = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.normalize_prompts]
+        train = [train[i] for i in sorted(order)]
     if cfg.reference:
         reference = [c for p in cfg.reference for c in read_demonstrations(p)]
         ref_sequences = [tokenizer.render_chat(c)[0][-cfg.seq_len:] for c in reference]
