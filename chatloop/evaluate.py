@@ -238,13 +238,14 @@ def rm_scores(reward_model: GPT, answers: Answers, no_eos_score: float | None = 
 def kl_to(policy: GPT, reference: GPT, answers: Answers, temperature: float) -> float:
     """Mean over answers of sum over answer tokens of log pi(y_t) - log pi_ref(y_t)."""
     total, count = 0.0, 0
-    for tokens, mask, P in zip(answers.tokens, answers.masks, answers.prompt_lens):
-        logps = []
-        for model in (policy, reference):
-            logps.append(token_logprobs(model(tokens, attention_mask=mask), tokens, P, temperature)[0])
-        answer_mask = mask[:, P:].float()
-        total += ((logps[0] - logps[1]) * answer_mask).sum().item()
-        count += tokens.shape[0]
+    for batch, masks, P in zip(answers.tokens, answers.masks, answers.prompt_lens):
+        # 8 rows at a time: a whole batch's (B, T, V) logits and log-softmax were gigabytes at a 49k vocabulary.
+        for tokens, mask in zip(batch.split(8), masks.split(8)):
+            logps = []
+            for model in (policy, reference):
+                logps.append(token_logprobs(model(tokens, attention_mask=mask), tokens, P, temperature)[0])
+            total += ((logps[0] - logps[1]) * mask[:, P:].float()).sum().item()
+        count += batch.shape[0]
     return total / max(1, count)
 
 
