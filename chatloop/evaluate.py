@@ -93,6 +93,9 @@ class EvalConfig:
     best_of: int = 4
     """n of the best-of-n row (the RM picks one of n answers of the reference checkpoint); 0 or no reward model:
     no such row."""
+    sample_batch: int = 64
+    """Answers sampled at once: the KV cache holds this many rows (a real model's 64 rows of 500 positions in fp32
+    are 1.5 GB), and the same seed with another batch gives other samples."""
     demonstrations: str = ""
     """Demonstrations whose gold score is the imitation ceiling (a diagnostic; empty: none)."""
     seed: int = 0
@@ -318,7 +321,7 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
     for name, path in zip(names, cfg.models):
         model = load_model(path, device=device).eval()
         tokenizer = Tokenizer.load(path)
-        answers = answer(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        answers = answer(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.sample_batch)
         row: dict[str, float] = {}
         per_prompt[name] = {}
         if judge is not None:
@@ -327,9 +330,9 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
             row.update(gold)
             if redteam:
                 redteam_verdicts[name] = verdicts(judge, answer(model, tokenizer, redteam, cfg.max_new_tokens,
-                                                                cfg.temperature, cfg.seed))
+                                                                cfg.temperature, cfg.seed, cfg.sample_batch))
             if cfg.greedy:
-                greedy = answer(model, tokenizer, prompts, cfg.max_new_tokens, 0.0, cfg.seed)
+                greedy = answer(model, tokenizer, prompts, cfg.max_new_tokens, 0.0, cfg.seed, cfg.sample_batch)
                 row["gold_score_greedy"] = gold_report(judge, greedy)[0]["gold_score"]
         if reward_model is not None:
             per_prompt[name]["rm"] = rm_scores(reward_model, answers, cfg.no_eos_score)
@@ -391,7 +394,7 @@ def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, redteam
 
     def sample(of: list) -> tuple[Answers, np.ndarray]:
         answers = answer(model, tokenizer, [p for p in of for _ in range(n)], cfg.max_new_tokens, cfg.temperature,
-                         cfg.seed + 1)
+                         cfg.seed + 1, cfg.sample_batch)
         return answers, np.array(rm_scores(reward_model, answers, cfg.no_eos_score)).reshape(len(of), n)
 
     answers, rm = sample(prompts)

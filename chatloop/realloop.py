@@ -85,6 +85,9 @@ class LoopConfig:
     """n of the evaluation's best-of-n row (n SFT answers per prompt, the RM's pick); 0 for none."""
     eval_max_new_tokens: int = 48
     """Answer length budget at evaluation."""
+    eval_batch: int = 16
+    """Answers sampled at once at evaluation (the KV cache's rows: at 64, evaluation peaked above the training
+    stages)."""
     seed: int = 0
     """Seed of the data split and of every stage."""
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -208,7 +211,7 @@ def loop(cfg: LoopConfig) -> dict:
             reward_model=str(rm_dir), no_eos_score=cfg.ppo.no_eos_score, reference=str(sft_dir),
             pretrain_val=str(data / "pretrain_val.txt"),
             limit=cfg.eval_prompts, max_new_tokens=cfg.eval_max_new_tokens, best_of=cfg.best_of, greedy=False,
-            seed=cfg.seed, out=str(eval_path)))
+            sample_batch=cfg.eval_batch, seed=cfg.seed, out=str(eval_path)))
     report = json.loads(eval_path.read_text())
     write_report(root, report, rounds=1, ptx=cfg.ptx)
     times["total"] = round(time.perf_counter() - started, 1)
