@@ -329,10 +329,17 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
         return get_model_state_dict(model, options=_options())
     inner = unwrap(model)
     state = inner.state_dict()
-    if getattr(inner, "adapter", None) is not None:  # LoRA: the frozen base is its checkpoint's, not the state's
-        trained = {n for n, p in inner.named_parameters() if p.requires_grad}
+    trained = _adapter_trained(inner)
+    if trained is not None:  # LoRA: the frozen base is its checkpoint's, not the state's
         state = {k: v for k, v in state.items() if k in trained}
     return state
+
+
+def _adapter_trained(model: nn.Module) -> set[str] | None:
+    """The names of a LoRA model's trained tensors (its adapters, a head); None for a model without an adapter."""
+    if getattr(model, "adapter", None) is None:
+        return None
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -343,10 +350,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     else:
         inner = unwrap(model)
-        if getattr(inner, "adapter", None) is None:
+        trained = _adapter_trained(inner)
+        if trained is None:
             inner.load_state_dict(state)
             return
-        trained = {n for n, p in inner.named_parameters() if p.requires_grad}
         if set(state) != trained:
             raise UserError(f"the train state holds {len(state)} tensors, but the model trains {len(trained)} (was "
                             "it saved with other --lora_* fields?): resume with the fields it was saved with")
