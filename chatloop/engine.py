@@ -34,6 +34,8 @@ class Rollout:
     """(B, N) True on real response tokens (the stop token included)."""
     ended: torch.Tensor
     """(B,) True where the response ended with a stop token within max_new_tokens."""
+    entropy: torch.Tensor | None = None
+    """(B, N) entropy of each step's temperature-scaled, untruncated distribution (0 where masked), when asked."""
 
     def response_ids(self) -> list[list[int]]:
         """Per row, the response ids without padding (the stop token included)."""
@@ -169,8 +171,10 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    entropy: bool = False,
 ) -> Rollout:
-    """Sample a response for each prompt (lists of token ids). temperature 0 means greedy decoding."""
+    """Sample a response for each prompt (lists of token ids). temperature 0 means greedy decoding. With
+    `entropy`, the Rollout also holds each step's entropy (PPO's metric: one log-softmax of (B, V) per step)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -190,6 +194,7 @@ def generate(
         attention_mask[i, P - len(prompt) : P] = True
     stops = torch.tensor(stop_ids, device=device)
     logprobs = torch.zeros((B, max_new_tokens), device=device)
+    entropies = torch.zeros((B, max_new_tokens), device=device) if entropy else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_position = attention_mask[:, :P].sum(1)  # (B,) position id of the first response token
 
@@ -207,6 +212,9 @@ def generate(
         tokens[:, P + t] = torch.where(alive, next_token, pad_id)
         attention_mask[:, P + t] = alive
         logprobs[:, t] = torch.where(alive, logprob, 0.0)
+        if entropies is not None:
+            dist = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+            entropies[:, t] = torch.where(alive, -(dist.exp() * dist).sum(-1), 0.0)
         done |= alive & torch.isin(next_token, stops)
         steps = t + 1
         if bool(done.all()) or t == max_new_tokens - 1:
@@ -225,4 +233,5 @@ def generate(
         logprobs=logprobs[:, :steps],
         mask=attention_mask[:, P : P + steps],
         ended=done,
+        entropy=entropies[:, :steps] if entropies is not None else None,
     )

@@ -48,7 +48,7 @@ from chatloop.device import resolve_device
 from chatloop.errors import UserError
 from chatloop.generate import Answers, answer
 from chatloop.io import atomic_write_json, iter_texts, read_jsonl
-from chatloop.model import GPT, lm_loss, token_logprobs
+from chatloop.model import GPT, lm_loss, response_logprobs
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.reward import encode_rankings, evaluate_rm
 
@@ -242,11 +242,9 @@ def kl_to(policy: GPT, reference: GPT, answers: Answers, temperature: float) -> 
     """Mean over answers of sum over answer tokens of log pi(y_t) - log pi_ref(y_t)."""
     total, count = 0.0, 0
     for batch, masks, P in zip(answers.tokens, answers.masks, answers.prompt_lens):
-        # 8 rows at a time: a whole batch's (B, T, V) logits and log-softmax were gigabytes at a 49k vocabulary.
+        # 8 rows at a time: a batch's (B, N, V) response logits are still large at a 49k vocabulary.
         for tokens, mask in zip(batch.split(8), masks.split(8)):
-            logps = []
-            for model in (policy, reference):
-                logps.append(token_logprobs(model(tokens, attention_mask=mask), tokens, P, temperature)[0])
+            logps = [response_logprobs(model, tokens, mask, P, temperature)[0] for model in (policy, reference)]
             total += ((logps[0] - logps[1]) * mask[:, P:].float()).sum().item()
         count += batch.shape[0]
     return total / max(1, count)
@@ -344,6 +342,7 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
         row["length"] = float(np.mean([len(t) for t in answers.texts]))
         report["models"][name] = row
         texts[name] = answers.texts
+        del model  # before the next one loads: two real models at once were a GB more at the peak
     if reward_model is not None and cfg.best_of > 0:
         base = cfg.reference or cfg.models[0]
         base_name = names[cfg.models.index(base)] if base in cfg.models else Path(base).name

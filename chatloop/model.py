@@ -265,12 +265,28 @@ def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return values.gather(1, last[:, None]).squeeze(1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int, temperature: float = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, V) logits of (B, T) tokens whose responses start at prompt_len -> (B, N) log-probs of the response
-    tokens under the temperature-scaled distribution, in fp32, and (B, N, V) that whole log-distribution."""
-    logp_all = F.log_softmax(logits[:, prompt_len - 1 : -1].float() / temperature, -1)  # position t predicts t + 1
-    return logp_all.gather(-1, tokens[:, prompt_len:, None]).squeeze(-1), logp_all
+def response_logprobs(model: nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor | None, prompt_len: int,
+                      temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) rows whose responses start at column prompt_len -> (B, N) log-probs of the response tokens under the
+    temperature-scaled distribution, in fp32, and with `entropy` their (B, N) entropies (no gradient).
+
+    The LM head runs only at the N positions that predict a response token (`only_at`): with a 49k vocabulary the
+    (B, T, V) logits of the prompt positions were most of a forward's memory and a share of its FLOPs. The
+    log-prob is a fused cross-entropy, which keeps no (B, N, V) log-softmax for the backward. `model` is a GPT or
+    a wrapper of one (DDP, FSDP, an adapter-off view) whose forward takes `only_at`."""
+    B, T = tokens.shape
+    N = T - prompt_len
+    at = (torch.arange(B, device=tokens.device)[:, None] * T
+          + torch.arange(prompt_len - 1, T - 1, device=tokens.device)).flatten()  # position t predicts t + 1
+    logits = model(tokens, attention_mask=attention_mask, only_at=at).float()  # (B * N, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = -F.cross_entropy(logits, tokens[:, prompt_len:].flatten(), reduction="none").view(B, N)
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        logp_all = F.log_softmax(logits, -1)
+        return logp, -(logp_all.exp() * logp_all).sum(-1).view(B, N)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -18,6 +18,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n W` (make test), one thread per worker and per process it starts: W workers of two threads
+    # each on a 2-core machine would oversubscribe it (OpenMP's spinning threads then crawl). Set before torch loads.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+
 
 def shared_data_dir() -> Path:
     """../shared/data beside the checkout, or $CHATLOOP_DATA."""

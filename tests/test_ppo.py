@@ -8,7 +8,7 @@ import torch
 
 from chatloop.checkpoint import load_model, save_model
 from chatloop.engine import generate
-from chatloop.model import GPT, GPTConfig, last_token_values
+from chatloop.model import GPT, GPTConfig, last_token_values, response_logprobs
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.ppo import (
     AdaptiveKLController,
@@ -16,11 +16,10 @@ from chatloop.train.ppo import (
     PPOConfig,
     chunked,
     gae,
-    leave_one_out,
     length_chunks,
     make_batch,
     masked_mean,
-    response_logprobs,
+    relative_scores,
     whiten,
 )
 from tests.conftest import FP32, run_cli
@@ -41,10 +40,17 @@ def test_gae_matches_a_hand_computed_example():
     torch.testing.assert_close(returns, torch.tensor([[a0 + 0.5, a1 + 0.2, a2 + 0.4, 0.0]]))
 
 
-def test_leave_one_out_subtracts_the_mean_of_the_prompts_other_samples():
+def test_each_algorithm_takes_a_score_against_its_prompts_group_as_its_paper_does():
     scores = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])  # two prompts, three samples each
-    assert torch.allclose(leave_one_out(scores, 3), torch.tensor([-1.5, 0.0, 1.5, -3.0, -3.0, 6.0]))
-    assert torch.equal(leave_one_out(scores, 1), scores)
+    loo = torch.tensor([-1.5, 0.0, 1.5, -3.0, -3.0, 6.0])  # less the mean of the prompt's other samples
+    assert torch.allclose(relative_scores(scores, 3, "rloo"), loo)
+    assert torch.allclose(relative_scores(scores, 3, "ppo"), loo)
+    assert torch.allclose(relative_scores(scores, 3, "reinforce++"), torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]))
+    std = torch.tensor([1.0, 12.0]).sqrt()  # unbiased, per group
+    grpo = torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]) / (std.repeat_interleave(3) + 1e-4)
+    assert torch.allclose(relative_scores(scores, 3, "grpo"), grpo)
+    for algorithm in ("ppo", "rloo", "grpo", "reinforce++"):
+        assert torch.equal(relative_scores(scores, 1, algorithm), scores)
 
 
 def test_masked_padding_changes_no_statistic():
@@ -88,12 +94,12 @@ def tiny_rl(tmp_path_factory, tokenizer_dir):
     return root, tok
 
 
-def batch_for(root, tok, kl_coef=0.05, critic=True, **kw):
+def batch_for(root, tok, kl_coef=0.05, **kw):
+    cfg = PPOConfig(max_new_tokens=16, **kw)
     policy = load_model(root / "sft", dropout=0.0)
     reference = load_model(root / "sft").eval()
     rm = load_model(root / "rm_zero").eval()
-    value = load_model(root / "rm_zero", head="scalar") if critic else None
-    cfg = PPOConfig(max_new_tokens=16, **kw)
+    value = load_model(root / "rm_zero", head="scalar") if cfg.critic else None
     texts = [f"The {c} dog?" for c in ("red", "blue") * 8]
     prompts = [tok.render_chat([{"role": "user", "content": t}], True)[0] for t in texts]
     g = torch.Generator().manual_seed(0)
@@ -126,11 +132,11 @@ def test_with_two_samples_per_prompt_each_score_is_taken_against_the_other(tiny_
 
 
 def test_without_a_critic_each_tokens_advantage_is_the_return_that_follows_it(tiny_rl):
-    """--no-critic: no values; the return at token t is the sum of the rewards from t on (the leave-one-out score at
-    the last token, KL penalties before it), and the advantages are those returns whitened over the batch."""
+    """--algorithm=rloo: no values; the return at token t is the sum of the rewards from t on (the leave-one-out
+    score at the last token, KL penalties before it), and the advantages are those returns whitened over the batch."""
     root, tok = tiny_rl
-    policy, value, batch, cfg = batch_for(root, tok, kl_coef=0.3, critic=False, no_eos_score=-3.0,
-                                          samples_per_prompt=2, lam=1.0)
+    policy, value, batch, cfg = batch_for(root, tok, kl_coef=0.3, algorithm="rloo", no_eos_score=-3.0,
+                                          samples_per_prompt=2)
     assert value is None and (batch.values == 0).all()
     with torch.no_grad():  # a policy that differs from the reference, so the KL penalties are not all zero
         for p in policy.parameters():
@@ -150,6 +156,30 @@ def test_without_a_critic_each_tokens_advantage_is_the_return_that_follows_it(ti
     assert torch.allclose(batch.advantages, (to_go - mean) / std * mask, atol=1e-4)
 
 
+def test_grpo_gives_every_token_its_group_standardised_score_and_keeps_the_kl_out_of_the_reward(tiny_rl):
+    root, tok = tiny_rl
+    cfg = PPOConfig(max_new_tokens=16, algorithm="grpo", samples_per_prompt=4, kl_coef=0.3)
+    policy = load_model(root / "sft", dropout=0.0)
+    with torch.no_grad():  # a policy that differs from the reference, and an RM whose scores differ
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        rm = load_model(root / "rm_zero").eval()
+        rm.score.weight.normal_(std=1.0)
+    texts = [f"The {c} dog?" for c in ("red", "blue") * 8]
+    prompts = [tok.render_chat([{"role": "user", "content": t}], True)[0] for t in texts]
+    batch = make_batch(policy, load_model(root / "sft").eval(), ModelReward(rm, torch.device("cpu"), "fp32"), None,
+                       prompts, texts, tok, cfg, 0.3, torch.Generator().manual_seed(1), torch.device("cpu"), "fp32")
+    mask = batch.rollout.mask.float()
+    standardised = relative_scores(batch.scores, 4, "grpo")
+    assert standardised.abs().max() > 0.5 and batch.kl.abs().sum() > 0.1
+    assert torch.allclose(batch.advantages, standardised[:, None] * mask, atol=1e-5)  # not whitened
+    last = mask.sum(1).long() - 1
+    expected = torch.zeros_like(batch.rewards)
+    expected[torch.arange(len(last)), last] = standardised
+    assert torch.allclose(batch.rewards, expected, atol=1e-6)  # no KL penalty in the reward
+    assert batch.kl_coef == 0.3  # it weighs the loss's KL term instead
+
+
 def test_length_chunks_give_every_row_the_results_of_the_whole_padded_batch(tiny_rl):
     """Scores, log-probs and entropies computed per chunk of similar lengths (trimmed padding) equal the ones of one
     forward pass over the whole left/right-padded batch, row for row, in the order asked."""
@@ -161,16 +191,15 @@ def test_length_chunks_give_every_row_the_results_of_the_whole_padded_batch(tiny
                  "Name three red things that are not apples and say why.", "Ok", "What is two plus two?"] * 3
     prompts = [tok.render_chat([{"role": "user", "content": q}], True)[0] for q in questions]
     rollout = generate(policy, prompts, 12, tok.pad_id, tok.stop_ids, temperature=1.0,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), entropy=True)
     mask = rollout.mask.float()
     with torch.no_grad():
         whole_lp, whole_ent = response_logprobs(policy, rollout.tokens, rollout.attention_mask, rollout.prompt_len,
-                                                1.0, torch.device("cpu"), "fp32")
+                                                1.0, entropy=True)
         whole_scores = last_token_values(rm(rollout.tokens, attention_mask=rollout.attention_mask).float(),
                                          rollout.attention_mask)
         rows = torch.tensor([5, 0, 17, 3, 9, 1, 12])
-        lp, ent = chunked(lambda t, a, p: response_logprobs(policy, t, a, p, 1.0, torch.device("cpu"), "fp32"),
-                          rollout, rows)
+        lp, ent = chunked(lambda t, a, p: response_logprobs(policy, t, a, p, 1.0, entropy=True), rollout, rows)
         (scores,) = chunked(lambda t, a, p: (last_token_values(rm(t, attention_mask=a).float(), a)[:, None],),
                             rollout, rows)
     assert len(length_chunks(rollout, torch.arange(len(prompts)), max_rows=4)) == 5
@@ -178,6 +207,9 @@ def test_length_chunks_give_every_row_the_results_of_the_whole_padded_batch(tiny
     assert torch.allclose(ent * mask[rows], whole_ent[rows] * mask[rows], atol=1e-4)
     assert torch.allclose(scores[:, 0], whole_scores[rows], atol=1e-5)
     assert whole_scores.std() > 1e-3  # a random head: the scores differ between rows
+    # The sampling pass's own log-probs and entropies (KV cache, PPO's step 4 in fp32) are the forward's.
+    assert (rollout.logprobs - whole_lp * mask).abs().max() < 1e-5
+    assert (rollout.entropy - whole_ent * mask).abs().max() < 1e-4
 
 
 @pytest.mark.slow
@@ -191,21 +223,24 @@ def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
-    for row in rows:
-        assert row["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    for row in rows:  # the old log-probs came from the sampling pass (fp32): 1 within 1e-5
+        assert row["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
         assert row["policy/first_approxkl"] == pytest.approx(0.0, abs=1e-9)
         assert row["objective/kl"] >= -0.05  # untruncated sampling: the KL estimate is not negative
         assert abs(row["objective/kl"]) < 1.0  # nothing to gain: the policy stays at the reference
     assert (out / "samples.jsonl").is_file() and (out / "chatloop.json").is_file()
-    # Without a critic: the same, no value metrics, and no value model in the saved state.
-    out = tmp_path / "ppo-no-critic"
+    # GRPO (no critic): the same, its KL in the loss, no value metrics, and no value model in the saved state. The
+    # old log-probs from a forward pass (as under bf16): the first ratio is exactly 1.
+    out = tmp_path / "grpo"
     result = run_cli("ppo", f"--policy={root / 'sft'}", f"--reward_model={root / 'rm_zero'}",
                      f"--prompts={root / 'prompts.jsonl'}", f"--out={out}", "--iterations=2", "--batch_size=16",
                      "--samples_per_prompt=4", "--minibatches=2", "--max_new_tokens=16", "--max_prompt_tokens=40",
-                     "--no-critic", "--lr=1e-4", "--warmup_steps=0", "--progress=false", FP32)
+                     "--algorithm=grpo", "--sampling_logprobs=false", "--lr=1e-4", "--warmup_steps=0",
+                     "--progress=false", FP32)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and rows[0]["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert len(rows) == 2 and rows[0]["policy/first_ratio_mean"] == pytest.approx(1.0, abs=1e-7)
+    assert all(0 <= row["loss/kl"] < 0.05 for row in rows)  # k3 >= 0 per token; near the reference
     assert not any(k.startswith(("value/", "loss/value")) for row in rows for k in row)
 
 

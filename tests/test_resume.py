@@ -48,11 +48,11 @@ def stage_args(stage: str, root: Path, out: Path) -> list[str]:
     return ["ppo", f"--policy={root / 'base'}", f"--reward_model={root / 'rm'}", f"--prompts={root / 'prompts.jsonl'}",
             "--iterations=12", "--batch_size=8", "--minibatches=2", "--ppo_epochs=2", "--max_new_tokens=12",
             "--max_prompt_tokens=40", "--lr=1e-4", "--warmup_steps=2", "--sample_every=0", *common,
-            *(["--no-critic", "--samples_per_prompt=2"] if stage == "ppo-no-critic" else [])]
+            *(["--algorithm=rloo", "--samples_per_prompt=2"] if stage == "ppo-rloo" else [])]
 
 
 @pytest.mark.parametrize("stage, loss_key", [("sft", "train/loss"), ("rm", "train/loss"), ("ppo", "loss/policy"),
-                                             ("ppo-no-critic", "loss/policy")])
+                                             ("ppo-rloo", "loss/policy")])
 @pytest.mark.slow
 def test_kill_9_mid_stage_then_the_same_command_finishes_like_an_uninterrupted_run(tmp_path, models, stage,
                                                                                     loss_key):

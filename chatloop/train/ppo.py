@@ -1,8 +1,9 @@
-"""`chatloop ppo`: PPO (and PPO-ptx) against the reward model (docs/RECIPE.md §4, §5, §7).
+"""`chatloop ppo`: PPO (and PPO-ptx) against the reward model, or a critic-free estimator of the same family
+(RLOO, GRPO, REINFORCE++: --algorithm) with the same KL, ptx, whitening and resume (docs/RECIPE.md §4, §5, §7).
 
 Models: the policy starts from the SFT model; the frozen reference is the same SFT model; the value model is
-separate and starts from the reward model (or, with --no-critic, there is none); the reward model is frozen.
-Dropout is off in all of them.
+separate and starts from the reward model (only with --algorithm=ppo); the reward model is frozen. Dropout is off
+in all of them.
 
 Steps of one iteration:
   1. Take the next `batch_size / samples_per_prompt` prompts of the seeded prompt order (the iteration number is
@@ -11,19 +12,23 @@ Steps of one iteration:
      default), truncated at the stop token.
   3. Score: the reward model at the last real token (normalised), or the `RewardSource` that --reward_fn names (the
      synthetic world's gold judge: chatloop.world.gold, an oracle); a response without a stop token gets `no_eos_score`
-     instead (Huang et al.). With several samples per prompt, each score less the mean score of its prompt's
-     other samples (RLOO's leave-one-out baseline, as OpenRLHF offers): what is left is how much better this
-     answer is than the policy's usual answer to the same prompt, not how easy the prompt is.
-  4. Recompute, with full forward passes, the policy's and the reference's per-token log-probs of the
-     temperature-scaled distribution, and the value model's values (zero without a critic).
-  5. Per-token rewards: -kl_coef * (logp - ref_logp) on every response token, plus the score on the last.
-     Optionally whiten the rewards without shifting their mean.
+     instead (Huang et al.). With several samples per prompt, each score taken relative to its prompt's group
+     (`relative_scores`: less the others' mean for ppo/rloo, less the group mean for reinforce++, standardised for
+     grpo): what is left is how much better this answer is than the policy's usual answer to the same prompt,
+     not how easy the prompt is.
+  4. The policy's per-token log-probs of the temperature-scaled distribution: the sampling pass's own in fp32
+     (--sampling_logprobs), else recomputed with a forward pass; the reference's and the value model's values
+     (zero without a critic) with forward passes that run the LM head at response positions only.
+  5. Per-token rewards: -kl_coef * (logp - ref_logp) on every response token (not for grpo), plus the score on
+     the last. Optionally whiten the rewards without shifting their mean.
   6. Generalised advantage estimation (gamma, lam) backwards over the response; returns = advantages +
-     values; advantages whitened over the batch's real tokens. Without a critic (values 0, lam 1) a token's
-     advantage is the return that follows it: RLOO's (and GRPO's) estimate, with PPO's clipped update.
-  7. PPO: `ppo_epochs` passes over `minibatches` shuffled minibatches: the clipped policy loss, the clipped
-     value loss (with a critic), and for PPO-ptx ptx_coef times the language-model loss on pretraining windows,
-     accumulated into the same optimizer step. (At the first minibatch of an iteration the ratio is exactly 1.)
+     values; advantages whitened over the batch's real tokens (not for grpo). Without a critic (values 0, lam 1)
+     a token's advantage is the return that follows it (grpo: its group-standardised score).
+  7. PPO: `ppo_epochs` passes over `minibatches` shuffled minibatches: the clipped policy loss (grpo: plus
+     kl_coef times the k3 KL to the reference per token), the clipped value loss (with a critic), and for PPO-ptx
+     ptx_coef times the language-model loss on pretraining windows, accumulated into the same optimizer step. (At
+     the first minibatch of an iteration the ratio is 1: exactly when step 4 ran a forward, within 1e-5 with the
+     sampling pass's log-probs.)
   8. Update the adaptive KL controller with the batch's KL, and the EMA of the policy weights.
   9. Log every metric of docs/RECIPE.md §7; print samples every `sample_every` iterations; save the state.
 Finally the policy (its EMA if enabled) is saved as the stage's checkpoint.
@@ -38,6 +43,7 @@ Logged metrics (docs/METRICS.md says what healthy runs look like):
   policy/clipfrac         share of tokens whose ratio was clipped
   policy/ratio_mean, policy/ratio_var
   loss/policy, loss/value, loss/ptx
+  loss/kl                 GRPO only: the k3 estimate of KL(policy || reference) per token, in the loss
   value/clipfrac          share of tokens whose value was clipped (value metrics only with a critic)
   value/explained_variance  1 - Var(returns - values) / Var(returns)
   returns/mean, returns/var
@@ -53,7 +59,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -69,7 +75,7 @@ from chatloop.engine import Rollout, generate
 from chatloop.errors import UserError
 from chatloop.io import disk_full, no_room
 from chatloop.lora import LoraFields
-from chatloop.model import GPT, lm_loss, token_logprobs
+from chatloop.model import GPT, lm_loss, response_logprobs
 from chatloop.tokenizer import Tokenizer
 from chatloop.train.trainer import (
     StageGuard,
@@ -104,10 +110,18 @@ class PPOConfig(TrainConfig, LoraFields):
     reward_scale: float = 1.0
     """Multiplier of reward_fn's scores (the gold judge's are in [0, 1]: 3 gives about the spread of an RM's scores
     against the KL penalty)."""
-    critic: bool = True
-    """Learn a value model for GAE (InstructGPT). Off: no value model; each token's advantage is the return that
-    follows it (the response's score, less its prompt's other samples' mean with samples_per_prompt > 1, less the
-    KL penalties still to come), as RLOO and GRPO do: half the update's compute, and no critic's noise."""
+    algorithm: Literal["ppo", "rloo", "grpo", "reinforce++"] = "ppo"
+    """The RL estimator, one field for the family (docs/RECIPE.md §5):
+    ppo: a value model (started from the RM) and GAE over the per-token rewards (InstructGPT);
+    rloo: no critic; each score less the mean of its prompt's other samples (leave-one-out), the KL penalty in the
+      per-token reward, a token's advantage the return that follows it, whitened over the batch (Ahmadian et al.);
+    grpo: no critic; each score standardised within its prompt's group ((score - mean) / std), the same advantage
+      on every token, not whitened; the KL to the reference in the loss (the k3 estimator, weight kl_coef), not in
+      the reward (Shao et al.);
+    reinforce++: no critic; each score less its group's mean (REINFORCE++-baseline; the raw score with one sample
+      per prompt), the KL penalty in the reward, the returns whitened over the whole batch (Hu et al.).
+    The critic-free ones do half the update's compute and carry no critic's noise; rloo and grpo need
+    samples_per_prompt >= 2. All keep PPO's clipped ratio, ppo_epochs and minibatches."""
     prompts: list[str] = field(default_factory=list)
     """Prompt records (JSONL) to roll out on; cycled in a seeded order."""
     iterations: int = 100
@@ -116,7 +130,7 @@ class PPOConfig(TrainConfig, LoraFields):
     """Episodes (responses) per iteration (InstructGPT: 512)."""
     samples_per_prompt: int = 1
     """Responses per prompt in a batch (1: InstructGPT's one episode per prompt). Above 1, each score is taken
-    relative to the mean of its prompt's other samples (a leave-one-out baseline) before the KL penalty and GAE."""
+    relative to its prompt's group before the KL penalty and the advantages: as `algorithm` says (ppo as rloo)."""
     minibatches: int = 4
     """Minibatches per PPO epoch (InstructGPT: 8 of 64)."""
     ppo_epochs: int = 4
@@ -147,7 +161,7 @@ class PPOConfig(TrainConfig, LoraFields):
     gamma: float = 1.0
     """Discount of GAE (InstructGPT: 1)."""
     lam: float = 0.95
-    """Lambda of GAE (InstructGPT: 0.95)."""
+    """Lambda of GAE (InstructGPT: 0.95); the critic-free algorithms use 1 (the return that follows a token)."""
     cliprange: float = 0.2
     """PPO ratio clip."""
     cliprange_value: float = 0.2
@@ -178,12 +192,22 @@ class PPOConfig(TrainConfig, LoraFields):
     """Tokens per pretraining sequence."""
     grad_checkpoint: bool = False
     """Recompute activations in the backward pass of the policy and value model (less memory)."""
+    sampling_logprobs: bool = True
+    """Take the rollout's policy log-probs from the sampling pass (fp32, KV cache) instead of a forward pass over
+    the rollout: one forward fewer per iteration. In fp32 they equal the update's first forward within 1e-5 (the
+    first minibatch's ratio is 1 within that); under bf16 autocast the update's forward rounds differently from
+    the fp32 sampler (~1e-2 per token), so there the forward runs anyway and the ratio starts at exactly 1."""
     sample_every: int = 10
     """Print and record samples every this many iterations."""
     save_every: int = 10
     """Save the resumable state every this many iterations."""
     log_every: int = 1
     """Log metrics every this many iterations."""
+
+    @property
+    def critic(self) -> bool:
+        """Whether a value model is trained (algorithm ppo)."""
+        return self.algorithm == "ppo"
 
 
 class AdaptiveKLController:
@@ -228,13 +252,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def response_logprobs(model: GPT, rollout_tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      temperature: float, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) log-probs of the response tokens under the temperature-scaled distribution, and entropies."""
+def policy_logprobs(model: GPT, rollout_tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                    temperature: float, device, precision) -> torch.Tensor:
+    """(B, N) log-probs of the response tokens under the temperature-scaled distribution (fp32)."""
     with autocast(device, precision):
-        logits = model(rollout_tokens, attention_mask=attention_mask)
-    logp, logp_all = token_logprobs(logits, rollout_tokens, prompt_len, temperature)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+        return response_logprobs(model, rollout_tokens, attention_mask, prompt_len, temperature)[0]
 
 
 def response_values(value_model: GPT, tokens, attention_mask, prompt_len: int, device, precision) -> torch.Tensor:
@@ -300,6 +322,7 @@ class Batch:
     scores: torch.Tensor  # (B,)
     kl: torch.Tensor  # (B,) summed over tokens
     entropy: torch.Tensor  # scalar
+    kl_coef: float  # the KL weight of this batch: in its rewards, or (GRPO) in its loss
 
 
 class RewardSource(Protocol):
@@ -502,9 +525,11 @@ def train_state(policy: GPT, policy_opt: torch.optim.Optimizer, value_model: GPT
 
 
 def adamw(model: GPT, lr: float, cfg: PPOConfig) -> torch.optim.AdamW:
-    """AdamW over all of the model's parameters (PPO decays none unless weight_decay is set)."""
+    """AdamW over all of the model's parameters (PPO decays none unless weight_decay is set), fused as in
+    trainer.make_optimizer."""
+    device = next(model.parameters()).device
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
 
 
 def ptx_windows(cfg: PPOConfig, tokenizer: Tokenizer, out: Path) -> TokenWindows:
@@ -522,12 +547,16 @@ def check_config(cfg: PPOConfig) -> None:
         raise UserError("--reward_fn and --reward_model: give one of them (what scores the episodes)")
     if cfg.reward_fn and cfg.critic and not cfg.value_model:
         raise UserError("--reward_fn (a reward other than a reward model) needs --value_model (a reward-model "
-                        "checkpoint to start the value model from) or --no-critic")
+                        "checkpoint to start the value model from) or a critic-free --algorithm (rloo, grpo, "
+                        "reinforce++)")
     if cfg.batch_size % cfg.minibatches:
         raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --minibatches={cfg.minibatches}")
     if cfg.samples_per_prompt < 1 or cfg.batch_size % cfg.samples_per_prompt:
         raise UserError(f"--samples_per_prompt={cfg.samples_per_prompt}: expected a divisor of --batch_size="
                         f"{cfg.batch_size}")
+    if cfg.algorithm in ("rloo", "grpo") and cfg.samples_per_prompt < 2:
+        raise UserError(f"--algorithm={cfg.algorithm} takes each score against its prompt's other samples: "
+                        f"expected --samples_per_prompt >= 2, got {cfg.samples_per_prompt}")
     world = distributed.world_size()
     if (cfg.batch_size // cfg.minibatches) % world:
         raise UserError(f"--batch_size / --minibatches = {cfg.batch_size // cfg.minibatches} episodes per minibatch "
@@ -561,12 +590,17 @@ def batch_metrics(batch: Batch, cfg: PPOConfig, kl_coef: float) -> dict[str, flo
     }
 
 
-def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
-    """(B,) scores of consecutive groups of `group` samples of one prompt, each less the mean of its group's others
-    (unchanged for group 1)."""
+def relative_scores(scores: torch.Tensor, group: int, algorithm: str) -> torch.Tensor:
+    """(B,) scores of consecutive groups of `group` samples of one prompt, each taken relative to its group as
+    `algorithm` does (PPOConfig.algorithm): less the mean of the group's others (ppo, rloo), less the group's mean
+    (reinforce++), or standardised within the group (grpo). Unchanged for group 1."""
     if group == 1:
         return scores
     grouped = scores.view(-1, group)
+    if algorithm == "grpo":
+        return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+    if algorithm == "reinforce++":
+        return (grouped - grouped.mean(1, keepdim=True)).flatten()
     return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group - 1)).flatten()
 
 
@@ -586,7 +620,8 @@ def make_batch(policy, reference, reward: RewardSource, value_model, prompts, re
     policy.eval()
     with distributed.whole_for_inference(policy) as whole:
         rollout = generate(whole, prompts, cfg.max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids,
-                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
+                           entropy=True)
     policy.train()
     mask = rollout.mask.float()
     # step 3 (this and step 4 on chunks of rows of similar length: see length_chunks)
@@ -596,9 +631,13 @@ def make_batch(policy, reference, reward: RewardSource, value_model, prompts, re
     scores = torch.where(rollout.ended | ~torch.isfinite(scores), scores, torch.full_like(scores, cfg.no_eos_score))
     # step 4
     def logprobs_of(model):
-        return lambda t, a, p: response_logprobs(model, t, a, p, cfg.temperature, device, precision)
-    old_logprobs, entropy = chunked(logprobs_of(policy), rollout, rows)
-    (ref_logprobs,) = chunked(logprobs_of(reference), rollout, rows)[:1]
+        return lambda t, a, p: (policy_logprobs(model, t, a, p, cfg.temperature, device, precision),)
+    if sampling_logprobs_exact(cfg, precision):
+        old_logprobs = rollout.logprobs
+    else:
+        (old_logprobs,) = chunked(logprobs_of(policy), rollout, rows)
+    (ref_logprobs,) = chunked(logprobs_of(reference), rollout, rows)
+    entropy = rollout.entropy
     values = (chunked(lambda t, a, p: (response_values(value_model, t, a, p, device, precision),), rollout, rows)[0]
               if value_model is not None else torch.zeros_like(old_logprobs))
     old_logprobs, ref_logprobs, values = old_logprobs * mask, ref_logprobs * mask, values * mask
@@ -606,18 +645,24 @@ def make_batch(policy, reference, reward: RewardSource, value_model, prompts, re
         rollout, (scores,), (old_logprobs, ref_logprobs, values, entropy) = distributed.gather_rollout(
             rollout, tokenizer.pad_id, [scores], [old_logprobs, ref_logprobs, values, entropy])
         mask = rollout.mask.float()
-    # step 5
+    # step 5 (GRPO: the KL goes into the loss instead, step 7)
     kl_per_token = (old_logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl_per_token
+    rewards = -kl_coef * kl_per_token if cfg.algorithm != "grpo" else torch.zeros_like(kl_per_token)
     last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(last)), last] += leave_one_out(scores, cfg.samples_per_prompt)
+    rewards[torch.arange(len(last)), last] += relative_scores(scores, cfg.samples_per_prompt, cfg.algorithm)
     if cfg.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
-    # step 6
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    advantages = whiten(advantages, mask)
+    # step 6 (critic-free: values 0 and lam 1, so a token's advantage is the return that follows it)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam if cfg.critic else 1.0)
+    if cfg.algorithm != "grpo":  # GRPO's group standardisation is its only normalisation
+        advantages = whiten(advantages, mask)
     return Batch(rollout, old_logprobs, ref_logprobs, values, rewards, advantages, returns, scores,
-                 kl_per_token.sum(1), masked_mean(entropy, mask))
+                 kl_per_token.sum(1), masked_mean(entropy, mask), kl_coef)
+
+
+def sampling_logprobs_exact(cfg: PPOConfig, precision: str) -> bool:
+    """Whether step 4 takes the policy's log-probs from the sampling pass (PPOConfig.sampling_logprobs)."""
+    return cfg.sampling_logprobs and precision == "fp32"
 
 
 def first_nonfinite(x: torch.Tensor) -> float:
@@ -636,7 +681,7 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
     mask_all = r.mask.float()
     sums: dict[str, list[float]] = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "policy/ratio_mean",
                                                      "policy/ratio_var", "loss/policy", "loss/value", "value/clipfrac",
-                                                     "loss/ptx")}
+                                                     "loss/ptx", "loss/kl")}
     rng = np.random.default_rng([cfg.seed, iteration, 7])
     ptx_index = iteration * cfg.ppo_epochs * cfg.minibatches * ptx_per_minibatch
     for _ in range(cfg.ppo_epochs):
@@ -661,17 +706,22 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
                     (cfg.ptx_coef * ptx_loss * distributed.share_weight(len(ids), ptx_per_minibatch)).backward()
                 sums["loss/ptx"].append(ptx_loss.item())
             # The minibatch's masked-mean loss, accumulated over its length chunks (one optimizer step).
-            logp_all, pg_sum = torch.zeros_like(mask_all), 0.0
+            logp_all, pg_sum, kl_sum = torch.zeros_like(mask_all), 0.0, 0.0
             for j, chunk in enumerate(chunks):
                 tokens, attention = chunk.cut(r.tokens, r.attention_mask, r.prompt_len)
                 cols = slice(0, chunk.response)
                 m = mask_all[chunk.rows, cols]
                 with distributed.no_sync(policy, enabled=j < len(chunks) - 1):
-                    logp, _ = response_logprobs(policy, tokens, attention, chunk.prompt, cfg.temperature, device,
-                                                precision)
+                    logp = policy_logprobs(policy, tokens, attention, chunk.prompt, cfg.temperature, device,
+                                           precision)
                     ratio = torch.exp((logp - batch.old_logprobs[chunk.rows, cols]) * m)
                     adv = batch.advantages[chunk.rows, cols]
                     pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+                    if cfg.algorithm == "grpo":  # the k3 estimate of KL(policy || reference), >= 0 per token
+                        to_ref = (batch.ref_logprobs[chunk.rows, cols] - logp) * m
+                        kl_part = ((torch.exp(to_ref) - to_ref - 1) * m).sum() / tokens_here
+                        kl_sum += kl_part.item()
+                        pg_losses = pg_losses + batch.kl_coef * (torch.exp(to_ref) - to_ref - 1)
                     pg_part = (pg_losses * m).sum() / tokens_here
                     (pg_part * share).backward()
                 pg_sum += pg_part.item()
@@ -687,6 +737,8 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
                 sums["policy/ratio_mean"].append(masked_mean(ratio, mask).item())
                 sums["policy/ratio_var"].append(masked_var(ratio, mask).item())
                 sums["loss/policy"].append(pg_sum)
+                if cfg.algorithm == "grpo":
+                    sums["loss/kl"].append(kl_sum)
             if value_model is None:
                 continue
             value_opt.zero_grad(set_to_none=True)
