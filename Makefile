@@ -32,14 +32,15 @@ demo: setup
 quick: setup
 	$(BIN)/chatloop demo
 
-# Two workers, one torch thread each (and in every process a test starts): tests/conftest.py sets the threads.
+# Two workers, one torch thread each (and in every process a test starts): tests/conftest.py sets the threads and
+# the order (the longest files first, grouped by file).
 TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # The inner loop while you work: every test not marked slow (@pytest.mark.slow: over ~5 s here), in about 3 minutes.
 test-fast: setup browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=10
 
 lint: setup
 	$(BIN)/ruff check chatloop tests benchmarks

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/ppo_throughput.py --threads 1 --clock cpu   # steadier on a busy machine
     .venv/bin/python benchmarks/ppo_throughput.py                           # torch's default threads, wall clock
     .venv/bin/python benchmarks/ppo_throughput.py --quick                   # smoke run, a few minutes
+    .venv/bin/python benchmarks/ppo_throughput.py --precision bf16          # bf16 autocast on every side
 
 Needs TRL (`pip install -e .[bench]`) and, for the PPOTrainer side, trl 1.12.0 unpacked into its own directory
 (TRL removed PPOTrainer after 1.12), which only that side's worker puts first on its path:
@@ -23,10 +24,10 @@ update, on the same workload. Setup, in the parent process (never timed):
   directories that every side opens (transformers' Auto classes for TRL).
 
 Every iteration is B = --batch-size episodes of exactly --response-tokens sampled tokens (temperature 1, no
-top-k/top-p), then --ppo-epochs passes of --minibatches optimizer steps over them, fp32. The response length
-is fixed on every side so that all generate the same number of tokens: ours samples with no stop token (the
-wrapper of `generate` below passes an empty stop list, so every response is "truncated" and gets the fixed
-no-EOS score; the reward model still runs on every response), the PPOTrainer has no stop token (its
+top-k/top-p), then --ppo-epochs passes of --minibatches optimizer steps over them, fp32 (or --precision bf16).
+The response length is fixed on every side so that all generate the same number of tokens: ours samples with no
+stop token (the wrapper of `generate` below passes an empty stop list, so every response is "truncated" and gets
+the fixed no-EOS score; the reward model still runs on every response), the PPOTrainer has no stop token (its
 default), and RLOO gets `min_new_tokens = max_new_tokens` (EOS suppressed until the budget is spent).
 
 One worker subprocess per side, each running its real end-to-end training entry point:
@@ -37,6 +38,8 @@ One worker subprocess per side, each running its real end-to-end training entry 
   `ppo_update` the optimisation; a forward hook on the reward model times scoring. So the split is:
   generation, scoring, rollout forwards (policy, reference and value log-probs/values, rewards, GAE),
   update (PPO epochs), other (metrics, EMA, logging).
+- ours-rloo: the same entry point with --algorithm=rloo and samples_per_prompt = --num-generations (no value
+  model): the critic-free side, measured against RLOOTrainer at the same samples per prompt and tokens.
 - RLOO (trl 1.16): `RLOOTrainer(...).train()` with the reward model as its reward function, B/G prompts x G
   = --num-generations completions per generation batch, per_device_train_batch_size = B / minibatches,
   steps_per_generation = minibatches, num_iterations = ppo epochs, beta = kl_coef (so the reference model
@@ -79,9 +82,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET_RATIO = 3.0
+TARGET_RATIO = 1.2  # issue 33: ours >= 1.2x PPOTrainer, ours critic-free >= 1.2x RLOOTrainer
 LR, EPS, KL_COEF, GRAD_CLIP, SEED = 1e-5, 1e-5, 0.05, 1.0, 1337
-SIDES = ("ours", "rloo", "ppo112")
+SIDES = ("ours", "ours-rloo", "rloo", "ppo112")
 PARTS = ("generation", "scoring", "rollout_forwards", "update", "other")
 
 
@@ -102,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="time iterations by the wall clock or by the worker's CPU time (needs --threads 1)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="every side: fp32, or bf16 autocast (ours --precision=bf16, TRL bf16=True)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 timed iteration, smaller batch")
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/ppo_throughput*.json)")
     p.add_argument("--verbose", action="store_true", help="show the workers' stderr")
@@ -111,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup, args.iterations, args.batch_size, args.response_tokens = 1, 1, 8, 8
     if args.batch_size % args.minibatches or args.batch_size % args.num_generations or args.num_generations < 2:
         p.error("--batch-size must be divisible by --minibatches and --num-generations (>= 2)")
-    name = "ppo_throughput" + ("_cpu_clock" if args.clock == "cpu" else "") + ("_quick" if args.quick else "")
+    name = "ppo_throughput" + ("_cpu_clock" if args.clock == "cpu" else "")
+    name += ("_bf16" if args.precision == "bf16" else "") + ("_quick" if args.quick else "")
     args.out = Path(args.out) if args.out else _bench.RESULTS / f"{name}.json"
     return args
 
@@ -258,8 +264,10 @@ def ours_worker(spec: dict[str, Any]) -> None:
         iterations=10**6, batch_size=spec["batch_size"], minibatches=spec["minibatches"],
         ppo_epochs=spec["ppo_epochs"], max_new_tokens=spec["response_tokens"], max_prompt_tokens=spec["prompt_tokens"],
         temperature=1.0, top_k=0, top_p=1.0, kl_coef=KL_COEF, lr=LR, eps=EPS, warmup_steps=0, weight_decay=0.0,
-        grad_clip=GRAD_CLIP, precision="fp32", device="cpu", seed=SEED, save_every=10**9, sample_every=0, log_every=1,
-        progress=False,
+        grad_clip=GRAD_CLIP, precision=spec["precision"], device="cpu", seed=SEED, save_every=10**9, sample_every=0,
+        log_every=1, progress=False,
+        # ours-rloo: the critic-free estimator at RLOO's samples per prompt (no value model, half the update)
+        **({"algorithm": "rloo", "samples_per_prompt": spec["num_generations"]} if spec["side"] == "ours-rloo" else {}),
     )
     with suppress(Stop):
         ppo_mod.ppo(cfg)
@@ -301,8 +309,8 @@ def rloo_worker(spec: dict[str, Any]) -> None:
         num_generations=spec["num_generations"], max_completion_length=n, generation_kwargs={"min_new_tokens": n},
         temperature=1.0, top_k=0, top_p=1.0, beta=KL_COEF, learning_rate=LR, lr_scheduler_type="constant",
         warmup_steps=0, adam_epsilon=EPS, weight_decay=0.0, max_grad_norm=GRAD_CLIP, optim="adamw_torch_fused",
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, report_to=[], logging_strategy="no",
-        save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        bf16=spec["precision"] == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False, report_to=[],
+        logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         dataloader_pin_memory=False, max_steps=10**6, seed=SEED, log_completions=False,
     )
 
@@ -402,9 +410,10 @@ def ppo112_worker(spec: dict[str, Any]) -> None:
         response_length=spec["response_tokens"], stop_token=None, missing_eos_penalty=None, temperature=1.0,
         kl_coef=KL_COEF, local_rollout_forward_batch_size=b,
         total_episodes=b * 10**5, num_sample_generations=0, learning_rate=LR, lr_scheduler_type="constant",
-        warmup_steps=0, adam_epsilon=EPS, weight_decay=0.0, optim="adamw_torch_fused", bf16=False, fp16=False,
-        use_cpu=True, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0, seed=SEED, sft_model_path=spec["policy"],
+        warmup_steps=0, adam_epsilon=EPS, weight_decay=0.0, optim="adamw_torch_fused",
+        bf16=spec["precision"] == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
+        sft_model_path=spec["policy"],
         reward_model_path=spec["rm"],
     )
     dataset = datasets.Dataset.from_dict({"input_ids": json.loads(Path(spec["prompts_cut"]).read_text())["ids"]})
@@ -529,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        {"ours": ours_worker, "rloo": rloo_worker, "ppo112": ppo112_worker}[spec["side"]](spec)
+        workers = {"ours": ours_worker, "ours-rloo": ours_worker, "rloo": rloo_worker, "ppo112": ppo112_worker}
+        workers[spec["side"]](spec)
         return
 
     import torch
@@ -543,7 +553,8 @@ def main(argv: list[str] | None = None) -> None:
     info = _bench.machine(torch.device("cpu"))
     info.update(clock=args.clock, trl=trl.__version__, trl_ppo="1.12.0 from " + args.trl112,
                 uptime_start=_bench.uptime(), worker_threads=args.threads or info["threads"])
-    print(f"# PPO throughput, cpu fp32: {info['cpu']}, {info['worker_threads']} threads, {args.clock} clock; "
+    print(f"# PPO throughput, cpu {args.precision}: {info['cpu']}, {info['worker_threads']} threads, {args.clock} "
+          "clock; "
           f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']} (RLOO), 1.12.0 (PPO)")
     print(f"uptime (start): {info['uptime_start']}")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -552,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = {k: setup[k] for k in ("policy", "rm", "prompts_file", "prompts_cut")}
         spec.update(batch_size=args.batch_size, minibatches=args.minibatches, ppo_epochs=args.ppo_epochs,
                     response_tokens=args.response_tokens, prompt_tokens=args.prompt_tokens,
-                    num_generations=args.num_generations, threads=args.threads)
+                    num_generations=args.num_generations, threads=args.threads, precision=args.precision)
         print(f"{setup['prompts']} prompts of {args.prompt_tokens} tokens; {args.preset} "
               f"({setup['params'] / 1e6:.1f}M params, vocab {setup['vocab_size']}); B={args.batch_size}, "
               f"{args.minibatches} minibatches x {args.ppo_epochs} epochs, {args.response_tokens} response tokens; "
@@ -563,22 +574,25 @@ def main(argv: list[str] | None = None) -> None:
     _bench.write_results(args.out.with_suffix(".raw.json"), {"args": {k: str(v) for k, v in vars(args).items()},
                                                              "machine": info, "raw": raw})
     results = {side: summarise(r, args.clock) for side, r in raw.items()}
-    if "ours" in results:
-        for side in list(raw):
-            if side != "ours":
-                results[f"ratio_vs_{side}"] = round(
-                    results["ours"]["episodes_per_s"] / results[side]["episodes_per_s"], 3)
-    names = {"ours": "chatloop ppo", "rloo": f"TRL {trl.__version__} RLOOTrainer", "ppo112": "TRL 1.12.0 PPOTrainer"}
-    print(f"\n| side | episodes/s | ratio (ours / side) | iteration s | {' | '.join(PARTS)} | peak RSS MiB |")
+    # Each of ours against its like: PPO against PPOTrainer, the critic-free one against RLOOTrainer.
+    peers = {"ours": "ppo112", "ours-rloo": "rloo"}
+    for ours, peer in peers.items():
+        if ours in results and peer in results:
+            results[f"ratio_{ours}_vs_{peer}"] = round(
+                results[ours]["episodes_per_s"] / results[peer]["episodes_per_s"], 3)
+    names = {"ours": "chatloop ppo", "ours-rloo": "chatloop ppo --algorithm=rloo",
+             "rloo": f"TRL {trl.__version__} RLOOTrainer", "ppo112": "TRL 1.12.0 PPOTrainer"}
+    print(f"\n| side | episodes/s | ours / its peer | iteration s | {' | '.join(PARTS)} | peak RSS MiB |")
     print("|---|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|")
     for side in raw:
         r = results[side]
-        ratio = "" if side == "ours" else f"{results.get(f'ratio_vs_{side}', float('nan')):.2f}x"
+        ratio = f"{results[f'ratio_{side}_vs_{peers[side]}']:.2f}x" if f"ratio_{side}_vs_{peers.get(side)}" in results \
+            else ""
         cells = " | ".join(f"{r['split_s'][p]:.2f} s ({100 * r['split_share'][p]:.0f}%)" for p in PARTS)
         print(f"| {names[side]} | {r['episodes_per_s']:.2f} | {ratio} | {r['iteration_s']['median_s']:.2f} | {cells} | "
               f"{r['peak_rss_mb']:,.0f} |")
     record = {"benchmark": "ppo_throughput", "command": " ".join(["benchmarks/ppo_throughput.py", *sys.argv[1:]]),
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "precision": "fp32",
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "precision": args.precision,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "trl_rloo": trl.__version__, "trl_ppo": "1.12.0"},
               "workload": {"preset": args.preset, "params": setup["params"], "vocab": setup["vocab_size"],

@@ -242,8 +242,8 @@ def kl_to(policy: GPT, reference: GPT, answers: Answers, temperature: float) -> 
     """Mean over answers of sum over answer tokens of log pi(y_t) - log pi_ref(y_t)."""
     total, count = 0.0, 0
     for batch, masks, P in zip(answers.tokens, answers.masks, answers.prompt_lens):
-        # 8 rows at a time: a batch's (B, N, V) response logits are still large at a 49k vocabulary.
-        for tokens, mask in zip(batch.split(8), masks.split(8)):
+        # 4 rows at a time: a batch's (B, N, V) response logits are still large at a 49k vocabulary.
+        for tokens, mask in zip(batch.split(4), masks.split(4)):
             logps = [response_logprobs(model, tokens, mask, P, temperature)[0] for model in (policy, reference)]
             total += ((logps[0] - logps[1]) * mask[:, P:].float()).sum().item()
         count += batch.shape[0]
@@ -316,8 +316,15 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
     texts: dict[str, list[str]] = {}
     held_out_verdicts: dict[str, list[Verdict]] = {}
     redteam_verdicts: dict[str, list[Verdict]] = {}
+
+    def load(path: str) -> GPT:
+        """A model to evaluate: the reference itself when it is one of them (one copy of a real model, not two)."""
+        if reference is not None and Path(path).resolve() == Path(cfg.reference).resolve():
+            return reference
+        return load_model(path, device=device).eval()
+
     for name, path in zip(names, cfg.models):
-        model = load_model(path, device=device).eval()
+        model = load(path)
         tokenizer = Tokenizer.load(path)
         answers = answer(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.sample_batch)
         row: dict[str, float] = {}
@@ -347,7 +354,7 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
         base = cfg.reference or cfg.models[0]
         base_name = names[cfg.models.index(base)] if base in cfg.models else Path(base).name
         row_name, row, scores, diagnostics, picked = best_of_n(cfg, base_name, base, prompts, redteam, judge,
-                                                               reward_model, device,
+                                                               reward_model, load(base),
                                                                per_prompt.get(base_name, {}).get("gold"))
         report["models"][row_name], per_prompt[row_name], report["diagnostics"] = row, scores, diagnostics
         if picked:
@@ -382,13 +389,12 @@ def evaluate(cfg: EvalConfig, judge: Judge | None = None) -> dict:
 
 
 def best_of_n(cfg: EvalConfig, base_name: str, base: str, prompts: list, redteam: list, judge: Judge | None,
-              reward_model: GPT, device, base_gold: list[float] | None
+              reward_model: GPT, model: GPT, base_gold: list[float] | None
               ) -> tuple[str, dict, dict[str, list[float]], dict, tuple[list[Verdict], list[Verdict]] | None]:
-    """The best-of-n row: n answers of `base` per prompt (a seed of their own), the RM's pick of each prompt's; the
-    diagnostics its samples give (the RM on pairs of the base's own samples, the judge's own best-of-n); and, with
-    a judge, the verdicts on its picks for the held-out and the red-team prompts."""
+    """The best-of-n row: n answers of `base` (loaded as `model`) per prompt (a seed of their own), the RM's pick of
+    each prompt's; the diagnostics its samples give (the RM on pairs of the base's own samples, the judge's own
+    best-of-n); and, with a judge, the verdicts on its picks for the held-out and the red-team prompts."""
     n = cfg.best_of
-    model = load_model(base, device=device).eval()
     tokenizer = Tokenizer.load(base)
 
     def sample(of: list) -> tuple[Answers, np.ndarray]:

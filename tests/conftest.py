@@ -48,6 +48,24 @@ def need_module(name: str):
     return pytest.importorskip(name)
 
 
+# Files whose tests take minutes, longest first: under `pytest -n W --dist loadgroup` (make test) they start first,
+# so that the suite does not end on one worker running them alone while the others idle.
+LONGEST_FIRST = ("test_pipeline.py", "test_import.py", "test_resume.py", "test_faults.py", "test_lora.py",
+                 "test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest files first; each file's tests one xdist group (its module fixtures built once), but each test of
+    test_pipeline.py its own group: they are whole loops, one worker each."""
+    def rank(item) -> int:
+        return LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a file, the written order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if item.path.name == "test_pipeline.py"
+                                                else item.path.name))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return need(shared_data_dir())

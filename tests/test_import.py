@@ -363,7 +363,9 @@ def resume_args(stage: str, root: Path, out: Path) -> list[str]:
             "--max_prompt_tokens=48", "--lr=1e-6", "--warmup_steps=0", "--sample_every=0", *common]
 
 
-@pytest.mark.parametrize("stage, loss_key", [("sft", "train/loss"), ("rm", "train/loss"), ("ppo", "loss/policy")])
+# PPO only on the real model (its state holds the most: policy, value model, their optimizers, the KL controller);
+# SFT's and RM's resume after kill -9 are the same code, tested on the tiny model (tests/test_resume.py).
+@pytest.mark.parametrize("stage, loss_key", [("ppo", "loss/policy")])
 @pytest.mark.slow
 def test_kill_9_mid_stage_on_smollm2_then_the_same_command_finishes_like_an_uninterrupted_run(
         smollm2_2_layers, tmp_path, stage, loss_key):
