@@ -719,9 +719,9 @@ def ppo_update(policy, value_model, policy_opt, value_opt, batch: Batch, cfg: PP
                     pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
                     if cfg.algorithm == "grpo":  # the k3 estimate of KL(policy || reference), >= 0 per token
                         to_ref = (batch.ref_logprobs[chunk.rows, cols] - logp) * m
-                        kl_part = ((torch.exp(to_ref) - to_ref - 1) * m).sum() / tokens_here
-                        kl_sum += kl_part.item()
-                        pg_losses = pg_losses + batch.kl_coef * (torch.exp(to_ref) - to_ref - 1)
+                        k3 = torch.exp(to_ref) - to_ref - 1
+                        kl_sum += ((k3 * m).sum() / tokens_here).item()
+                        pg_losses = pg_losses + batch.kl_coef * k3
                     pg_part = (pg_losses * m).sum() / tokens_here
                     (pg_part * share).backward()
                 pg_sum += pg_part.item()
