@@ -111,7 +111,7 @@ class PPOConfig(TrainConfig, LoraFields):
     """Multiplier of reward_fn's scores (the gold judge's are in [0, 1]: 3 gives about the spread of an RM's scores
     against the KL penalty)."""
     algorithm: Literal["ppo", "rloo", "grpo", "reinforce++"] = "ppo"
-    """The RL estimator, one field for the family (docs/RECIPE.md §5):
+    """The RL estimator, one field for the family (docs/RECIPE.md §4):
     ppo: a value model (started from the RM) and GAE over the per-token rewards (InstructGPT);
     rloo: no critic; each score less the mean of its prompt's other samples (leave-one-out), the KL penalty in the
       per-token reward, a token's advantage the return that follows it, whitened over the batch (Ahmadian et al.);
