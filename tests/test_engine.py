@@ -42,6 +42,23 @@ def test_logprobs_equal_a_full_forward_pass_over_the_sample(style):
     torch.testing.assert_close(rollout.logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_repeated_prompts_share_their_prefill_and_sample_as_if_run_apart():
+    # PPO's samples per prompt and best-of-n repeat prompts: the engine prefills each once and copies its cache rows.
+    model = random_model("llama")
+    repeated = [p for p in PROMPTS for _ in range(3)]
+    greedy = generate(model, repeated, 10, pad_id=0, stop_ids=[49], temperature=0)
+    alone = generate(model, PROMPTS, 10, pad_id=0, stop_ids=[49], temperature=0)
+    assert greedy.response_ids() == [r for r in alone.response_ids() for _ in range(3)]
+    rollout = generate(model, repeated, 10, pad_id=0, stop_ids=[49], temperature=1.0,
+                       generator=torch.Generator().manual_seed(2))
+    assert len({tuple(r) for r in rollout.response_ids()}) > len(PROMPTS)  # the copies sample independently
+    with torch.no_grad():
+        logits = model(rollout.tokens, attention_mask=rollout.attention_mask)
+    P = rollout.prompt_len
+    expected = torch.log_softmax(logits[:, P - 1 : -1], -1).gather(-1, rollout.response[..., None]).squeeze(-1)
+    torch.testing.assert_close(rollout.logprobs, expected * rollout.mask, atol=1e-5, rtol=1e-5)
+
+
 def test_finished_sequences_are_padded_and_masked_after_their_stop_token():
     model = random_model("llama")
     stops = list(range(10, 25))  # frequent stops: rows finish at different steps
