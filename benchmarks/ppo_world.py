@@ -9,6 +9,11 @@
   5. PPO-ptx against PPO: the pretraining validation loss regresses less.
   6. knobs: the gold-reward ceiling at the config's budget with 4 PPO epochs, lr 2e-4, or KL coef 0.02 (does any
      of PPO's knobs lift it?), each against SFT with its ties counted.
+  7. algorithms (issue #33): each of --arms (an --algorithm, optionally with changed settings) trained once for the
+     config's iterations, its policy evaluated at --budgets iterations (from the train states, identical to a run
+     stopped there) against SFT with the gold judge: helpful, harmless, over-refusal, false claims, and the
+     training seconds up to that iteration (rollout + update, from metrics.jsonl). Keyed by --run, so that one
+     invocation per world seed fills one table.
 Every run uses the run config's PPO settings unless an experiment changes them; results go to
 benchmarks/results/ppo_world.json (experiments not run keep their earlier results).
 
@@ -25,11 +30,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from chatloop.checkpoint import is_complete
+from chatloop.checkpoint import is_complete, load_model, save_model
 from chatloop.config import parse_args
 from chatloop.evaluate import EvalConfig, evaluate
 from chatloop.pipeline import RunConfig
+from chatloop.tokenizer import Tokenizer
 from chatloop.train.ppo import PPOConfig, ppo
 from chatloop.world.gold import gold_judge
 
@@ -60,9 +67,10 @@ def train(run: Path, base, out: Path, gold: bool = False, **changes) -> Path:
     return out
 
 
-def against_sft(run: Path, policy: Path, limit: int, eval_seed: int) -> dict:
+def against_sft(run: Path, policy: Path, limit: int, eval_seed: int, redteam: bool = False) -> dict:
     report = evaluate(EvalConfig(models=[str(run / "sft"), str(policy)], names=["sft", "ppo"],
                                  prompts=str(run / "world" / "eval_prompts.jsonl"),
+                                 redteam=str(run / "world" / "redteam_prompts.jsonl") if redteam else "",
                                  demonstrations=str(run / "world" / "demonstrations.jsonl"),
                                  reward_model=str(run / "round-1" / "rm"), reference=str(run / "sft"),
                                  pretrain_val=str(run / "world" / "pretrain_val.txt"), limit=limit,
@@ -72,7 +80,25 @@ def against_sft(run: Path, policy: Path, limit: int, eval_seed: int) -> dict:
             report["win_rates"]["ppo vs sft (rm)"]["win_rate"], "gold_score": ppo_row["gold_score"],
             "sft_gold_score": report["models"]["sft"]["gold_score"], "rm_score": ppo_row["rm_score"],
             "kl": ppo_row["kl"], "pretrain_val_loss": ppo_row["pretrain_val_loss"],
-            "sft_pretrain_val_loss": report["models"]["sft"]["pretrain_val_loss"], "ended": ppo_row["ended"]}
+            "sft_pretrain_val_loss": report["models"]["sft"]["pretrain_val_loss"], "ended": ppo_row["ended"],
+            **({"hhh": report["hhh"]} if redteam else {})}
+
+
+def snapshot(out: Path, iteration: int) -> Path:
+    """The policy of `out`'s train state at `iteration`, saved as a model directory beside it."""
+    path = out.parent / f"{out.name}-at-{iteration}"
+    if not is_complete(path):
+        state = torch.load(out / "train_state" / f"step-{iteration:08d}" / "state.pt", weights_only=False)
+        model = load_model(out)
+        model.load_state_dict(state["policy"])
+        save_model(model, path, Tokenizer.load(out))
+    return path
+
+
+ARMS = {  # name -> PPOConfig changes
+    "ppo": {"algorithm": "ppo"}, "rloo": {"algorithm": "rloo"}, "grpo": {"algorithm": "grpo"},
+    "reinforce++": {"algorithm": "reinforce++"}, "rloo-lr1e-4": {"algorithm": "rloo", "lr": 1e-4},
+}
 
 
 def metrics(out: Path) -> list[dict]:
@@ -87,6 +113,9 @@ def main() -> None:
     parser.add_argument("--work", default="runs/ppo-world", help="where the experiment runs go")
     parser.add_argument("--only", nargs="*", default=["seeds", "oracle", "adaptive", "beta0", "ptx", "knobs"])
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --work instead of retraining")
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS), help="algorithms: what to train")
+    parser.add_argument("--budgets", nargs="*", type=int, default=[8, 12, 20], help="algorithms: iterations to "
+                        "evaluate at (each a multiple of the save interval, their greatest common divisor)")
     args = parser.parse_args()
     global REUSE
     REUSE = args.reuse
@@ -144,10 +173,28 @@ def main() -> None:
                                       "train_s": round(time.time() - started)}
             w = results["knobs"][name]["gold_win_rate"]
             print(f"{name}: {w['win_rate']:.3f}, {w['ties']} ties of {w['n']}, {w['win_rate_no_ties']:.3f} without")
+    if "algorithms" in args.only:  # 7
+        every = int(np.gcd.reduce(args.budgets))
+        table = results.setdefault("algorithms", {})[str(run)] = {}
+        for arm in args.arms:
+            iterations = max(args.budgets)
+            out = train(run, base, work / arm, seed=0, ptx_data=[], iterations=iterations, save_every=every,
+                        keep_states=iterations // every, **ARMS[arm])
+            rows = metrics(out)
+            table[arm] = {}
+            for budget in args.budgets:
+                policy = out if budget == iterations else snapshot(out, budget)
+                train_s = sum(r["perf/rollout_s"] + r["perf/update_s"] for r in rows[:budget])
+                table[arm][budget] = {**against_sft(run, policy, args.limit, eval_seed=100, redteam=True),
+                                      "train_s": round(train_s, 1)}
+                print(f"{arm} at {budget}: {table[arm][budget]['gold_win_rate']['win_rate']:.3f} in {train_s:.0f} s",
+                      flush=True)
     results["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "ppo_world.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    if "algorithms" in results:  # one table per world seed (--run), each from its own invocation
+        results["algorithms"] = {**old.get("algorithms", {}), **results["algorithms"]}
     path.write_text(json.dumps({**old, **results}, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "ppo"}, indent=1)[:4000])
 
