@@ -98,6 +98,8 @@ def snapshot(out: Path, iteration: int) -> Path:
 ARMS = {  # name -> PPOConfig changes
     "ppo": {"algorithm": "ppo"}, "rloo": {"algorithm": "rloo"}, "grpo": {"algorithm": "grpo"},
     "reinforce++": {"algorithm": "reinforce++"}, "rloo-lr1e-4": {"algorithm": "rloo", "lr": 1e-4},
+    "rloo-lr7e-5": {"algorithm": "rloo", "lr": 7e-5},
+    "rloo-lr1e-4-kl0.2": {"algorithm": "rloo", "lr": 1e-4, "kl_coef": 0.2},
 }
 
 
@@ -113,7 +115,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/ppo-world", help="where the experiment runs go")
     parser.add_argument("--only", nargs="*", default=["seeds", "oracle", "adaptive", "beta0", "ptx", "knobs"])
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --work instead of retraining")
-    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS), help="algorithms: what to train")
+    parser.add_argument("--arms", nargs="*", default=list(ARMS)[:5], choices=list(ARMS),
+                        help="algorithms: what to train")
     parser.add_argument("--budgets", nargs="*", type=int, default=[8, 12, 20], help="algorithms: iterations to "
                         "evaluate at (each a multiple of the save interval, their greatest common divisor)")
     args = parser.parse_args()
@@ -194,7 +197,9 @@ def main() -> None:
     path = RESULTS / "ppo_world.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     if "algorithms" in results:  # one table per world seed (--run), each from its own invocation
-        results["algorithms"] = {**old.get("algorithms", {}), **results["algorithms"]}
+        before = old.get("algorithms", {})
+        results["algorithms"] = {**before, **{run: {**before.get(run, {}), **arms}
+                                              for run, arms in results["algorithms"].items()}}
     path.write_text(json.dumps({**old, **results}, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "ppo"}, indent=1)[:4000])
 
