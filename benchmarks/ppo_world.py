@@ -100,6 +100,7 @@ ARMS = {  # name -> PPOConfig changes
     "reinforce++": {"algorithm": "reinforce++"}, "rloo-lr1e-4": {"algorithm": "rloo", "lr": 1e-4},
     "rloo-lr7e-5": {"algorithm": "rloo", "lr": 7e-5},
     "rloo-lr1e-4-kl0.2": {"algorithm": "rloo", "lr": 1e-4, "kl_coef": 0.2},
+    "rloo-mb4": {"algorithm": "rloo", "minibatches": 4},
 }
 
 
