@@ -10,8 +10,8 @@
   6. knobs: the gold-reward ceiling at the config's budget with 4 PPO epochs, lr 2e-4, or KL coef 0.02 (does any
      of PPO's knobs lift it?), each against SFT with its ties counted.
   7. algorithms (issue #33): each of --arms (an --algorithm, optionally with changed settings) trained once for the
-     config's iterations, its policy evaluated at --budgets iterations (from the train states, identical to a run
-     stopped there) against SFT with the gold judge: helpful, harmless, over-refusal, false claims, and the
+     largest of --budgets iterations, its policy evaluated at each of them (from the train states, identical to a
+     run stopped there) against SFT with the gold judge: helpful, harmless, over-refusal, false claims, and the
      training seconds up to that iteration (rollout + update, from metrics.jsonl). Keyed by --run, so that one
      invocation per world seed fills one table.
 Every run uses the run config's PPO settings unless an experiment changes them; results go to
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="*", default=list(ARMS)[:5], choices=list(ARMS),
                         help="algorithms: what to train")
     parser.add_argument("--budgets", nargs="*", type=int, default=[8, 12, 20], help="algorithms: iterations to "
-                        "evaluate at (each a multiple of the save interval, their greatest common divisor)")
+                        "evaluate at (the run keeps a train state every greatest common divisor of them)")
     args = parser.parse_args()
     global REUSE
     REUSE = args.reuse
@@ -179,9 +179,9 @@ def main() -> None:
             print(f"{name}: {w['win_rate']:.3f}, {w['ties']} ties of {w['n']}, {w['win_rate_no_ties']:.3f} without")
     if "algorithms" in args.only:  # 7
         every = int(np.gcd.reduce(args.budgets))
+        iterations = max(args.budgets)
         table = results.setdefault("algorithms", {})[str(run)] = {}
         for arm in args.arms:
-            iterations = max(args.budgets)
             out = train(run, base, work / arm, seed=0, ptx_data=[], iterations=iterations, save_every=every,
                         keep_states=iterations // every, **ARMS[arm])
             rows = metrics(out)
