@@ -199,8 +199,11 @@ def main() -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     if "algorithms" in results:  # one table per world seed (--run), each from its own invocation
         before = old.get("algorithms", {})
-        results["algorithms"] = {**before, **{run: {**before.get(run, {}), **arms}
-                                              for run, arms in results["algorithms"].items()}}
+        for run, arms in results["algorithms"].items():  # a budget evaluated again replaces only itself
+            kept = before.setdefault(run, {})
+            for arm, budgets in arms.items():
+                kept[arm] = {**kept.get(arm, {}), **budgets}
+        results["algorithms"] = before
     path.write_text(json.dumps({**old, **results}, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "ppo"}, indent=1)[:4000])
 
