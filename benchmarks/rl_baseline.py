@@ -7,8 +7,8 @@ train states) against SFT by the gold judge on the 300 held-out and 90 red-team 
 seconds (rollout + update, metrics.jsonl) up to it. Results: benchmarks/results/rl_baseline.json, keyed by run.
 
     git worktree add /tmp/wt-834fbac 834fbac
-    (cd /tmp/wt-834fbac && PYTHONPATH=. OMP_NUM_THREADS=1 $PWD/.venv/bin/python $PWD/benchmarks/rl_baseline.py \
-        train --run $PWD/runs/seed-0 --out $PWD/runs/baseline/seed-0)
+    (cd /tmp/wt-834fbac && PYTHONPATH=. OMP_NUM_THREADS=1 $OLDPWD/.venv/bin/python $OLDPWD/benchmarks/rl_baseline.py \
+        train --run $OLDPWD/runs/seed-0 --out $OLDPWD/runs/baseline/seed-0)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rl_baseline.py eval --run runs/seed-0 --out runs/baseline/seed-0
 """
 
