@@ -95,6 +95,19 @@ def snapshot(out: Path, iteration: int) -> Path:
     return path
 
 
+def at_budgets(run: Path, out: Path, budgets: list[int], limit: int, name: str) -> dict:
+    """The PPO run `out` at each of `budgets` iterations against SFT (red-team prompts too), with its training
+    seconds (rollout + update, metrics.jsonl) up to there."""
+    rows = metrics(out)
+    table = {}
+    for budget in budgets:
+        policy = out if budget == len(rows) else snapshot(out, budget)
+        train_s = sum(r["perf/rollout_s"] + r["perf/update_s"] for r in rows[:budget])
+        table[budget] = {**against_sft(run, policy, limit, eval_seed=100, redteam=True), "train_s": round(train_s, 1)}
+        print(f"{name} at {budget}: {table[budget]['gold_win_rate']['win_rate']:.3f} in {train_s:.0f} s", flush=True)
+    return table
+
+
 ARMS = {  # name -> PPOConfig changes
     "ppo": {"algorithm": "ppo"}, "rloo": {"algorithm": "rloo"}, "grpo": {"algorithm": "grpo"},
     "reinforce++": {"algorithm": "reinforce++"}, "rloo-lr1e-4": {"algorithm": "rloo", "lr": 1e-4},
@@ -184,15 +197,7 @@ def main() -> None:
         for arm in args.arms:
             out = train(run, base, work / arm, seed=0, ptx_data=[], iterations=iterations, save_every=every,
                         keep_states=iterations // every, **ARMS[arm])
-            rows = metrics(out)
-            table[arm] = {}
-            for budget in args.budgets:
-                policy = out if budget == iterations else snapshot(out, budget)
-                train_s = sum(r["perf/rollout_s"] + r["perf/update_s"] for r in rows[:budget])
-                table[arm][budget] = {**against_sft(run, policy, args.limit, eval_seed=100, redteam=True),
-                                      "train_s": round(train_s, 1)}
-                print(f"{arm} at {budget}: {table[arm][budget]['gold_win_rate']['win_rate']:.3f} in {train_s:.0f} s",
-                      flush=True)
+            table[arm] = at_budgets(run, out, args.budgets, args.limit, arm)
     results["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "ppo_world.json"

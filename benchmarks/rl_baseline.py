@@ -24,6 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train(run: Path, out: Path, config: str, every: int) -> None:
+    """ppo_world.train's settings, written out here: ppo_world imports modules an earlier commit lacks."""
     import chatloop
     from chatloop.config import parse_args
     from chatloop.pipeline import RunConfig
@@ -39,15 +40,9 @@ def train(run: Path, out: Path, config: str, every: int) -> None:
 
 def evaluate_budgets(run: Path, out: Path, budgets: list[int], limit: int, name: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from ppo_world import against_sft, metrics, snapshot
+    from ppo_world import at_budgets
 
-    rows = metrics(out)
-    table = {}
-    for budget in budgets:
-        policy = out if budget == len(rows) else snapshot(out, budget)
-        train_s = sum(r["perf/rollout_s"] + r["perf/update_s"] for r in rows[:budget])
-        table[budget] = {**against_sft(run, policy, limit, eval_seed=100, redteam=True), "train_s": round(train_s, 1)}
-        print(f"{name} at {budget}: {table[budget]['gold_win_rate']['win_rate']:.3f} in {train_s:.0f} s", flush=True)
+    table = at_budgets(run, out, budgets, limit, name)
     path = RESULTS / "rl_baseline.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results.setdefault(str(run), {})[name] = table
