@@ -114,6 +114,9 @@ ARMS = {  # name -> PPOConfig changes
     "rloo-lr7e-5": {"algorithm": "rloo", "lr": 7e-5},
     "rloo-lr1e-4-kl0.2": {"algorithm": "rloo", "lr": 1e-4, "kl_coef": 0.2},
     "rloo-mb4": {"algorithm": "rloo", "minibatches": 4},
+    # the rollout's log-probs from a bf16 forward instead of the fp32 sampling pass (the default before issue 33's
+    # last change; the same as rloo under fp32)
+    "rloo-forward": {"algorithm": "rloo", "sampling_logprobs": False},
 }
 
 

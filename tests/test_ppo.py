@@ -230,7 +230,7 @@ def test_first_minibatch_has_ratio_one_and_runs_keep_kl_near_zero_without_reward
         assert abs(row["objective/kl"]) < 1.0  # nothing to gain: the policy stays at the reference
     assert (out / "samples.jsonl").is_file() and (out / "chatloop.json").is_file()
     # GRPO (no critic): the same, its KL in the loss, no value metrics, and no value model in the saved state. The
-    # old log-probs from a forward pass (as under bf16): the first ratio is exactly 1.
+    # old log-probs from a forward pass (--sampling_logprobs=false): the first ratio is exactly 1.
     out = tmp_path / "grpo"
     result = run_cli("ppo", f"--policy={root / 'sft'}", f"--reward_model={root / 'rm_zero'}",
                      f"--prompts={root / 'prompts.jsonl'}", f"--out={out}", "--iterations=2", "--batch_size=16",
